@@ -1,0 +1,39 @@
+# Two commands that work on a fresh machine: `make demo` (end-to-end on real Fashion-MNIST) and `make test`.
+# Both create .venv, install the pinned packages and the Debian data package, and skip what is already done.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test bench lint setup data clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=64" wheel
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+data: $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup data
+	$(PY) examples/demo.py
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+bench: setup data
+	$(PY) benchmarks/step_time.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) out runs *.egg-info

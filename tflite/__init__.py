@@ -1,0 +1,1 @@
+"""Deployment half of ptq_keras: TensorFlow Lite export of ternary models (``ptq_keras.tflite``)."""
