@@ -1,0 +1,31 @@
+"""ptq_keras: Pruning Ternary Quantization for tf_keras models.
+
+``import ptq_keras`` selects Keras 2 (tf_keras) before TensorFlow loads; build models with ``ptq_keras.keras``.
+"""
+
+from .compat import keras
+from .report import summary
+from .schedules import ConstantSparsity, PolynomialDecay
+from .wrap import (
+    custom_object_scope,
+    custom_objects,
+    is_ternarized,
+    recalibrate_batchnorm,
+    strip,
+    ternarize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "keras",
+    "ternarize",
+    "strip",
+    "summary",
+    "is_ternarized",
+    "custom_object_scope",
+    "custom_objects",
+    "recalibrate_batchnorm",
+    "ConstantSparsity",
+    "PolynomialDecay",
+]

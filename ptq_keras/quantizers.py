@@ -1,0 +1,150 @@
+"""The tfmot ``Quantizer`` that ternarizes one kernel, with its own schedule step, mask and STE."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import schedules, ste, ternary
+from .compat import keras, tf, tfmot
+
+SELECTIONS = ternary.GRANULARITIES
+
+# Options of one quantized kernel, with their defaults. ``ternarize`` validates them; the quantizer stores them.
+DEFAULTS = {
+    "sparsity": 0.7,
+    "threshold": "sparsity",
+    "granularity": "channel",
+    "selection": "channel",
+    "normalize": False,
+    "ste": "identity",
+    "clip": 2.0,
+    "decay": 0.0,
+    "freeze_at": None,
+    "frequency": 1,
+}
+
+
+@keras.utils.register_keras_serializable(package="ptq_keras")
+class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+    """Sparse ternary projection of a kernel: ``W_q = alpha * sign(W) * M``.
+
+    Variables (non-trainable, saved with the model): ``step`` (training steps seen), ``mask`` (the support ``M``)
+    and ``sparsity`` (the scheduled sparsity when the mask was last chosen). In training the mask is re-chosen when
+    the schedule says so (and at step 0), until the freeze step; from the freeze step on the STE is ``"masked"``.
+    Outside training the stored mask is used. The scale always comes from the current latent weights.
+    """
+
+    def __init__(self, channel_dims: int = 1, **options):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"Unknown TernaryQuantizer option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+        self.channel_dims = int(channel_dims)
+        self.options = {**DEFAULTS, **options}
+        sparsity = self.options["sparsity"]
+        if isinstance(sparsity, dict):
+            sparsity = schedules.deserialize(sparsity)
+        self.schedule = schedules.to_schedule(sparsity, self.options["frequency"])
+        freeze_at = self.options["freeze_at"]
+        self.freeze_step = int(freeze_at) if freeze_at is not None else schedules.end_step(self.schedule)
+
+    # -- tfmot Quantizer interface
+    def build(self, tensor_shape, name, layer):
+        step = layer.add_weight(
+            f"{name}_ptq_step", shape=(), dtype=tf.int64, initializer="zeros", trainable=False
+        )
+        mask = layer.add_weight(
+            f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False
+        )
+        sparsity = layer.add_weight(
+            f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False
+        )
+        return {"step": step, "mask": mask, "sparsity": sparsity}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        w = tf.convert_to_tensor(inputs)
+        step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
+        freeze = tf.constant(self.freeze_step, tf.int64)
+        never_freezes = self.freeze_step < 0
+        if training:
+            should_update, target = self.schedule(step)
+            update = tf.logical_or(tf.equal(step, 0), should_update)
+            if not never_freezes:
+                update = tf.logical_and(tf.logical_or(update, tf.equal(step, freeze)), step <= freeze)
+            mask = tf.cond(
+                update, lambda: self.support(w, target), lambda: tf.convert_to_tensor(mask_var)
+            )
+            new_sparsity = tf.cond(
+                update, lambda: tf.cast(target, tf.float32), lambda: tf.convert_to_tensor(sparsity_var)
+            )
+            with tf.control_dependencies(
+                [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
+            ):
+                current_step = tf.identity(step)
+            with tf.control_dependencies([current_step]):
+                step_update = step.assign_add(1)
+            mask = tf.identity(mask)
+        else:
+            mask = tf.convert_to_tensor(mask_var)
+            current_step = tf.convert_to_tensor(step)
+            step_update = None
+        frozen = tf.constant(False) if never_freezes else current_step >= freeze
+        w_q = self.project(w, mask)
+        clip_bound = None
+        if self.options["ste"] == "clipped":
+            alpha = self._alpha(w, mask)
+            clip_bound = self.options["clip"] * alpha
+        decay = self.options["decay"]
+        if callable(decay):
+            decay = decay(current_step)
+        out = ste.ternary_ste(
+            w, w_q, mask, mode=self.options["ste"], clip_bound=clip_bound, decay=decay, frozen=frozen
+        )
+        if step_update is not None:
+            with tf.control_dependencies([step_update]):
+                out = tf.identity(out)
+        return out
+
+    def get_config(self):
+        options = dict(self.options)
+        options["sparsity"] = schedules.serialize(self.schedule)
+        return {"channel_dims": self.channel_dims, **options}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, TernaryQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    # -- the math, through ptq_keras.ternary
+    def support(self, w, sparsity) -> tf.Tensor:
+        """Support mask (float32, shape of ``w``) for the scheduled ``sparsity``."""
+        w2d = ternary.as_groups_tf(w, self.channel_dims)
+        mask = ternary.support_tf(
+            w2d,
+            threshold=self.options["threshold"],
+            sparsity=sparsity,
+            selection=self.options["selection"],
+            normalize=self.options["normalize"],
+        )
+        return tf.reshape(tf.cast(mask, tf.float32), tf.shape(w))
+
+    def _alpha(self, w, mask) -> tf.Tensor:
+        """Per-weight scale (shape of ``w``)."""
+        w2d = ternary.as_groups_tf(w, self.channel_dims)
+        alpha = ternary.scale_tf(w2d, ternary.as_groups_tf(mask, self.channel_dims), self.options["granularity"])
+        return tf.reshape(tf.broadcast_to(alpha[None, :], tf.shape(w2d)), tf.shape(w))
+
+    def project(self, w, mask) -> tf.Tensor:
+        w2d = ternary.as_groups_tf(w, self.channel_dims)
+        m2d = ternary.as_groups_tf(mask, self.channel_dims)
+        return tf.reshape(ternary.project_tf(w2d, m2d, self.options["granularity"]), tf.shape(w))
+
+    def project_numpy(self, w: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The exact ternary kernel for latent ``w`` and support ``mask`` (what ``strip`` writes)."""
+        w2d = ternary.as_groups(np.asarray(w, np.float32), self.channel_dims)
+        m2d = ternary.as_groups(np.asarray(mask) > 0.5, self.channel_dims)
+        return ternary.project_np(w2d, m2d, self.options["granularity"]).reshape(np.shape(w))

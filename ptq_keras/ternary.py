@@ -1,0 +1,202 @@
+"""The math of sparse ternary projection: a numpy reference and its TensorFlow twin.
+
+A kernel is viewed as a matrix ``(n, C)``: column ``c`` holds the weights of output channel ``c`` (see
+:func:`as_groups`). For each *selection group* (a column, or the whole matrix) a support ``M`` is chosen:
+
+- ``"sparsity"``: the ``k = max(1, floor((1 - s) * n + 0.5))`` largest scores ``|w|``; ties go to the lower index.
+- ``"l2"``: the exact L2 projection onto scaled ternary vectors: ``k* = argmax_k S_k^2 / k`` with ``S_k`` the sum
+  of the ``k`` largest scores (smallest ``k`` on ties).
+- ``"twn"``: ``|w| > 0.7 * mean|w|`` (Ternary Weight Networks).
+
+With ``normalize`` the scores are ``|w| / ||w_c||_2`` (per output channel), which equalizes channels when the
+support is selected over the whole tensor. For each *scale group* (a column, or the whole matrix) the scale is
+``alpha = sum(|w| * M) / sum(M)``, the L2-optimal scale for that support, and the projection is
+``W_q = alpha * sign(W) * M``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compat import tf
+
+THRESHOLDS = ("sparsity", "l2", "twn")
+GRANULARITIES = ("channel", "tensor")
+TWN_FACTOR = 0.7
+_EPS = 1e-12
+
+
+def as_groups(w: np.ndarray, channel_dims: int) -> np.ndarray:
+    """Reshape a kernel to ``(n, C)``, ``C`` the product of its last ``channel_dims`` axes."""
+    shape = np.shape(w)
+    channels = int(np.prod(shape[len(shape) - channel_dims :]))
+    return np.reshape(w, (-1, channels))
+
+
+def keep_count(sparsity, n):
+    """Number of weights kept in a group of ``n`` at ``sparsity``: ``max(1, floor((1 - s) * n + 0.5))``.
+
+    Computed in float32 so that the numpy and TensorFlow versions agree on every rounding.
+    """
+    keep = np.floor((np.float32(1.0) - np.float32(sparsity)) * np.float32(n) + np.float32(0.5))
+    return int(max(1, min(n, keep)))
+
+
+def _scores_np(w2d: np.ndarray, normalize: bool) -> np.ndarray:
+    scores = np.abs(w2d).astype(np.float32)
+    if normalize:
+        norms = np.sqrt(np.sum(np.square(w2d.astype(np.float32)), axis=0, keepdims=True))
+        scores = scores / (norms + np.float32(_EPS))
+    return scores
+
+
+def _topk_mask_np(scores: np.ndarray, k_of_column) -> np.ndarray:
+    """Per column, the mask of the k largest scores, ties to the lower index."""
+    order = np.argsort(-scores, axis=0, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[0])[:, None], axis=0)
+    return ranks < np.asarray(k_of_column)[None, :]
+
+
+def _l2_keep_np(scores: np.ndarray) -> np.ndarray:
+    """Per column, the k maximizing S_k^2 / k."""
+    sorted_desc = -np.sort(-scores, axis=0)
+    cums = np.cumsum(sorted_desc, axis=0, dtype=np.float64)
+    ks = np.arange(1, scores.shape[0] + 1, dtype=np.float64)[:, None]
+    return np.argmax(np.square(cums) / ks, axis=0) + 1
+
+
+def support_np(
+    w2d: np.ndarray,
+    *,
+    threshold: str = "sparsity",
+    sparsity: float = 0.0,
+    selection: str = "channel",
+    normalize: bool = False,
+) -> np.ndarray:
+    """Boolean support mask of ``w2d`` (shape ``(n, C)``); numpy reference of :func:`support_tf`."""
+    scores = _scores_np(np.asarray(w2d), normalize)
+    n, channels = scores.shape
+    if selection == "tensor":
+        flat = scores.reshape(-1, 1)
+        if threshold == "sparsity":
+            mask = _topk_mask_np(flat, [keep_count(sparsity, flat.shape[0])])
+        elif threshold == "l2":
+            mask = _topk_mask_np(flat, _l2_keep_np(flat))
+        else:
+            mask = flat > np.float32(TWN_FACTOR) * np.mean(flat, dtype=np.float32)
+        return mask.reshape(n, channels)
+    if threshold == "sparsity":
+        return _topk_mask_np(scores, [keep_count(sparsity, n)] * channels)
+    if threshold == "l2":
+        return _topk_mask_np(scores, _l2_keep_np(scores))
+    return scores > np.float32(TWN_FACTOR) * np.mean(scores, axis=0, keepdims=True, dtype=np.float32)
+
+
+def scale_np(w2d: np.ndarray, mask: np.ndarray, granularity: str = "channel") -> np.ndarray:
+    """L2-optimal scale per channel (shape ``(C,)``): the mean of ``|w|`` over the support (0 if empty)."""
+    absw = np.abs(np.asarray(w2d, dtype=np.float32)) * mask
+    axis = None if granularity == "tensor" else 0
+    total = np.sum(absw, axis=axis, dtype=np.float32)
+    count = np.sum(mask, axis=axis, dtype=np.float32)
+    alpha = (total / np.maximum(count, np.float32(1.0))).astype(np.float32)
+    return np.broadcast_to(alpha, (np.shape(w2d)[1],)).astype(np.float32)
+
+
+def project_np(w2d: np.ndarray, mask: np.ndarray, granularity: str = "channel") -> np.ndarray:
+    """``alpha * sign(w) * M`` for a fixed support ``M``."""
+    alpha = scale_np(w2d, mask, granularity)
+    return (alpha[None, :] * np.sign(w2d) * mask).astype(np.float32)
+
+
+def ternarize_np(
+    w: np.ndarray,
+    channel_dims: int = 1,
+    *,
+    threshold: str = "sparsity",
+    sparsity: float = 0.0,
+    selection: str = "channel",
+    granularity: str = "channel",
+    normalize: bool = False,
+) -> np.ndarray:
+    """Project a kernel of any shape onto sparse ternary values (numpy reference)."""
+    w2d = as_groups(np.asarray(w, dtype=np.float32), channel_dims)
+    mask = support_np(
+        w2d, threshold=threshold, sparsity=sparsity, selection=selection, normalize=normalize
+    )
+    return project_np(w2d, mask, granularity).reshape(np.shape(w))
+
+
+# ---------------------------------------------------------------------------------------------- TensorFlow twin
+
+
+def as_groups_tf(w: tf.Tensor, channel_dims: int) -> tf.Tensor:
+    channels = int(np.prod(w.shape[len(w.shape) - channel_dims :]))
+    return tf.reshape(w, (-1, channels))
+
+
+def keep_count_tf(sparsity: tf.Tensor, n: int) -> tf.Tensor:
+    keep = tf.floor((1.0 - tf.cast(sparsity, tf.float32)) * float(n) + 0.5)
+    return tf.cast(tf.clip_by_value(keep, 1.0, float(n)), tf.int32)
+
+
+def _scores_tf(w2d: tf.Tensor, normalize: bool) -> tf.Tensor:
+    scores = tf.abs(w2d)
+    if normalize:
+        norms = tf.sqrt(tf.reduce_sum(tf.square(w2d), axis=0, keepdims=True))
+        scores = scores / (norms + _EPS)
+    return scores
+
+
+def _topk_mask_tf(scores_cn: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    """``scores_cn`` is ``(groups, n)``; ``k`` a scalar or ``(groups,)``. Returns the ``(groups, n)`` mask."""
+    n = scores_cn.shape[-1]
+    _, order = tf.math.top_k(scores_cn, k=n, sorted=True)  # ties: lower index first
+    ranks = tf.argsort(order, axis=-1)  # inverse permutation
+    k = tf.reshape(tf.cast(k, ranks.dtype), (-1, 1))
+    return ranks < k
+
+
+def _l2_keep_tf(scores_cn: tf.Tensor) -> tf.Tensor:
+    n = scores_cn.shape[-1]
+    sorted_desc, _ = tf.math.top_k(scores_cn, k=n, sorted=True)
+    cums = tf.cumsum(tf.cast(sorted_desc, tf.float64), axis=-1)
+    ks = tf.range(1, n + 1, dtype=tf.float64)
+    return tf.argmax(tf.square(cums) / ks, axis=-1, output_type=tf.int32) + 1
+
+
+def support_tf(
+    w2d: tf.Tensor,
+    *,
+    threshold: str = "sparsity",
+    sparsity=0.0,
+    selection: str = "channel",
+    normalize: bool = False,
+) -> tf.Tensor:
+    """Boolean support mask of ``w2d`` (shape ``(n, C)``); equals :func:`support_np`."""
+    scores = _scores_tf(tf.convert_to_tensor(w2d, tf.float32), normalize)
+    n, channels = scores.shape
+    if threshold == "twn":
+        axis = None if selection == "tensor" else 0
+        return scores > TWN_FACTOR * tf.reduce_mean(scores, axis=axis, keepdims=True)
+    if selection == "tensor":
+        flat = tf.reshape(scores, (1, -1))
+        k = keep_count_tf(sparsity, n * channels) if threshold == "sparsity" else _l2_keep_tf(flat)
+        return tf.reshape(_topk_mask_tf(flat, k), (n, channels))
+    columns = tf.transpose(scores)
+    k = keep_count_tf(sparsity, n) if threshold == "sparsity" else _l2_keep_tf(columns)
+    return tf.transpose(_topk_mask_tf(columns, k))
+
+
+def scale_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:
+    mask = tf.cast(mask, w2d.dtype)
+    axis = None if granularity == "tensor" else 0
+    total = tf.reduce_sum(tf.abs(w2d) * mask, axis=axis)
+    count = tf.reduce_sum(mask, axis=axis)
+    alpha = total / tf.maximum(count, 1.0)
+    return tf.broadcast_to(alpha, (w2d.shape[1],))
+
+
+def project_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:
+    alpha = scale_tf(w2d, mask, granularity)
+    return alpha[None, :] * tf.sign(w2d) * tf.cast(mask, w2d.dtype)

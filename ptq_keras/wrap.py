@@ -1,0 +1,301 @@
+"""``ternarize``, ``strip`` and friends: turn a tf_keras model into a PTQ training model and back."""
+
+from __future__ import annotations
+
+import numbers
+import types
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from . import schedules, ste, ternary
+from .compat import check_keras_model, keras, tf, tfmot
+from .configs import TernaryQuantizeConfig, TernaryScheme, kernel_attributes
+from .quantizers import DEFAULTS, TernaryQuantizer
+
+_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+_CHOICES = {
+    "threshold": ternary.THRESHOLDS,
+    "granularity": ternary.GRANULARITIES,
+    "selection": ternary.GRANULARITIES,
+    "ste": ste.STE_MODES,
+}
+
+
+def custom_objects() -> dict:
+    """The objects needed to deserialize a ternarized model (besides tfmot's own)."""
+    return {
+        "TernaryQuantizeConfig": TernaryQuantizeConfig,
+        "TernaryQuantizer": TernaryQuantizer,
+    }
+
+
+def custom_object_scope():
+    """Context manager for ``keras.models.load_model`` of a ternarized ``.h5`` / SavedModel."""
+    return tfmot.quantization.keras.quantize_scope(custom_objects())
+
+
+def _validate_options(options: Mapping, where: str) -> dict:
+    """Check every per-layer option; return them with defaults filled in."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"{where}: unknown option(s) {unknown}; known options: {sorted(DEFAULTS)}.")
+    merged = {**DEFAULTS, **options}
+    for name, choices in _CHOICES.items():
+        if merged[name] not in choices:
+            raise ValueError(f"{where}: {name}={merged[name]!r} is not one of {list(choices)}.")
+    schedules.to_schedule(merged["sparsity"], 1)  # raises a clear error for a bad sparsity
+    if not isinstance(merged["normalize"], bool):
+        raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
+    for name in ("clip",):
+        if not isinstance(merged[name], numbers.Real) or merged[name] <= 0:
+            raise ValueError(f"{where}: {name} must be a positive number, got {merged[name]!r}.")
+    decay = merged["decay"]
+    if not callable(decay) and (not isinstance(decay, numbers.Real) or decay < 0):
+        raise ValueError(
+            f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}."
+        )
+    freeze_at = merged["freeze_at"]
+    if freeze_at is not None and (not isinstance(freeze_at, numbers.Integral) or freeze_at < 0):
+        raise ValueError(f"{where}: freeze_at must be None or a step number >= 0, got {freeze_at!r}.")
+    if not isinstance(merged["frequency"], numbers.Integral) or merged["frequency"] < 1:
+        raise ValueError(f"{where}: frequency must be an integer >= 1, got {merged['frequency']!r}.")
+    return merged
+
+
+def _stored_options(options: Mapping) -> dict:
+    """Options as stored in a layer's config (schedules serialized)."""
+    stored = dict(options)
+    if isinstance(stored["sparsity"], schedules.PruningSchedule):
+        stored["sparsity"] = schedules.serialize(stored["sparsity"])
+    return stored
+
+
+def _check_graph_model(model) -> None:
+    check_keras_model(model)
+    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        raise TypeError(
+            f"Model {model.name!r} is a subclassed keras.Model; ptq_keras needs a Sequential or Functional model "
+            "(it rebuilds the graph layer by layer). Rebuild it with the functional API."
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built; call model.build(input_shape) or give it an Input first."
+        )
+
+
+def _fresh_copy(layer):
+    return layer.__class__.from_config(layer.get_config())
+
+
+def ternarize(
+    model: keras.Model,
+    *,
+    keep_float: Iterable[str] = (),
+    overrides: Mapping[str, Mapping] | None = None,
+    **options,
+) -> keras.Model:
+    """Return a new tf_keras model whose quantizable kernels train as sparse ternary weights.
+
+    Quantizable layers: Dense, Conv2D, Conv1D, DepthwiseConv2D, SeparableConv2D. The user's model is not modified.
+
+    Args:
+      model: a built Sequential or Functional tf_keras model.
+      keep_float: names of layers left in float.
+      overrides: ``{layer name: {option: value}}`` per-layer options.
+      sparsity: a float in [0, 1) (a constant target) or a tfmot ``PruningSchedule`` (e.g. ``PolynomialDecay``).
+      threshold: support selection, ``"sparsity"`` (exact top-k), ``"l2"`` (exact L2 projection) or ``"twn"``.
+      granularity: scale per ``"channel"`` or per ``"tensor"``.
+      selection: support chosen per ``"channel"`` or over the whole ``"tensor"`` (the layer).
+      normalize: select on ``|w| / ||w_c||_2`` (per-channel L2 normalization).
+      ste: ``"identity"``, ``"masked"`` or ``"clipped"`` straight-through estimator.
+      clip: for ``ste="clipped"``, gradients pass where ``|w| <= clip * alpha``.
+      decay: strength ``lambda`` of the discrepancy term ``lambda * (W - W_q)`` added to the gradient
+        (a number, or a callable of the step).
+      freeze_at: step at which the mask freezes and the STE becomes ``"masked"``; default: the schedule's
+        ``end_step`` (never, for a constant target).
+      frequency: for a float ``sparsity``, re-select the support every ``frequency`` steps.
+    """
+    _check_graph_model(model)
+    base = _validate_options(options, "ternarize")
+    names = {layer.name for layer in model.layers}
+    keep_float = list(keep_float)
+    for name in keep_float:
+        if name not in names:
+            raise ValueError(f"keep_float names layer {name!r}, which is not in the model; layers: {sorted(names)}.")
+    overrides = dict(overrides or {})
+    per_layer = {}
+    for name, layer_options in overrides.items():
+        if name not in names:
+            raise ValueError(f"overrides names layer {name!r}, which is not in the model; layers: {sorted(names)}.")
+        if not isinstance(layer_options, Mapping):
+            raise TypeError(f"overrides[{name!r}] must be a dict of options, got {layer_options!r}.")
+        per_layer[name] = _validate_options({**options, **layer_options}, f"overrides[{name!r}]")
+
+    targets = {
+        layer.name
+        for layer in model.layers
+        if kernel_attributes(layer) and layer.name not in keep_float
+    }
+    if not targets:
+        raise ValueError(
+            f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes Dense, Conv1D, Conv2D, "
+            "DepthwiseConv2D and SeparableConv2D layers"
+            + (f" (all of them are in keep_float={keep_float})" if keep_float else "")
+            + "."
+        )
+
+    copies = {}
+
+    def annotate(layer):
+        fresh = _fresh_copy(layer)
+        copies[layer.name] = (layer, fresh)
+        if layer.name not in targets:
+            return fresh
+        config = TernaryQuantizeConfig(
+            kernel_attributes(layer), _stored_options(per_layer.get(layer.name, base))
+        )
+        return tfmot.quantization.keras.quantize_annotate_layer(fresh, config)
+
+    with custom_object_scope():
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        for original, fresh in copies.values():
+            fresh.set_weights(original.get_weights())
+        qmodel = tfmot.quantization.keras.quantize_apply(
+            annotated, scheme=TernaryScheme(), quantized_layer_name_prefix="ptq_"
+        )
+    _guard_keras_format(qmodel)
+    return qmodel
+
+
+def _guard_keras_format(model) -> None:
+    """Make ``model.save("x.keras")`` fail with an explanation (the Keras v3 format cannot hold tfmot wrappers)."""
+    original_save = model.save
+
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).endswith(".keras") or kwargs.get("save_format") == "keras":
+            raise ValueError(
+                f"Cannot save a ternarized model as {filepath!r}: the .keras format does not round-trip tfmot "
+                "quantization wrappers. Save as .h5 (model.save('model.h5')) or as a SavedModel directory "
+                "(model.save('model_dir')), and load it inside ptq_keras.custom_object_scope(); or save "
+                "ptq_keras.strip(model), a plain model, in any format."
+            )
+        return original_save(filepath, *args, **kwargs)
+
+    model.save = types.MethodType(save, model)
+
+
+def is_ternarized(model) -> bool:
+    """True if ``model`` holds layers wrapped by :func:`ternarize` (also after save and load)."""
+    return any(_ternary_wrapper(layer) for layer in getattr(model, "layers", ()))
+
+
+def _ternary_wrapper(layer) -> bool:
+    return isinstance(layer, _QuantizeWrapper) and isinstance(layer.quantize_config, TernaryQuantizeConfig)
+
+
+def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, TernaryQuantizer, dict]]:
+    """For a ternarized wrapper: ``(attribute, latent kernel, mask, quantizer, variables)`` per kernel."""
+    out = []
+    attrs = wrapper.quantize_config.attributes
+    for (attr, _), (weight, quantizer, qvars) in zip(attrs, wrapper._weight_vars):
+        out.append((attr, weight.numpy(), qvars["mask"].numpy(), quantizer, qvars))
+    return out
+
+
+def strip(model: keras.Model) -> keras.Model:
+    """Plain tf_keras model of the original architecture whose ternarized kernels are exactly ternary.
+
+    Each channel of a ternarized kernel holds only ``{-alpha_c, 0, +alpha_c}`` (the support ``M`` chosen in
+    training, ``alpha_c`` the L2-optimal scale of the current latent weights). Other weights are copied.
+    """
+    check_keras_model(model)
+    if not is_ternarized(model):
+        raise ValueError(
+            f"Model {model.name!r} has no ternarized layer: strip() takes the model returned by "
+            "ptq_keras.ternarize (or loaded from one inside ptq_keras.custom_object_scope())."
+        )
+    pairs = []
+
+    def unwrap(layer):
+        inner = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
+        fresh = _fresh_copy(inner)
+        pairs.append((layer, fresh))
+        return fresh
+
+    with custom_object_scope():
+        plain = keras.models.clone_model(model, clone_function=unwrap)
+    for layer, fresh in pairs:
+        if not isinstance(layer, _QuantizeWrapper):
+            fresh.set_weights(layer.get_weights())
+            continue
+        replaced = {}
+        if _ternary_wrapper(layer):
+            for attr, latent, mask, quantizer, _ in ternary_kernels(layer):
+                replaced[attr] = quantizer.project_numpy(latent, mask)
+        values = []
+        for variable in fresh.weights:
+            attr = variable.name.split("/")[-1].split(":")[0]
+            if attr in replaced:
+                values.append(replaced[attr])
+            else:
+                values.append(_inner_variable(layer, attr).numpy())
+        fresh.set_weights(values)
+    return plain
+
+
+def _inner_variable(wrapper, attr: str):
+    for variable in wrapper.weights:
+        if variable.name.split("/")[-1].split(":")[0] == attr:
+            return variable
+    raise KeyError(f"Layer {wrapper.name!r} has no variable named {attr!r}.")
+
+
+def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, verbose: bool = True) -> keras.Model:
+    """Re-estimate BatchNormalization moving statistics of a (stripped) model on ``data``; weights unchanged.
+
+    The moving mean and variance become the average of the per-batch statistics over ``steps`` batches of ``data``
+    (a ``tf.data.Dataset`` of batches or of ``(x, y)`` batches, or a numpy array, batched by 128). Stale statistics
+    from training on a changing support cost several points of accuracy on ternary models.
+    """
+    check_keras_model(model)
+    if is_ternarized(model):
+        raise ValueError(
+            "recalibrate_batchnorm takes a plain model: call ptq_keras.strip(qmodel) first (running a ternarized "
+            "model in training mode would advance its sparsity schedule)."
+        )
+    bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        return model
+    if isinstance(data, np.ndarray):
+        data = tf.data.Dataset.from_tensor_slices(data).batch(128)
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
+        bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+    seen = 0
+    try:
+        for batch in data:
+            if steps is not None and seen >= steps:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for bn in bns:
+                bn.momentum = seen / (seen + 1.0)  # running average of batch statistics
+            model(x, training=True)
+            seen += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: the data gave no batch.")
+    if verbose:
+        print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s) over {seen} batches.")
+    return model
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
