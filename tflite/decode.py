@@ -1,0 +1,270 @@
+"""Entropy-coded weights on stock TensorFlow Lite Micro: rewrite an int8 .tflite to use ``TFLM_DECODE``.
+
+``compress`` replaces the constant int8 weight tensor (input 1) of every FULLY_CONNECTED, CONV_2D and
+DEPTHWISE_CONV_2D with an encoded UINT8 tensor plus an ancillary UINT8 tensor, and inserts one
+``TFLM_DECODE`` custom op before each consumer; the consumer reads the decoded copy (same shape, type and
+quantization as the original, no buffer). ``describe`` lists what a compressed file holds.
+
+The decode op is in TFLM's default op resolver; the runtime never validates encoded data, so the
+encoders (``ptq_keras.tflite.encoders``) are checked against the real runtime in the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import encoders, flatbuffer
+from .encoders import ChannelLayout, Encoded
+
+__all__ = ["DECODE_OP", "ENCODINGS", "DECODE_NS_PER_WEIGHT", "INT8_NS_PER_MAC", "compress", "describe"]
+
+DECODE_OP = "TFLM_DECODE"
+ENCODINGS = ("auto", *encoders.ENCODERS)
+_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+# Rough cost model used by ``encoding="auto"`` with a latency budget (x86 TFLM reference kernels;
+# benchmarks/encodings.py measures the real ratios): decode time per weight and int8 time per MAC.
+DECODE_NS_PER_WEIGHT = {"lut": 0.4, "prune": 3.0, "huffman": 6.0}
+INT8_NS_PER_MAC = 0.6
+# Among equally small encodings, prefer the faster decode.
+_SPEED_ORDER = ("lut", "prune", "huffman")
+
+
+@dataclass
+class _Weight:
+    """One constant int8 weight tensor and the multiply-accumulates of the weight ops that read it."""
+
+    subgraph: int
+    tensor: int
+    macs: int
+
+
+def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float | None = None) -> bytes:
+    """Encode every constant INT8 weight (input 1) of FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D.
+
+    ``encoding``: ``"lut"`` (2-bit index, fastest decode), ``"huffman"``, ``"prune"``, or ``"auto"``
+    (per tensor the smallest payload, never larger than LUT). ``latency_budget`` (only with ``"auto"``):
+    the estimated decode time a layer may add, as a fraction of its int8 compute time (0.25 = +25%);
+    layers over budget take the fastest encoding that fits, else LUT. Fully connected layers use each
+    weight once per invoke, so they end up LUT; convolutions reuse each weight per output pixel.
+    Returns 16-byte aligned .tflite bytes.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {list(ENCODINGS)}.")
+    if latency_budget is not None:
+        if encoding != "auto":
+            raise ValueError(f"latency_budget applies to encoding='auto' only, not {encoding!r}.")
+        if not isinstance(latency_budget, (int, float)) or latency_budget < 0:
+            raise ValueError(f"latency_budget must be a number >= 0 (e.g. 0.25 for +25%), got {latency_budget!r}.")
+    model = flatbuffer.read(int8_tflite, "int8_tflite")
+    for weight in _weights(model):
+        subgraph = model.subgraphs[weight.subgraph]
+        tensor = subgraph.tensors[weight.tensor]
+        name = _name(tensor)
+        values = flatbuffer.buffer_array(model, tensor)
+        layout = _layout(tensor, name)
+        try:
+            if encoding == "auto":
+                encoded = _choose(values, layout, weight.macs, latency_budget)
+            else:
+                encoded = encoders.get(encoding).encode(values, layout)
+        except encoders.EncodingError as exc:
+            raise ValueError(f"tensor {name!r} {list(tensor.shape)} cannot be encoded as {encoding!r}: {exc}") from None
+        _insert_decode(model, weight, encoded)
+    _drop_unreferenced_buffers(model)
+    return flatbuffer.write(model)
+
+
+def describe(tflite_bytes: bytes) -> list[dict]:
+    """One row per encoded tensor: name, encoding, shape, elements, payload_bytes (encoded + ancillary),
+    bits_per_weight (8 * payload / elements), entropy_bound_bits (Shannon entropy of its int8 values, bits
+    per weight: no code of the values one by one does better) and decode_scratch_bytes (the decoded copy
+    the runtime puts in the arena, or in ``alt_decompression_memory``)."""
+    model = flatbuffer.read(tflite_bytes, "tflite_bytes")
+    rows, seen = [], set()
+    for s, subgraph in enumerate(model.subgraphs):
+        for op in subgraph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) != DECODE_OP:
+                continue
+            for k, out_index in enumerate(op.outputs):
+                data_index, ancillary_index = int(op.inputs[2 * k]), int(op.inputs[2 * k + 1])
+                if (s, data_index) in seen:
+                    continue
+                seen.add((s, data_index))
+                encoded, output = subgraph.tensors[data_index], subgraph.tensors[out_index]
+                data = flatbuffer.buffer_array(model, encoded).tobytes()
+                ancillary = flatbuffer.buffer_array(model, subgraph.tensors[ancillary_index]).tobytes()
+                shape = [int(d) for d in output.shape]
+                count = int(np.prod(shape))
+                encoder = encoders.for_ancillary(ancillary)
+                values = encoder.decode(data, ancillary, count, _layout(output, _name(encoded)))
+                payload = len(data) + len(ancillary)
+                rows.append(
+                    {
+                        "name": _name(encoded),
+                        "encoding": encoder.name,
+                        "shape": shape,
+                        "elements": count,
+                        "payload_bytes": payload,
+                        "bits_per_weight": 8.0 * payload / count,
+                        "entropy_bound_bits": _entropy(values),
+                        "decode_scratch_bytes": count * np.dtype(np.int8).itemsize,
+                    }
+                )
+    return rows
+
+
+def _entropy(values: np.ndarray) -> float:
+    """Shannon entropy of the values, bits per element."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum() + 0.0)
+
+
+def _name(tensor: flatbuffer.schema.TensorT) -> str:
+    name = tensor.name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _weights(model: flatbuffer.schema.ModelT) -> list[_Weight]:
+    """Constant INT8 weight tensors of the weight ops (each once, even when several ops read it)."""
+    found: dict[tuple[int, int], _Weight] = {}
+    for s, subgraph in enumerate(model.subgraphs):
+        for op in subgraph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            index = int(op.inputs[1])
+            tensor = subgraph.tensors[index]
+            if tensor.type != flatbuffer.schema.TensorType.INT8 or flatbuffer.buffer_array(model, tensor) is None:
+                continue
+            weight = found.setdefault((s, index), _Weight(s, index, 0))
+            weight.macs += _macs(subgraph, op, tensor)
+        outputs = {int(t) for t in subgraph.outputs} if subgraph.outputs is not None else set()
+        for index in outputs:
+            found.pop((s, index), None)  # a weight that is also a subgraph output stays int8
+    return list(found.values())
+
+
+def _macs(subgraph: flatbuffer.schema.SubGraphT, op: flatbuffer.schema.OperatorT, weight) -> int:
+    """Multiply-accumulates of one weight op: output elements x (weights per output channel)."""
+    out_shape = [max(int(d), 1) for d in subgraph.tensors[int(op.outputs[0])].shape]
+    count = int(np.prod(weight.shape))
+    return int(np.prod(out_shape)) * count // max(out_shape[-1], 1)
+
+
+def _layout(tensor: flatbuffer.schema.TensorT, name: str) -> ChannelLayout:
+    """The channel layout the TFLM decode kernels derive from a tensor's quantization."""
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) <= 1:
+        zero_point = int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
+        return ChannelLayout(1, 0, (zero_point,))
+    rank, axis = len(tensor.shape), int(q.quantizedDimension)
+    if axis not in (0, rank - 1):
+        raise ValueError(
+            f"tensor {name!r}: per-channel quantization on axis {axis} of a rank-{rank} tensor; the TFLM decode "
+            "kernels support axis 0 or the last axis only. Leave this tensor unencoded."
+        )
+    zero_points = tuple(int(z) for z in q.zeroPoint) if q.zeroPoint is not None else (0,)
+    return ChannelLayout(len(q.scale), axis, zero_points)
+
+
+def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget: float | None) -> Encoded:
+    """``auto``: the smallest payload (ties: faster decode), within the latency budget when one is given."""
+    candidates: list[Encoded] = []
+    errors = []
+    for name in _SPEED_ORDER:
+        try:
+            candidates.append(encoders.get(name).encode(values, layout))
+        except encoders.EncodingError as exc:
+            errors.append(f"{name}: {exc}")
+    if not candidates:
+        raise encoders.EncodingError("; ".join(errors))
+    if latency_budget is not None:
+        allowed = latency_budget * macs * INT8_NS_PER_MAC
+        fitting = [c for c in candidates if DECODE_NS_PER_WEIGHT[c.encoding] * values.size <= allowed]
+        candidates = fitting or [min(candidates, key=lambda c: DECODE_NS_PER_WEIGHT[c.encoding])]
+    return min(candidates, key=lambda c: c.payload_bytes)
+
+
+def _decode_opcode(model: flatbuffer.schema.ModelT) -> int:
+    """Index of the TFLM_DECODE operator code, added when missing."""
+    for i in range(len(model.operatorCodes)):
+        if flatbuffer.builtin_name(model, i) == DECODE_OP:
+            return i
+    code = flatbuffer.schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = flatbuffer.schema.BuiltinOperator.CUSTOM
+    code.customCode = DECODE_OP
+    code.version = 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _add_constant(model: flatbuffer.schema.ModelT, subgraph, name: str, data: bytes) -> int:
+    buffer = flatbuffer.schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    tensor = flatbuffer.schema.TensorT()
+    tensor.shape = np.array([len(data)], dtype=np.int32)
+    tensor.type = flatbuffer.schema.TensorType.UINT8
+    tensor.buffer = len(model.buffers) - 1
+    tensor.name = name
+    subgraph.tensors.append(tensor)
+    return len(subgraph.tensors) - 1
+
+
+def _insert_decode(model: flatbuffer.schema.ModelT, weight: _Weight, encoded: Encoded) -> None:
+    """Turn the weight tensor into the encoded one and put a TFLM_DECODE before each of its consumers."""
+    subgraph = model.subgraphs[weight.subgraph]
+    original = subgraph.tensors[weight.tensor]
+    name = _name(original)
+    decoded_template = copy.deepcopy(original)
+    decoded_template.buffer = 0
+    q = decoded_template.quantization
+    if q is not None and (q.scale is None or len(q.scale) <= 1) and q.quantizedDimension:
+        # A one-channel tensor on a non-zero axis fails LUT and PRUNE setup ("unsupported quantization axis").
+        q.quantizedDimension = 0
+    ancillary = _add_constant(model, subgraph, f"{name}_ancillary", encoded.ancillary)
+    buffer = flatbuffer.schema.BufferT()
+    buffer.data = np.frombuffer(encoded.data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    original.buffer = len(model.buffers) - 1
+    original.shape = np.array([len(encoded.data)], dtype=np.int32)
+    original.shapeSignature = None
+    original.type = flatbuffer.schema.TensorType.UINT8
+    original.quantization = None  # per-channel scales on the encoded bytes are stale (12 B per channel)
+    opcode = _decode_opcode(model)
+    consumers = [
+        i for i, op in enumerate(subgraph.operators) if op.opcodeIndex != opcode and weight.tensor in op.inputs
+    ]
+    inserts: dict[int, flatbuffer.schema.OperatorT] = {}
+    for position in consumers:
+        decoded = copy.deepcopy(decoded_template)
+        decoded.name = f"{name}_decoded"
+        subgraph.tensors.append(decoded)
+        decoded_index = len(subgraph.tensors) - 1
+        consumer = subgraph.operators[position]
+        consumer.inputs = np.array(
+            [decoded_index if int(t) == weight.tensor else int(t) for t in consumer.inputs], dtype=np.int32
+        )
+        op = flatbuffer.schema.OperatorT()
+        op.opcodeIndex = opcode
+        op.inputs = np.array([weight.tensor, ancillary], dtype=np.int32)
+        op.outputs = np.array([decoded_index], dtype=np.int32)
+        inserts[position] = op
+    operators = []
+    for position, op in enumerate(subgraph.operators):
+        if position in inserts:
+            operators.append(inserts[position])
+        operators.append(op)
+    subgraph.operators = operators
+
+
+def _drop_unreferenced_buffers(model: flatbuffer.schema.ModelT) -> None:
+    """Empty the buffers no tensor or metadata entry refers to any more (the replaced int8 weights)."""
+    used = {int(t.buffer) for g in model.subgraphs for t in g.tensors}
+    used |= {int(m.buffer) for m in model.metadata or []}
+    for i, buffer in enumerate(model.buffers):
+        if i not in used:
+            buffer.data = None
