@@ -10,7 +10,7 @@ A kernel is viewed as a matrix ``(n, C)``: column ``c`` holds the weights of out
 
 With ``normalize`` the scores are ``|w| / ||w_c||_2`` (per output channel), which equalizes channels when the
 support is selected over the whole tensor. For each *scale group* (a column, or the whole matrix) the scale is
-``alpha = sum(|w| * M) / sum(M)``, the L2-optimal scale for that support, and the projection is
+``alpha = sum(|w| * M) / #{M and w != 0}``, the L2-optimal scale for that support, and the projection is
 ``W_q = alpha * sign(W) * M``.
 """
 
@@ -98,7 +98,7 @@ def scale_np(w2d: np.ndarray, mask: np.ndarray, granularity: str = "channel") ->
     absw = np.abs(np.asarray(w2d, dtype=np.float32)) * mask
     axis = None if granularity == "tensor" else 0
     total = np.sum(absw, axis=axis, dtype=np.float32)
-    count = np.sum(mask, axis=axis, dtype=np.float32)
+    count = np.sum(absw > 0, axis=axis, dtype=np.float32)  # a zero latent in the support codes to 0
     alpha = (total / np.maximum(count, np.float32(1.0))).astype(np.float32)
     return np.broadcast_to(alpha, (np.shape(w2d)[1],)).astype(np.float32)
 
@@ -189,10 +189,10 @@ def support_tf(
 
 
 def scale_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:
-    mask = tf.cast(mask, w2d.dtype)
+    absw = tf.abs(w2d) * tf.cast(mask, w2d.dtype)
     axis = None if granularity == "tensor" else 0
-    total = tf.reduce_sum(tf.abs(w2d) * mask, axis=axis)
-    count = tf.reduce_sum(mask, axis=axis)
+    total = tf.reduce_sum(absw, axis=axis)
+    count = tf.reduce_sum(tf.cast(absw > 0, w2d.dtype), axis=axis)
     alpha = total / tf.maximum(count, 1.0)
     return tf.broadcast_to(alpha, (w2d.shape[1],))
 

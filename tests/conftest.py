@@ -1,0 +1,90 @@
+"""Shared fixtures: small tf_keras models of each supported shape, and real Fashion-MNIST samples."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+import ptq_keras  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from ptq_keras import keras
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """(x_train, y_train, x_test, y_test) as float32 in [0, 1] with a channel axis; skips if not installed."""
+    if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.fail("Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist (make test does it).")
+    arrays = []
+    for split in ("train", "t10k"):
+        x = _read_idx(os.path.join(FASHION_DIR, f"{split}-images-idx3-ubyte.gz"))
+        y = _read_idx(os.path.join(FASHION_DIR, f"{split}-labels-idx1-ubyte.gz"))
+        arrays += [(x[..., None] / 255.0).astype("float32"), y.astype("int64")]
+    return tuple(arrays)
+
+
+def small_cnn(input_shape=(28, 28, 1), classes=10, seed=0) -> keras.Model:
+    """Conv-BN-ReLU-Pool x2, Flatten, Dense-ReLU, Dense (Sequential)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            keras.layers.Conv2D(8, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(16, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(classes),
+        ],
+        name="small_cnn",
+    )
+
+
+def residual_dw(input_shape=(16, 16, 3), classes=10, seed=0) -> keras.Model:
+    """Functional: Conv, DepthwiseConv2D + BN + ReLU, a residual Add, SeparableConv2D, Conv1D-free head."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=1, name="dw")(x)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU()(y)
+    y = keras.layers.Conv2D(8, 1, name="pw")(y)
+    x = keras.layers.Add()([x, y])
+    x = keras.layers.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, name="sep")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(classes, name="head")(x)
+    return keras.Model(inp, out, name="residual_dw")
+
+
+def conv1d_model(seed=0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((20, 4)), keras.layers.Conv1D(6, 3, name="c1"), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+
+
+@pytest.fixture
+def cnn():
+    return small_cnn()
+
+
+@pytest.fixture
+def resnet_like():
+    return residual_dw()
