@@ -252,9 +252,22 @@ class HuffmanEncoder:
 
     name = "huffman"
     decode_type = 1
-    max_root_bits = 8
-    max_sub_bits = 8
-    one_bit_root_probability = 0.6
+
+    def __init__(
+        self,
+        max_root_bits: int = 8,
+        max_sub_bits: int = 8,
+        one_bit_root_probability: float = 0.6,
+        table32: bool = False,
+    ) -> None:
+        """``max_root_bits`` / ``max_sub_bits`` (1-15): widest root / sub-table lookup; a 1-bit root when the
+        most frequent value has a 1-bit code and probability >= ``one_bit_root_probability`` (fewer lookups
+        for sparse tensors); ``table32`` forces 32-bit entries (otherwise only when an offset needs them)."""
+        for label, bits in (("max_root_bits", max_root_bits), ("max_sub_bits", max_sub_bits)):
+            if not 1 <= bits <= 15:
+                raise ValueError(f"{label} must be 1..15 (a table entry counts at most 15 bits), got {bits}.")
+        self.max_root_bits, self.max_sub_bits = max_root_bits, max_sub_bits
+        self.one_bit_root_probability, self.table32 = one_bit_root_probability, table32
 
     def encode(self, values: np.ndarray, layout: ChannelLayout) -> Encoded:
         flat = _int8(values)
@@ -269,7 +282,7 @@ class HuffmanEncoder:
         else:
             root = int(min(lengths.max(), self.max_root_bits))
         entries, max_width = self._tables(symbols, codes, lengths, root)
-        wide = any(e[0] == "ptr" and e[2] > 0x7FF for e in entries)
+        wide = self.table32 or any(e[0] == "ptr" and e[2] > 0x7FF for e in entries)
         table = np.array([self._entry(e, wide) for e in entries], dtype="<u4" if wide else "<u2")
         header = _dcm(self.decode_type, bytes([1, ((root - 1) << 4) | int(wide)]))
         return Encoded(self.name, self._stream(codes[inverse], lengths[inverse], max_width), header + table.tobytes())
