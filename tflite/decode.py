@@ -71,7 +71,8 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
             else:
                 encoded = encoders.get(encoding).encode(values, layout)
         except encoders.EncodingError as exc:
-            raise ValueError(f"tensor {name!r} {list(tensor.shape)} cannot be encoded as {encoding!r}: {exc}") from None
+            shape = [int(d) for d in tensor.shape]
+            raise ValueError(f"tensor {name!r} {shape} cannot be encoded as {encoding!r}: {exc}") from None
         _insert_decode(model, weight, encoded)
     _drop_unreferenced_buffers(model)
     return flatbuffer.write(model)
