@@ -44,7 +44,10 @@ def _validate_options(options: Mapping, where: str) -> dict:
     for name, choices in _CHOICES.items():
         if merged[name] not in choices:
             raise ValueError(f"{where}: {name}={merged[name]!r} is not one of {list(choices)}.")
-    schedules.to_schedule(merged["sparsity"], 1)  # raises a clear error for a bad sparsity
+    try:
+        schedules.to_schedule(merged["sparsity"], 1)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
     if not isinstance(merged["normalize"], bool):
         raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
     for name in ("clip",):
@@ -169,7 +172,8 @@ def ternarize(
 
 
 def _guard_keras_format(model) -> None:
-    """Make ``model.save("x.keras")`` fail with an explanation (the Keras v3 format cannot hold tfmot wrappers)."""
+    """Make ``model.save("x.keras")`` fail with an explanation (the Keras v3 format cannot hold tfmot wrappers),
+    and save SavedModels of models with a ternarized SeparableConv2D without traces."""
     original_save = model.save
 
     def save(self, filepath, *args, **kwargs):
@@ -180,8 +184,16 @@ def _guard_keras_format(model) -> None:
                 "(model.save('model_dir')), and load it inside ptq_keras.custom_object_scope(); or save "
                 "ptq_keras.strip(model), a plain model, in any format."
             )
+        is_h5 = str(filepath).endswith((".h5", ".hdf5")) or kwargs.get("save_format") == "h5"
+        if not is_h5 and needs_untraced:
+            # TF cannot trace a SeparableConv2D whose two kernels are replaced by the wrapper; the layer configs
+            # are enough to load it inside ptq_keras.custom_object_scope().
+            kwargs.setdefault("save_traces", False)
         return original_save(filepath, *args, **kwargs)
 
+    needs_untraced = any(
+        _ternary_wrapper(layer) and isinstance(layer.layer, keras.layers.SeparableConv2D) for layer in model.layers
+    )
     model.save = types.MethodType(save, model)
 
 

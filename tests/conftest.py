@@ -41,17 +41,17 @@ def small_cnn(input_shape=(28, 28, 1), classes=10, seed=0) -> keras.Model:
     return keras.Sequential(
         [
             keras.Input(input_shape),
-            keras.layers.Conv2D(8, 3, padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(16, 3, padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.ReLU(),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(32, activation="relu"),
-            keras.layers.Dense(classes),
+            keras.layers.Conv2D(8, 3, padding="same", name="conv1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.ReLU(name="relu1"),
+            keras.layers.MaxPooling2D(name="pool1"),
+            keras.layers.Conv2D(16, 3, padding="same", name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.ReLU(name="relu2"),
+            keras.layers.MaxPooling2D(name="pool2"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(32, activation="relu", name="fc"),
+            keras.layers.Dense(classes, name="logits"),
         ],
         name="small_cnn",
     )
@@ -63,12 +63,12 @@ def residual_dw(input_shape=(16, 16, 3), classes=10, seed=0) -> keras.Model:
     inp = keras.Input(input_shape)
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
     y = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=1, name="dw")(x)
-    y = keras.layers.BatchNormalization()(y)
-    y = keras.layers.ReLU()(y)
+    y = keras.layers.BatchNormalization(name="dw_bn")(y)
+    y = keras.layers.ReLU(name="dw_relu")(y)
     y = keras.layers.Conv2D(8, 1, name="pw")(y)
-    x = keras.layers.Add()([x, y])
+    x = keras.layers.Add(name="add")([x, y])
     x = keras.layers.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, name="sep")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     out = keras.layers.Dense(classes, name="head")(x)
     return keras.Model(inp, out, name="residual_dw")
 
@@ -76,7 +76,7 @@ def residual_dw(input_shape=(16, 16, 3), classes=10, seed=0) -> keras.Model:
 def conv1d_model(seed=0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
-        [keras.Input((20, 4)), keras.layers.Conv1D(6, 3, name="c1"), keras.layers.Flatten(), keras.layers.Dense(3)]
+        [keras.Input((20, 4)), keras.layers.Conv1D(6, 3, name="c1"), keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="out")]
     )
 
 

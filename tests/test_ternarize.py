@@ -1,0 +1,280 @@
+"""ternarize / strip / summary / save-load on Sequential and Functional models; the schedule under plain fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import conv1d_model, residual_dw, small_cnn
+
+import ptq_keras
+from ptq_keras import keras
+from ptq_keras.configs import kernel_attributes
+from ptq_keras.ternary import as_groups, keep_count
+
+
+def _data(model, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *model.input_shape[1:])).astype("float32")
+    y = rng.integers(0, model.output_shape[-1], n)
+    return x, y
+
+
+def _fit(qmodel, x, y, epochs=1, batch_size=16, optimizer="adam"):
+    qmodel.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return qmodel.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False)
+
+
+def _steps(qmodel):
+    return sorted({int(v.numpy()) for v in qmodel.weights if "_ptq_step" in v.name})
+
+
+def _ternary_kernels(plain):
+    """(layer name, kernel as (n, C)) for each quantizable kernel of a plain model."""
+    for layer in plain.layers:
+        for attr, dims in kernel_attributes(layer):
+            yield layer.name, as_groups(getattr(layer, attr).numpy(), dims)
+
+
+def assert_exactly_ternary(plain, sparsity, per_channel=True):
+    for name, k2d in _ternary_kernels(plain):
+        for c in range(k2d.shape[1]):
+            values = np.unique(k2d[:, c])
+            nonzero = values[values != 0]
+            assert len(values) <= 3, f"{name} channel {c}: {values}"
+            assert len(np.unique(np.abs(nonzero))) <= 1, f"{name} channel {c} not symmetric: {values}"
+            if per_channel:
+                assert np.count_nonzero(k2d[:, c]) == keep_count(sparsity, k2d.shape[0]), name
+
+
+@pytest.mark.parametrize("builder", [small_cnn, residual_dw, conv1d_model])
+def test_schedule_advances_under_plain_fit_and_strip_is_exact(builder):
+    model = builder()
+    x, y = _data(model)
+    qmodel = ptq_keras.ternarize(model, sparsity=0.7)
+    _fit(qmodel, x, y, batch_size=16)
+    assert _steps(qmodel) == [4]  # 64 samples / 16 per batch, no callback
+    plain = ptq_keras.strip(qmodel)
+    assert [type(layer) for layer in plain.layers] == [type(layer) for layer in model.layers]
+    assert_exactly_ternary(plain, 0.7)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+def test_polynomial_schedule_ramps_then_freezes_with_masked_ste():
+    model = small_cnn()
+    x, y = _data(model, n=96)
+    schedule = ptq_keras.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=4, frequency=1)
+    qmodel = ptq_keras.ternarize(model, sparsity=schedule)
+    _fit(qmodel, x[:32], y[:32], batch_size=16)  # steps 0, 1: mid-ramp
+    mid = ptq_keras.summary(qmodel, print_fn=None)
+    assert all(0.0 < r.target_sparsity < 0.8 for r in mid.layers if r.ternary)
+    _fit(qmodel, x[32:], y[32:], batch_size=16, optimizer=keras.optimizers.SGD(0.1))  # steps 2..5, frozen at 4
+    wrapper = qmodel.get_layer("ptq_logits")
+    latent_before = wrapper.weights[0].numpy().copy()
+    mask_before = wrapper._weight_vars[0][2]["mask"].numpy().copy()
+    _fit(qmodel, x, y, batch_size=16, optimizer=keras.optimizers.SGD(0.1))
+    mask_after = wrapper._weight_vars[0][2]["mask"].numpy()
+    np.testing.assert_array_equal(mask_before, mask_after)  # frozen
+    pruned = mask_before == 0
+    np.testing.assert_array_equal(wrapper.weights[0].numpy()[pruned], latent_before[pruned])  # masked STE
+    assert not np.array_equal(wrapper.weights[0].numpy()[~pruned], latent_before[~pruned])
+    report = ptq_keras.summary(qmodel, print_fn=None)
+    assert all(r.target_sparsity == pytest.approx(0.8) for r in report.layers if r.ternary)
+    assert_exactly_ternary(ptq_keras.strip(qmodel), 0.8)
+
+
+def test_mask_is_reselected_every_frequency_steps():
+    model = small_cnn()
+    x, y = _data(model, n=64)
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, frequency=100)
+    _fit(qmodel, x, y, batch_size=16, optimizer=keras.optimizers.SGD(1.0))
+    wrapper = qmodel.get_layer("ptq_logits")
+    latent, mask = wrapper.weights[0].numpy(), wrapper._weight_vars[0][2]["mask"].numpy()
+    # the mask was chosen at step 0 only, so it is not the top-k of the (moved) latent weights
+    fresh = as_groups(np.abs(latent), 1)
+    assert not np.array_equal(mask.astype(bool), fresh >= np.sort(fresh, axis=0)[-keep_count(0.5, fresh.shape[0])])
+
+
+def test_user_model_is_not_modified():
+    model = residual_dw()
+    before = [w.copy() for w in model.get_weights()]
+    nodes = [len(layer._inbound_nodes) for layer in model.layers]
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5)
+    _fit(qmodel, *_data(model))
+    ptq_keras.strip(qmodel)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert nodes == [len(layer._inbound_nodes) for layer in model.layers]
+    assert not ptq_keras.is_ternarized(model) and ptq_keras.is_ternarized(qmodel)
+
+
+def test_starts_from_the_float_weights():
+    model = small_cnn()
+    qmodel = ptq_keras.ternarize(model, sparsity=0.0, threshold="sparsity")
+    x, _ = _data(model, n=8)
+    # sparsity 0 keeps every weight: the projection is sign(w) * mean|w|, built from the float kernel
+    expected = np.sign(model.layers[-1].kernel.numpy()) * np.abs(model.layers[-1].kernel.numpy()).mean(axis=0)
+    qmodel.predict(x, verbose=0)
+    _fit(qmodel, x, np.zeros(8, int), optimizer=keras.optimizers.SGD(0.0))
+    np.testing.assert_allclose(ptq_keras.strip(qmodel).layers[-1].kernel.numpy(), expected, rtol=1e-5)
+
+
+def test_keep_float_and_overrides():
+    model = residual_dw()
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, keep_float=["stem"], overrides={"head": {"sparsity": 0.9}})
+    _fit(qmodel, *_data(model))
+    names = {layer.name for layer in qmodel.layers}
+    assert "stem" in names and "ptq_stem" not in names and "ptq_head" in names
+    report = {r.name: r for r in ptq_keras.summary(qmodel, print_fn=None).layers}
+    assert not report["stem"].ternary
+    assert report["head"].sparsity == pytest.approx(0.9, abs=1 / 12)
+    assert report["dw"].sparsity == pytest.approx(0.5, abs=1 / 9)
+
+
+@pytest.mark.parametrize("threshold", ["l2", "twn"])
+@pytest.mark.parametrize("ste", ["masked", "clipped"])
+def test_other_thresholds_and_stes_train_and_strip(threshold, ste):
+    model = small_cnn()
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, threshold=threshold, ste=ste, granularity="tensor",
+                                 selection="tensor", normalize=True, decay=1e-3)
+    history = _fit(qmodel, *_data(model))
+    assert np.isfinite(history.history["loss"][-1])
+    plain = ptq_keras.strip(qmodel)
+    for name, k2d in _ternary_kernels(plain):
+        assert len(np.unique(np.abs(k2d[k2d != 0]))) == 1, name  # one scale per tensor
+
+
+@pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
+def test_save_load_round_trip_and_training_continues(tmp_path, fmt):
+    model = residual_dw()
+    x, y = _data(model)
+    qmodel = ptq_keras.ternarize(model, sparsity=0.6)
+    _fit(qmodel, x, y)
+    path = str(tmp_path / ("q.h5" if fmt == "h5" else "q_savedmodel"))
+    qmodel.save(path)
+    with ptq_keras.custom_object_scope():
+        again = keras.models.load_model(path)
+    assert ptq_keras.is_ternarized(again)
+    np.testing.assert_array_equal(qmodel.predict(x, verbose=0), again.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        ptq_keras.strip(qmodel).get_weights()[0], ptq_keras.strip(again).get_weights()[0]
+    )
+    _fit(again, x, y)
+    assert _steps(again) == [8]  # continues from step 4
+    assert_exactly_ternary(ptq_keras.strip(again), 0.6)
+
+
+def test_keras_format_is_refused_with_a_pointer_to_h5(tmp_path):
+    qmodel = ptq_keras.ternarize(small_cnn(), sparsity=0.5)
+    with pytest.raises(ValueError, match=r"\.h5"):
+        qmodel.save(str(tmp_path / "m.keras"))
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_stripped_model_saves_in_any_format(tmp_path):
+    qmodel = ptq_keras.ternarize(small_cnn(), sparsity=0.5)
+    plain = ptq_keras.strip(qmodel)
+    plain.save(str(tmp_path / "plain.keras"))
+    again = keras.models.load_model(str(tmp_path / "plain.keras"))
+    x, _ = _data(plain, n=4)
+    np.testing.assert_allclose(again.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_summary_accounting(capsys):
+    qmodel = ptq_keras.ternarize(small_cnn(), sparsity=0.75)
+    _fit(qmodel, *_data(qmodel))
+    report = ptq_keras.summary(qmodel)
+    printed = capsys.readouterr().out
+    assert "logits" in printed and "entropy bound" in printed
+    dense = next(r for r in report.layers if r.name == "logits")
+    n, c = 32, 10
+    k = keep_count(0.75, n)
+    assert dense.params == n * c + c
+    assert dense.bits["dense_2bit"] == 2 * n * c + 32 * c + 32 * c  # codes + scales + bias
+    assert dense.bits["nnz_2bit"] == 2 * k * c + 32 * c + 32 * c
+    assert dense.bits["fp32"] == 32 * (n * c + c)
+    p0 = 1 - k / n
+    assert dense.bits["entropy"] <= n * c * 1.585 + 64 * c
+    assert dense.bits["entropy"] >= n * c * -(p0 * np.log2(p0)) + 64 * c
+    bn = next(r for r in report.layers if r.type == "BatchNormalization")
+    assert not bn.ternary and bn.bits["nnz_2bit"] == bn.bits["fp32"]
+    assert report.totals_bytes["fp32"] == 4 * sum(r.params for r in report.layers)
+    assert report.ratios["nnz_2bit"] > report.ratios["dense_2bit"] > 10
+    # the stripped model reports the same sizes
+    again = ptq_keras.summary(ptq_keras.strip(qmodel), print_fn=None)
+    assert again.totals_bytes == pytest.approx(report.totals_bytes)
+
+
+def test_recalibrate_batchnorm_uses_the_data_statistics():
+    plain = ptq_keras.strip(ptq_keras.ternarize(small_cnn(), sparsity=0.5))
+    x, _ = _data(plain, n=256)
+    x = x * 3.0 + 1.0
+    ptq_keras.recalibrate_batchnorm(plain, x, steps=None, verbose=False)
+    bn = plain.layers[1]
+    pre_bn = keras.Model(plain.inputs, plain.layers[0].output).predict(x, verbose=0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), pre_bn.mean(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), pre_bn.var(axis=(0, 1, 2)), rtol=2e-2)
+    assert bn.momentum == 0.99
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_keras3_model_gets_a_type_error_that_explains_tf_keras():
+    import keras as keras3
+
+    k3 = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+    with pytest.raises(TypeError, match="Keras 3.*tf_keras.*set_weights"):
+        ptq_keras.ternarize(k3, sparsity=0.5)
+
+
+def test_model_without_quantizable_layer():
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.ReLU()])
+    with pytest.raises(ValueError, match="no layer to ternarize"):
+        ptq_keras.ternarize(model)
+    with pytest.raises(ValueError, match="keep_float"):
+        ptq_keras.ternarize(conv1d_model(), keep_float=["c1", "out"])
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_outside_range(sparsity):
+    with pytest.raises(ValueError, match=rf"ternarize: sparsity={sparsity!r} is outside \[0, 1\)"):
+        ptq_keras.ternarize(small_cnn(), sparsity=sparsity)
+
+
+def test_sparsity_of_wrong_type():
+    with pytest.raises(TypeError, match="PruningSchedule"):
+        ptq_keras.ternarize(small_cnn(), sparsity="high")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"sparsty": 0.5}, TypeError, "sparsty"),
+        ({"threshold": "median"}, ValueError, "threshold='median'"),
+        ({"ste": "soft"}, ValueError, "ste='soft'"),
+        ({"granularity": "row"}, ValueError, "granularity='row'"),
+        ({"keep_float": ["nope"]}, ValueError, "keep_float names layer 'nope'"),
+        ({"overrides": {"nope": {}}}, ValueError, "overrides names layer 'nope'"),
+        ({"overrides": {"c1": {"sparsity": 2.0}}}, ValueError, r"overrides\['c1'\]: sparsity=2.0"),
+        ({"overrides": {"c1": {"bits": 2}}}, TypeError, r"overrides\['c1'\]: unknown option.*bits"),
+        ({"decay": -1.0}, ValueError, "decay"),
+        ({"freeze_at": -3}, ValueError, "freeze_at"),
+    ],
+)
+def test_bad_options_name_the_value(kwargs, error, pattern):
+    model = conv1d_model()
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(error, match=pattern):
+        ptq_keras.ternarize(model, **kwargs)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        ptq_keras.ternarize(small_cnn(), 0.7)
+
+
+def test_strip_of_a_plain_model_explains():
+    with pytest.raises(ValueError, match="no ternarized layer"):
+        ptq_keras.strip(small_cnn())
