@@ -76,7 +76,12 @@ def residual_dw(input_shape=(16, 16, 3), classes=10, seed=0) -> keras.Model:
 def conv1d_model(seed=0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
-        [keras.Input((20, 4)), keras.layers.Conv1D(6, 3, name="c1"), keras.layers.Flatten(name="flat"), keras.layers.Dense(3, name="out")]
+        [
+            keras.Input((20, 4)),
+            keras.layers.Conv1D(6, 3, name="c1"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(3, name="out"),
+        ]
     )
 
 
