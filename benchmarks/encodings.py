@@ -1,0 +1,260 @@
+"""TFLM_DECODE encodings on ternary int8 models: bytes, bits per weight vs the entropy bound, TFLM invoke
+time vs int8, arena with and without alternate decompression memory, bit-exactness vs int8.
+
+(a) Dense 1024 -> 1024 -> 10 (~1.06M weights) at sparsity 0.5 / 0.7 / 0.85 / 0.95.
+(b) ResNet-18-shaped (224x224x3, 11.7M weights, random ternary weights): file bytes per encoding, one TFLM
+    invoke bit-exact vs int8 at 85%. Its int8 conversions (one per sparsity) are cached under out/.
+
+Usage: python benchmarks/encodings.py [--skip-resnet] [--output benchmarks/results/encodings.md]
+Prints markdown and writes it to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+from ptq_keras.tflite import decode, flatbuffer
+from tflite_micro import __version__ as tflm_version
+from tflite_micro import runtime
+
+from ptq_keras.compat import keras, tf
+
+SPARSITIES = (0.5, 0.7, 0.85, 0.95)
+ENCODINGS = ("lut", "huffman", "prune", "auto")
+LATENCY_BUDGET = 0.5
+CACHE = os.path.join("out", "bench_encodings")
+PAPER = "955 KB / 939 KB"
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+# ----------------------------------------------------------------------------- models
+def set_ternary(model: keras.Model, sparsity: float, rng: np.random.Generator) -> None:
+    """Kernels alpha_c * {-1, 0, +1} per output channel, alpha_c He-scaled for the kept fraction."""
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        shape = tuple(kernel.shape)
+        fan_in = int(np.prod(shape[:-1]))
+        p = [(1 - sparsity) / 2, sparsity, (1 - sparsity) / 2]
+        signs = rng.choice([-1.0, 0.0, 1.0], size=(fan_in, shape[-1]), p=p)
+        alpha = np.sqrt(2.0 / (fan_in * max(1.0 - sparsity, 1e-3))) * rng.uniform(0.8, 1.2, size=(1, shape[-1]))
+        kernel.assign((signs * alpha).reshape(shape).astype(np.float32))
+
+
+def dense_model() -> keras.Model:
+    inputs = keras.Input((1024,))
+    x = keras.layers.Dense(1024, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(10)(x))
+
+
+def resnet18() -> keras.Model:
+    """ResNet-18 shapes (ImageNet): conv7x7/2, maxpool, 4 stages x 2 basic blocks, GAP, Dense 1000; no BN."""
+
+    def block(x, filters: int, stride: int):
+        y = keras.layers.Conv2D(filters, 3, stride, padding="same", activation="relu")(x)
+        y = keras.layers.Conv2D(filters, 3, 1, padding="same")(y)
+        shortcut = x if stride == 1 and x.shape[-1] == filters else keras.layers.Conv2D(filters, 1, stride)(x)
+        return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(64, 7, 2, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D(3, 2, padding="same")(x)
+    for filters, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        x = block(block(x, filters, stride), filters, 1)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1000)(x))
+
+
+def convert(model: keras.Model, rng: np.random.Generator, int8: bool = True, samples: int = 8) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if int8:
+        data = rng.normal(size=(samples, *model.input_shape[1:])).astype(np.float32)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([d[None]] for d in data)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+# ----------------------------------------------------------------------------- TFLM measurements
+def interpreter(buf: bytes, arena_size: int, alt: int = 0):
+    return runtime.Interpreter.from_bytes(buf, arena_size=arena_size, alt_decompression_memory_size=alt)
+
+
+def run_once(it, x: np.ndarray) -> tuple[np.ndarray, float]:
+    it.set_input(x, 0)
+    start = time.perf_counter()
+    it.invoke()
+    return np.array(it.get_output(0)), time.perf_counter() - start
+
+
+def invoke_seconds(it, x: np.ndarray, repeats: int) -> float:
+    """Fastest of ``repeats`` invokes (the machine is shared: the minimum is the least disturbed)."""
+    return min(run_once(it, x)[1] for _ in range(repeats))
+
+
+def arena_bytes(it) -> int:
+    """'Arena allocation total' of the recording allocator (printed by the C++ runtime on stderr)."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            it.print_allocations()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    for line in text.splitlines():
+        if "Arena allocation total" in line:
+            return int(line.split("total")[1].split()[0])
+    raise RuntimeError(f"no arena total in the allocator report: {text[:200]!r}")
+
+
+def weight_stats(buf: bytes) -> tuple[float, float, int]:
+    """(payload bits per weight, entropy bound bits per weight, largest decoded tensor bytes)."""
+    rows = decode.describe(buf)
+    elements = sum(r["elements"] for r in rows)
+    bits = 8.0 * sum(r["payload_bytes"] for r in rows) / elements
+    entropy = sum(r["entropy_bound_bits"] * r["elements"] for r in rows) / elements
+    return bits, entropy, max(r["decode_scratch_bytes"] for r in rows)
+
+
+def mix(buf: bytes) -> str:
+    rows = decode.describe(buf)
+    names = sorted({r["encoding"] for r in rows})
+    return "+".join(f"{n}:{sum(r['encoding'] == n for r in rows)}" for n in names)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def bench_dense(repeats: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    model = dense_model()
+    fp32_bytes = len(convert(model, rng, int8=False))
+    x = rng.integers(-128, 128, size=(1, 1024)).astype(np.int8)
+    arena = 8 << 20
+    lines = [
+        f"fp32 .tflite: {fp32_bytes:,} bytes. Ratios: fp32 bytes / file bytes; invoke time / int8 invoke time "
+        f"(fastest of {repeats} invokes each, one run); arena = 'Arena allocation total' of the TFLM recording "
+        "allocator; alt: with `alt_decompression_memory_size` = largest decoded tensor.",
+        "",
+        "| sparsity | encoding | file bytes | x smaller than fp32 | bits/weight | entropy bound | invoke vs int8 "
+        "| arena | arena with alt | bit-exact vs int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sparsity in SPARSITIES:
+        set_ternary(model, sparsity, rng)
+        int8 = convert(model, rng)
+        ref_it = interpreter(int8, arena)
+        expected, _ = run_once(ref_it, x)
+        int8_time = invoke_seconds(ref_it, x, repeats)
+        lines.append(
+            f"| {sparsity:.2f} | int8 | {len(int8):,} | {fp32_bytes / len(int8):.1f} | 8.00 | - "
+            f"| 1.00 ({int8_time * 1e6:.0f} us) "
+            f"| {arena_bytes(ref_it):,} | - | - |"
+        )
+        for encoding, budget in [(e, None) for e in ENCODINGS] + [("auto", LATENCY_BUDGET)]:
+            buf = decode.compress(int8, encoding=encoding, latency_budget=budget)
+            bits, entropy, largest = weight_stats(buf)
+            it = interpreter(buf, arena)
+            got, _ = run_once(it, x)
+            ratio = invoke_seconds(it, x, repeats) / int8_time
+            alt_it = interpreter(buf, arena, alt=largest + 64)
+            alt_got, _ = run_once(alt_it, x)
+            exact = np.array_equal(got, expected) and np.array_equal(alt_got, expected)
+            label = f"auto ({mix(buf)})" if encoding == "auto" else encoding
+            if budget is not None:
+                label = f"auto, latency_budget={budget} ({mix(buf)})"
+            lines.append(
+                f"| {sparsity:.2f} | {label} | {len(buf):,} | {fp32_bytes / len(buf):.1f} | {bits:.2f} "
+                f"| {entropy:.2f} | {ratio:.2f} | {arena_bytes(it):,} | {arena_bytes(alt_it):,} | {exact} |"
+            )
+    return lines
+
+
+def resnet_int8(sparsity: float) -> bytes:
+    """The int8 ResNet-18-shaped model with random ternary weights, converted once and cached under out/."""
+    path = os.path.join(CACHE, f"resnet18_ternary{round(sparsity * 100)}_int8.tflite")
+    if not os.path.exists(path):
+        rng = np.random.default_rng(round(sparsity * 100))
+        keras.utils.set_random_seed(1)
+        model = resnet18()
+        set_ternary(model, sparsity, rng)
+        flatbuffer.atomic_write(path, convert(model, rng, samples=2))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def bench_resnet() -> list[str]:
+    lines = [
+        f"Paper (ternary ResNet-18, entropy coded): {PAPER}.",
+        "",
+        "| sparsity | encoding | file bytes | bits/weight | entropy bound |",
+        "|---|---|---|---|---|",
+    ]
+    at85 = {}
+    for sparsity in SPARSITIES:
+        int8 = resnet_int8(sparsity)
+        lines.append(f"| {sparsity:.2f} | int8 | {len(int8):,} | 8.000 | - |")
+        if sparsity == 0.85:
+            base = int8
+        for encoding in ENCODINGS:
+            buf = decode.compress(int8, encoding=encoding)
+            bits, entropy, _ = weight_stats(buf)
+            label = f"auto ({mix(buf)})" if encoding == "auto" else encoding
+            lines.append(f"| {sparsity:.2f} | {label} | {len(buf):,} | {bits:.3f} | {entropy:.3f} |")
+            if sparsity == 0.85:
+                at85[encoding] = buf
+    smallest = min(("huffman", "auto"), key=lambda e: len(at85[e]))
+    x = np.random.default_rng(2).integers(-128, 128, size=(1, 224, 224, 3)).astype(np.int8)
+    arena = 48 << 20
+    int8_it, encoded_it = interpreter(base, arena), interpreter(at85[smallest], arena)
+    expected, _ = run_once(int8_it, x)
+    got, _ = run_once(encoded_it, x)
+    int8_time, time_ = invoke_seconds(int8_it, x, 2), invoke_seconds(encoded_it, x, 2)
+    lines += [
+        "",
+        f"85% sparsity, {smallest}: {len(at85[smallest]):,} bytes ({len(at85[smallest]) / 2**20:.3f} MiB), "
+        f"one TFLM invoke bit-exact vs int8: {np.array_equal(got, expected)}; invoke {time_:.2f} s vs int8 "
+        f"{int8_time:.2f} s (fastest of 2 more), ratio {time_ / int8_time:.2f}. Arena (decoded tensors inside): "
+        f"int8 {arena_bytes(int8_it):,}, {smallest} {arena_bytes(encoded_it):,} bytes.",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.path.join("benchmarks", "results", "encodings.md"))
+    parser.add_argument("--skip-resnet", action="store_true", help="only the ~1M-weight dense model")
+    parser.add_argument("--repeats", type=int, default=20, help="invokes per timing (fastest counts)")
+    args = parser.parse_args()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# TFLM_DECODE encodings of ternary weights",
+        "",
+        f"{now}; {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, TensorFlow {tf.__version__}, tflite-micro {tflm_version}. "
+        "Command: `python benchmarks/encodings.py`.",
+        "",
+        "## (a) Dense 1024 -> 1024 -> 10 (1,058,816 weights)",
+        "",
+        *bench_dense(args.repeats),
+    ]
+    if not args.skip_resnet:
+        lines += ["", "## (b) ResNet-18-shaped, 224x224x3, 11.7M ternary weights", "", *bench_resnet()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    flatbuffer.atomic_write(args.output, text)
+
+
+if __name__ == "__main__":
+    main()
