@@ -1,1 +1,26 @@
-"""Deployment half of ptq_keras: TensorFlow Lite export of ternary models (``ptq_keras.tflite``)."""
+"""Deployment half of ptq_keras: TensorFlow Lite export of ternary models (``ptq_keras.tflite``).
+
+``convert`` (bytes of one target), ``export`` (files, C array, report), ``verify`` (the parity ladder),
+``inspect`` (per-tensor table). Targets: ``int8``, ``micro`` (TFLM_DECODE), ``litert`` (INT2/INT4), ``int4``.
+"""
+
+from .convert import ENCODINGS, TARGETS, ExportError, ExportResult, convert, export
+from .flatbuffer import FlatbufferError
+from .report import ExportReport, TensorTable, inspect
+from .verify import ParityReport, predict, verify
+
+__all__ = [
+    "TARGETS",
+    "ENCODINGS",
+    "convert",
+    "export",
+    "verify",
+    "inspect",
+    "predict",
+    "ExportResult",
+    "ExportReport",
+    "ParityReport",
+    "TensorTable",
+    "ExportError",
+    "FlatbufferError",
+]

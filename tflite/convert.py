@@ -1,0 +1,465 @@
+"""Keras -> full-integer .tflite -> packed ternary targets. ``convert`` returns bytes; ``export`` writes files.
+
+Targets (``TARGETS``):
+
+* ``int8``:   stock full-integer TFLite; ternary weights are int8 ``{-127, 0, 127}`` per output channel.
+* ``micro``:  the int8 file with its weights encoded for TFLM's ``TFLM_DECODE`` op (2-bit LUT by default).
+* ``litert``: INT2 FULLY_CONNECTED and INT4 CONV_2D / DEPTHWISE_CONV_2D weights (stock LiteRT only).
+* ``int4``:   INT4 weights everywhere, fully connected weights with one scale per tensor (LiteRT and TFLM).
+
+Packing int8 ``±q`` to ``±L`` keeps the product exact: the weight scale becomes ``s_w * q / L`` and the int32
+bias ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q`` = 127 for converter output).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import flatbuffer
+
+__all__ = ["TARGETS", "ENCODINGS", "ExportResult", "convert", "export", "float_tflite", "pack_signed", "unpack_signed"]
+
+TARGETS = ("int8", "micro", "litert", "int4")
+ENCODINGS = ("lut", "huffman", "prune", "auto")
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+# Ops with a constant weight operand that no packed target knows how to store.
+_UNPACKABLE_OPS = ("TRANSPOSE_CONV", "BATCH_MATMUL", "CONV_3D", "EMBEDDING_LOOKUP", "UNIDIRECTIONAL_SEQUENCE_LSTM")
+# Weight levels per packed type: (schema type, bits, L) with values in {-L, 0, L}.
+_LOWBIT = {"INT4": (17, 4, 7), "INT2": (19, 2, 1)}
+_PACKED_TYPE = {
+    "litert": {"FULLY_CONNECTED": "INT2", "CONV_2D": "INT4", "DEPTHWISE_CONV_2D": "INT4"},
+    "int4": {"FULLY_CONNECTED": "INT4", "CONV_2D": "INT4", "DEPTHWISE_CONV_2D": "INT4"},
+}
+_FIRMWARE_ORDER = ("micro", "int4", "int8")
+DEFAULT_NUM_SAMPLES = 100
+
+S = flatbuffer.schema
+
+
+class ExportError(ValueError):
+    """The model cannot be exported to the requested target (the message names the layer or tensor)."""
+
+
+# ----------------------------------------------------------------------------- options and inputs
+def _check_options(target: str, encoding: str, num_samples: int) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}.")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {list(ENCODINGS)} (used by target 'micro').")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+
+
+def plain_model(model):
+    """The plain tf_keras model to convert: ``ptq_keras.strip(model)`` for a ternarized model, else ``model``."""
+    import ptq_keras
+    from ptq_keras.compat import check_keras_model
+
+    check_keras_model(model)
+    if ptq_keras.is_ternarized(model):
+        # Converting the tfmot-wrapped model directly gives wrong int32 bias scales: always go through strip.
+        return ptq_keras.strip(model)
+    return model
+
+
+def samples(data, model, limit: int = DEFAULT_NUM_SAMPLES, what: str = "representative_data") -> np.ndarray:
+    """Up to ``limit`` float32 input samples, shaped ``(n, *input_shape[1:])``, from an array, a tf.data.Dataset
+    (of inputs or ``(inputs, labels)``, batched or not), a generator / iterable, or a callable returning one."""
+    if data is None:
+        raise ValueError(
+            f"{what} is required for the integer targets: pass ~100 typical model inputs as a numpy array shaped "
+            f"like the model input {_input_shape(model)}, a tf.data.Dataset of inputs or (inputs, labels), or a "
+            "generator of input batches (activation ranges are calibrated on it)."
+        )
+    if len(model.inputs) != 1:
+        raise ValueError(f"model {model.name!r} has {len(model.inputs)} inputs; the exporter supports one input.")
+    shape = _input_shape(model)
+    rank = len(shape)
+    if callable(data) and not hasattr(data, "__iter__"):
+        data = data()
+    if isinstance(data, np.ndarray) or hasattr(data, "numpy") and not hasattr(data, "element_spec"):
+        items = [np.asarray(data)]
+    elif isinstance(data, collections.abc.Iterable):
+        items = data
+    else:
+        raise TypeError(f"{what}: expected a numpy array, a tf.data.Dataset or a generator, got {type(data).__name__}.")
+    out, count = [], 0
+    for item in items:
+        if isinstance(item, dict):
+            raise TypeError(f"{what}: dict elements are not supported; give the input array (or (inputs, labels)).")
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        x = np.asarray(item, dtype=np.float32)
+        if x.ndim == rank - 1:
+            x = x[None]
+        if x.ndim != rank or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
+            raise ValueError(f"{what}: a sample of shape {x.shape} does not fit the model input {shape}.")
+        out.append(x[: limit - count])
+        count += len(out[-1])
+        if count >= limit:
+            break
+    if count == 0:
+        raise ValueError(f"{what} gave no sample.")
+    return np.concatenate(out)
+
+
+def _input_shape(model) -> tuple:
+    return tuple(model.inputs[0].shape)
+
+
+# ----------------------------------------------------------------------------- the Keras side
+def check_layers(model, target: str) -> None:
+    """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values."""
+    if target == "int8":
+        return
+    from ptq_keras.compat import keras
+    from ptq_keras.configs import kernel_attributes
+
+    for layer in _layers(model):
+        attributes = kernel_attributes(layer)
+        if not attributes:
+            if layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
+                raise ExportError(
+                    f"layer {layer.name!r} ({type(layer).__name__}) has weights that target {target!r} cannot pack "
+                    "(packed targets store Dense, Conv1D, Conv2D, DepthwiseConv2D and SeparableConv2D kernels); "
+                    "export target 'int8' instead, or replace the layer."
+                )
+            continue
+        for attr, channel_dims in attributes:
+            kernel = getattr(layer, attr).numpy()
+            columns = kernel.reshape(-1, int(np.prod(kernel.shape[-channel_dims:])))
+            for c in range(columns.shape[1]):
+                magnitudes = np.abs(columns[:, c][columns[:, c] != 0])
+                if magnitudes.size and not np.allclose(magnitudes, magnitudes[0], rtol=1e-5, atol=0):
+                    raise ExportError(
+                        f"layer {layer.name!r}: {attr} channel {c} is not ternary (values with "
+                        f"{len(np.unique(magnitudes))} distinct magnitudes, e.g. {magnitudes[:3].tolist()}); "
+                        f"target {target!r} stores only "
+                        "{-alpha, 0, +alpha} per channel. Ternarize this layer (ptq_keras.ternarize, then strip), "
+                        "or export target 'int8'."
+                    )
+
+
+def _layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+# ----------------------------------------------------------------------------- TFLite conversion
+def float_tflite(model) -> bytes:
+    """The fp32 .tflite of the plain model (the size reference)."""
+    from ptq_keras.compat import tf
+
+    return bytes(tf.lite.TFLiteConverter.from_keras_model(plain_model(model)).convert())
+
+
+def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = False) -> bytes:
+    """Full-integer conversion (int8 weights, activations, input and output) calibrated on ``calibration``."""
+    from ptq_keras.compat import tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(plain)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    if per_tensor_dense:
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+    try:
+        return bytes(converter.convert())
+    except Exception as exc:  # the converter raises ConverterError with a long MLIR log
+        raise ExportError(
+            f"full-integer conversion of model {plain.name!r} failed: {str(exc).splitlines()[0][:500]}; every op "
+            "must have an int8 TFLite builtin kernel (TFLITE_BUILTINS_INT8)."
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_signed(values: np.ndarray, bits: int) -> bytes:
+    """Two's complement ``bits``-bit packing, element ``k * (8 // bits)`` in the lowest bits of byte ``k``."""
+    per_byte = 8 // bits
+    flat = values.astype(np.int64).ravel() & ((1 << bits) - 1)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % per_byte, dtype=np.int64)]).reshape(-1, per_byte)
+    shifts = np.arange(per_byte, dtype=np.int64) * bits
+    return (flat << shifts).sum(axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_signed(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_signed`: ``count`` signed int8 values."""
+    per_byte = 8 // bits
+    raw = np.frombuffer(bytes(data), dtype=np.uint8).astype(np.int64)
+    fields = (raw[:, None] >> (np.arange(per_byte) * bits)) & ((1 << bits) - 1)
+    fields = fields.ravel()[:count]
+    return np.where(fields >= 1 << (bits - 1), fields - (1 << bits), fields).astype(np.int8)
+
+
+def _name(tensor) -> str:
+    name = tensor.name
+    return name.decode() if isinstance(name, bytes) else str(name or "")
+
+
+def channel_magnitudes(values: np.ndarray, axis: int, name: str, per_tensor: bool) -> np.ndarray:
+    """Per channel the one non-zero magnitude ``q`` of exactly ternary int8 ``values`` (127 for an all-zero
+    channel); ``ExportError`` naming the tensor when a channel (or, ``per_tensor``, the tensor) has more."""
+    columns = np.moveaxis(values.astype(np.int32), axis, 0).reshape(values.shape[axis], -1)
+    if per_tensor:
+        columns = columns.reshape(1, -1)
+    q = np.full(len(columns), 127, dtype=np.int64)
+    for c, column in enumerate(columns):
+        levels = np.unique(np.abs(column[column != 0]))
+        if len(levels) > 1:
+            where = "the tensor" if per_tensor else f"channel {c}"
+            hint = (
+                " (one scale per tensor: ternarize Dense layers with granularity='tensor' for target 'int4')"
+                if per_tensor
+                else ""
+            )
+            raise ExportError(
+                f"weight tensor {name!r}: {where} holds {len(levels)} magnitudes {levels[:4].tolist()}, not "
+                f"{{-q, 0, q}}{hint}. Only exactly ternary weights can be packed: ternarize that layer, or export "
+                "target 'int8'."
+            )
+        if len(levels):
+            q[c] = levels[0]
+    return q
+
+
+def pack(int8_bytes: bytes, target: str) -> bytes:
+    """Rewrite the int8 weights of ``int8_bytes`` as INT2 / INT4 for target ``litert`` or ``int4``."""
+    model = flatbuffer.read(int8_bytes, "int8 .tflite")
+    types = _PACKED_TYPE[target]
+    done: set[tuple[int, int]] = set()
+    for s, graph in enumerate(model.subgraphs):
+        for op in graph.operators or []:
+            op_name = flatbuffer.builtin_name(model, op.opcodeIndex)
+            if op_name in _UNPACKABLE_OPS:
+                raise ExportError(
+                    f"op {op_name} (output {_name(graph.tensors[op.outputs[0]])!r}) has weights target {target!r} "
+                    "cannot pack; export target 'int8'."
+                )
+            if op_name not in types or (s, int(op.inputs[1])) in done:
+                continue
+            weight = graph.tensors[int(op.inputs[1])]
+            values = flatbuffer.buffer_array(model, weight)
+            if values is None or weight.type != S.TensorType.INT8:
+                continue
+            done.add((s, int(op.inputs[1])))
+            bias = graph.tensors[int(op.inputs[2])] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+            _pack_weight(model, graph, op, weight, values, bias, types[op_name])
+    return flatbuffer.write(model)
+
+
+def _pack_weight(model, graph, op, weight, values, bias, type_name: str) -> None:
+    schema_type, bits, level = _LOWBIT[type_name]
+    q_params = weight.quantization
+    scales = np.asarray(q_params.scale, dtype=np.float64)
+    axis = int(q_params.quantizedDimension) if len(scales) > 1 else 0
+    name = _name(weight)
+    q = channel_magnitudes(values, axis, name, per_tensor=len(scales) == 1)
+    if len(scales) == 1:
+        q = q[:1]
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    ternary = np.sign(values).astype(np.int8) * np.int8(level)
+    new_scales = (scales * q / level).astype(np.float32)
+    q_params.scale = new_scales
+    buffer = S.BufferT()
+    buffer.data = np.frombuffer(pack_signed(ternary, bits), dtype=np.uint8)
+    model.buffers[weight.buffer] = buffer
+    weight.type = schema_type
+    if bias is None:
+        return
+    b = flatbuffer.buffer_array(model, bias)
+    if b is None:
+        return
+    input_scale = np.float32(graph.tensors[int(op.inputs[0])].quantization.scale[0])
+    factor = np.broadcast_to(level / q.astype(np.float64), b.shape)
+    requantized = np.round(b.astype(np.float64) * factor).astype(np.int32)
+    bias_buffer = S.BufferT()
+    bias_buffer.data = np.frombuffer(requantized.tobytes(), dtype=np.uint8)
+    model.buffers[bias.buffer] = bias_buffer
+    bias.quantization.scale = (input_scale * new_scales).astype(np.float32)
+    bias.quantization.zeroPoint = np.zeros(len(bias.quantization.scale), dtype=np.int64)
+
+
+def strip_names(tflite: bytes) -> bytes:
+    """Drop what no kernel reads: tensor names, signatures, metadata and the description."""
+    model = flatbuffer.read(tflite, "tflite")
+    for graph in model.subgraphs:
+        graph.name = None
+        for tensor in graph.tensors:
+            tensor.name = None
+    model.signatureDefs = None
+    model.description = None
+    if model.metadata:
+        dropped = {int(m.buffer) for m in model.metadata}
+        for i in dropped:
+            model.buffers[i] = S.BufferT()
+    model.metadata = None
+    return flatbuffer.write(model)
+
+
+# ----------------------------------------------------------------------------- public API
+@dataclass
+class _Prepared:
+    plain: object
+    calibration: np.ndarray
+    int8: dict = field(default_factory=dict)
+
+
+def _prepare(model, representative_data, num_samples: int) -> _Prepared:
+    plain = plain_model(model)
+    return _Prepared(plain, samples(representative_data, plain, num_samples))
+
+
+def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, latency_budget) -> bytes:
+    check_layers(prep.plain, target)
+    per_tensor = target == "int4"
+    if per_tensor not in prep.int8:
+        prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
+    buf = prep.int8[per_tensor]
+    if target == "micro":
+        from . import decode
+
+        try:
+            buf = decode.compress(buf, encoding=encoding, latency_budget=latency_budget)
+        except ValueError as exc:
+            raise ExportError(f"target 'micro': {exc}") from exc
+    elif target in _PACKED_TYPE:
+        buf = pack(buf, target)
+    return strip_names(buf) if strip else buf
+
+
+def convert(
+    model,
+    representative_data=None,
+    *,
+    target: str = "int8",
+    encoding: str = "lut",
+    strip_names: bool = False,
+    latency_budget: float | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+) -> bytes:
+    """The .tflite bytes of ``model`` for one ``target`` (see ``TARGETS``); nothing is written.
+
+    ``model``: a ternarized (QAT) model or the stripped plain one. ``representative_data``: model inputs
+    (numpy array, tf.data.Dataset, generator) for activation calibration; the first ``num_samples`` are used.
+    ``encoding`` (target ``micro``): ``lut`` (2-bit index), ``huffman``, ``prune`` or ``auto``
+    (``latency_budget`` as in ``decode.compress``). ``strip_names`` drops tensor names and signatures.
+    """
+    _check_options(target, encoding, num_samples)
+    prep = _prepare(model, representative_data, num_samples)
+    return _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote: ``files`` (target -> path, plus ``report``/``c_source``/``c_header``), the
+    ``report`` object (``report.summary()``, ``report.to_dict()``) and ``arena_bytes`` of the C array target."""
+
+    out_dir: str
+    files: dict
+    report: object
+
+    def summary(self) -> str:
+        return self.report.summary()
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def export(
+    model,
+    representative_data,
+    out_dir: str | os.PathLike,
+    *,
+    targets: collections.abc.Sequence[str] = ("int8", "micro", "litert"),
+    c_array: bool | str = False,
+    encoding: str = "lut",
+    strip_names: bool = False,
+    latency_budget: float | None = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    name: str = "model",
+    measure: bool = True,
+    progress=None,
+) -> ExportResult:
+    """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
+    (``<name>_report.json``) and, with ``c_array``, ``<name>_data.cc`` / ``.h`` for firmware.
+
+    ``c_array=True`` picks the first TFLM target exported among micro, int4, int8; a target name picks it.
+    ``measure=False`` skips the TFLM arena bisection and the timing. ``progress``: a callable taking one line
+    (e.g. ``print``) for long steps. Files are written atomically.
+    """
+    from . import micro, report
+
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError(f"targets is empty; choose from {list(TARGETS)}.")
+    for target in targets:
+        _check_options(target, encoding, num_samples)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets {list(targets)} name a target twice.")
+    firmware = _firmware_target(c_array, targets)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be a C identifier-like file stem (e.g. 'model'), got {name!r}.")
+    say = progress or (lambda line: None)
+    out_dir = os.fspath(out_dir)
+    started = time.perf_counter()
+    say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
+    prep = _prepare(model, representative_data, num_samples)
+    say("converting fp32 reference ...")
+    fp32 = float_tflite(prep.plain)
+    buffers = {}
+    for target in targets:
+        say(f"converting target {target} ...")
+        buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
+    files = {}
+    for target, buf in buffers.items():
+        path = os.path.join(out_dir, f"{name}_{target}.tflite")
+        flatbuffer.atomic_write(path, buf)
+        files[target] = path
+    say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
+    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=prep.int8.get(False))
+    if firmware is not None:
+        arena = rep.targets[firmware].arena_bytes
+        if arena is None:
+            arena = micro.measure_arena(buffers[firmware])
+        source, header = micro.c_array(buffers[firmware], f"{name}_data", arena_bytes=arena, target=firmware)
+        files["c_source"] = os.path.join(out_dir, f"{name}_data.cc")
+        files["c_header"] = os.path.join(out_dir, f"{name}_data.h")
+        flatbuffer.atomic_write(files["c_source"], source)
+        flatbuffer.atomic_write(files["c_header"], header)
+    files["report"] = os.path.join(out_dir, f"{name}_report.json")
+    rep.files = dict(files)
+    flatbuffer.atomic_write(files["report"], rep.to_json())
+    say(f"done in {time.perf_counter() - started:.1f} s: {len(buffers)} target(s) in {out_dir}")
+    return ExportResult(out_dir, files, rep)
+
+
+def _firmware_target(c_array, targets: tuple) -> str | None:
+    if c_array is False or c_array is None:
+        return None
+    if c_array is True:
+        for target in _FIRMWARE_ORDER:
+            if target in targets:
+                return target
+        raise ValueError(
+            f"c_array=True needs a TFLM target (one of {list(_FIRMWARE_ORDER)}) in targets {list(targets)}."
+        )
+    if c_array not in _FIRMWARE_ORDER or c_array not in targets:
+        raise ValueError(
+            f"c_array={c_array!r}: name a TFLM target that is also exported "
+            f"({[t for t in _FIRMWARE_ORDER if t in targets]}), or pass True."
+        )
+    return c_array
+

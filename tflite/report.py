@@ -1,0 +1,269 @@
+"""Per-target size, memory and speed report of an export, and ``inspect`` (the per-tensor table of a file).
+
+Fields of one target (``TargetReport``):
+
+* ``file_bytes``; ``ratio_fp32_tflite`` = fp32 .tflite bytes / file bytes; ``ratio_fp32_params`` = 4 x the
+  Keras parameter count / file bytes.
+* ``weights`` (elements of the FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D weight tensors),
+  ``weight_payload_bytes`` (their stored bytes; for ``micro`` encoded data plus ancillary tables) and
+  ``bits_per_weight`` = 8 x payload / weights.
+* ``arena_bytes``: the smallest TFLM tensor arena (``micro.measure_arena``), None where TFLM cannot run the file;
+  ``decoded_weight_bytes``: the unpacked weight copies TFLM keeps in that arena (TFLM_DECODE outputs, INT4).
+* ``invoke_ratio``: per runtime, best invoke time of this file / that of the int8 file on the same interpreter.
+* ``encodings``: ``decode.describe`` rows (``micro`` only).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import flatbuffer, micro
+
+__all__ = ["TargetReport", "ExportReport", "TensorTable", "build", "inspect", "weight_payload"]
+
+S = flatbuffer.schema
+_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+def _name(tensor) -> str:
+    name = tensor.name
+    return name.decode() if isinstance(name, bytes) else str(name or "")
+
+
+def _nbytes(model, tensor) -> int:
+    data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
+    return 0 if data is None else len(data)
+
+
+def weight_payload(tflite: bytes) -> dict:
+    """Weight elements, stored payload bytes, zero fraction and packed types of the weight-op weights."""
+    model = flatbuffer.read(tflite, "tflite")
+    elements = payload = zeros = decoded = 0
+    types: set[str] = set()
+    for graph in model.subgraphs:
+        producers = {int(o): op for op in graph.operators or [] for o in op.outputs}
+        seen = set()
+        for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            index = int(op.inputs[1])
+            weight = graph.tensors[index]
+            producer = producers.get(index)
+            if producer is not None and flatbuffer.builtin_name(model, producer.opcodeIndex) == "TFLM_DECODE":
+                k = list(producer.outputs).index(index)
+                stored = [graph.tensors[int(producer.inputs[2 * k])], graph.tensors[int(producer.inputs[2 * k + 1])]]
+                key = int(producer.inputs[2 * k])
+                kind = "TFLM_DECODE"
+            elif _nbytes(model, weight):
+                stored, key, kind = [weight], index, flatbuffer.tensor_type_name(weight.type)
+            else:
+                continue
+            if key in seen:
+                continue
+            seen.add(key)
+            count = int(np.prod([int(d) for d in weight.shape]))
+            elements += count
+            payload += sum(_nbytes(model, t) for t in stored)
+            types.add(kind)
+            if kind in ("TFLM_DECODE", "INT4"):
+                decoded += count
+            if kind == "INT8":
+                zeros += int(np.count_nonzero(flatbuffer.buffer_array(model, weight) == 0))
+    return {
+        "weights": elements,
+        "weight_payload_bytes": payload,
+        "bits_per_weight": 8.0 * payload / elements if elements else 0.0,
+        "weight_types": sorted(types),
+        "decoded_weight_bytes": decoded,
+        "int8_zero_fraction": zeros / elements if elements and types == {"INT8"} else None,
+    }
+
+
+@dataclass
+class TargetReport:
+    target: str
+    file_bytes: int
+    ratio_fp32_tflite: float
+    ratio_fp32_params: float
+    weights: int
+    weight_payload_bytes: int
+    bits_per_weight: float
+    weight_types: list
+    runtimes: list
+    arena_bytes: int | None = None
+    decoded_weight_bytes: int | None = None
+    invoke_ratio: dict = field(default_factory=dict)
+    encodings: list = field(default_factory=list)
+
+
+@dataclass
+class ExportReport:
+    """Sizes, arenas and speed of every exported target; ``summary()`` text, ``to_dict()`` / ``to_json()``."""
+
+    model: str
+    fp32_params: int
+    fp32_param_bytes: int
+    fp32_tflite_bytes: int
+    weight_sparsity: float | None
+    targets: dict
+    created: str = ""
+    files: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["targets"] = {k: asdict(v) for k, v in self.targets.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float) + "\n"
+
+    def summary(self) -> str:
+        sparsity = "" if self.weight_sparsity is None else f", weight sparsity {self.weight_sparsity:.1%}"
+        lines = [
+            f"model {self.model!r}: {self.fp32_params:,} parameters ({self.fp32_param_bytes:,} B fp32), "
+            f"fp32 .tflite {self.fp32_tflite_bytes:,} B{sparsity}",
+            f"{'target':<7} {'bytes':>10} {'x fp32 file':>11} {'x fp32 par':>10} {'bits/w':>7} {'arena B':>9} "
+            f"{'decoded B':>9}  {'invoke vs int8':<28} weights",
+        ]
+        for t in self.targets.values():
+            arena = "-" if t.arena_bytes is None else f"{t.arena_bytes:,}"
+            decoded = "-" if t.decoded_weight_bytes is None else f"{t.decoded_weight_bytes:,}"
+            speed = ", ".join(f"{k} {v:.2f}x" for k, v in t.invoke_ratio.items()) or "-"
+            lines.append(
+                f"{t.target:<7} {t.file_bytes:>10,} {t.ratio_fp32_tflite:>10.2f}x {t.ratio_fp32_params:>9.2f}x "
+                f"{t.bits_per_weight:>7.2f} {arena:>9} {decoded:>9}  {speed:<28} {'+'.join(t.weight_types)}"
+            )
+        for t in self.targets.values():
+            for row in t.encodings:
+                lines.append(
+                    f"  {t.target}: {row['name'] or '(unnamed)'} {row['encoding']} {row['bits_per_weight']:.2f} "
+                    f"bits/w (entropy bound {row['entropy_bound_bits']:.2f}), decode scratch "
+                    f"{row['decode_scratch_bytes']:,} B"
+                )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int8_reference: bytes | None = None):
+    """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``."""
+    from .verify import _Runner, runtimes_for
+
+    params = int(plain.count_params())
+    reference = buffers.get("int8", int8_reference)
+    ref_times: dict = {}
+    targets = {}
+    sparsity = None
+    for target, buf in buffers.items():
+        payload = weight_payload(buf)
+        if payload["int8_zero_fraction"] is not None:
+            sparsity = payload["int8_zero_fraction"]
+        runtimes = list(runtimes_for(buf))
+        rep = TargetReport(
+            target=target,
+            file_bytes=len(buf),
+            ratio_fp32_tflite=len(fp32_tflite) / len(buf),
+            ratio_fp32_params=4 * params / len(buf),
+            weights=payload["weights"],
+            weight_payload_bytes=payload["weight_payload_bytes"],
+            bits_per_weight=payload["bits_per_weight"],
+            weight_types=payload["weight_types"],
+            runtimes=runtimes,
+        )
+        if "tflm" in runtimes:
+            rep.decoded_weight_bytes = payload["decoded_weight_bytes"]
+        if target == "micro":
+            from . import decode
+
+            rep.encodings = decode.describe(buf)
+        if measure:
+            if "tflm" in runtimes:
+                rep.arena_bytes = micro.measure_arena(buf)
+            if reference is not None:
+                for runtime in runtimes:
+                    if runtime not in runtimes_for(reference):
+                        continue
+                    if runtime not in ref_times:
+                        ref_times[runtime] = _Runner(reference, runtime).seconds_per_invoke()
+                    rep.invoke_ratio[runtime] = _Runner(buf, runtime).seconds_per_invoke() / ref_times[runtime]
+        targets[target] = rep
+    return ExportReport(
+        model=str(plain.name),
+        fp32_params=params,
+        fp32_param_bytes=4 * params,
+        fp32_tflite_bytes=len(fp32_tflite),
+        weight_sparsity=sparsity,
+        targets=targets,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+
+
+# ----------------------------------------------------------------------------- inspect
+@dataclass
+class TensorTable:
+    """Per-tensor rows of a .tflite: index, name, type, shape, bytes (constant data), channels (scales),
+    axis, role (input / output / constant / activation), and the ops (``ops``)."""
+
+    file: str
+    file_bytes: int
+    rows: list
+    ops: list
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "file_bytes": self.file_bytes, "ops": self.ops, "tensors": self.rows}
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.file}: {self.file_bytes:,} bytes, {len(self.rows)} tensors, ops: {', '.join(self.ops)}",
+            f"{'#':>3} {'type':<8} {'shape':<18} {'bytes':>9} {'scales':>6} {'axis':>4} {'role':<10} name",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{r['index']:>3} {r['type']:<8} {str(r['shape']):<18} {r['bytes']:>9,} {r['scales']:>6} "
+                f"{r['axis']:>4} {r['role']:<10} {r['name']}"
+            )
+        return "\n".join(lines)
+
+
+def inspect(tflite) -> TensorTable:
+    """The tensor table of a .tflite (path or bytes); a clear ``FlatbufferError`` for anything else."""
+    if isinstance(tflite, (str, os.PathLike)):
+        path = os.fspath(tflite)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"inspect: no such file {path!r}.")
+        with open(path, "rb") as f:
+            buf = f.read()
+        label = path
+    else:
+        buf, label = bytes(tflite), "<bytes>"
+    model = flatbuffer.read(buf, label)
+    rows, ops = [], []
+    for s, graph in enumerate(model.subgraphs):
+        inputs = {int(i) for i in (graph.inputs if graph.inputs is not None else [])}
+        outputs = {int(i) for i in (graph.outputs if graph.outputs is not None else [])}
+        ops += [flatbuffer.builtin_name(model, op.opcodeIndex) for op in graph.operators or []]
+        for i, t in enumerate(graph.tensors):
+            q = t.quantization
+            scales = 0 if q is None or q.scale is None else len(q.scale)
+            nbytes = _nbytes(model, t)
+            role = "input" if i in inputs else "output" if i in outputs else "constant" if nbytes else "activation"
+            rows.append(
+                {
+                    "subgraph": s,
+                    "index": i,
+                    "name": _name(t),
+                    "type": flatbuffer.tensor_type_name(t.type),
+                    "shape": [int(d) for d in t.shape] if t.shape is not None else [],
+                    "bytes": nbytes,
+                    "scales": scales,
+                    "axis": int(q.quantizedDimension) if scales > 1 else 0,
+                    "role": role,
+                }
+            )
+    return TensorTable(label, len(buf), rows, ops)
