@@ -1,0 +1,126 @@
+"""A small model zoo for the examples and benchmarks, built with tf_keras.
+
+Every builder takes ``input_shape`` (H, W, C) and ``num_classes`` and returns logits (no softmax). Images are fed
+as uint8 or float in [0, 255]: each model starts with a ``Rescaling(1/255)`` layer, so exported .tflite files take
+the raw pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .compat import keras
+
+__all__ = ["MODELS", "build", "ds_cnn", "mlp", "resnet20", "small_cnn"]
+
+L = keras.layers
+
+
+def _input(input_shape: Sequence[int]) -> tuple:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}.")
+    inp = keras.Input(shape, name="image")
+    return inp, L.Rescaling(1.0 / 255.0, name="rescale")(inp)
+
+
+def _check_classes(num_classes: int) -> int:
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    return num_classes
+
+
+def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> keras.Model:
+    """Conv32-BN-ReLU-Pool, Conv64-BN-ReLU-Pool (valid padding), Flatten, Dense128-ReLU, Dense: the reference
+    model (225k parameters on 28x28x1)."""
+    inp, x = _input(input_shape)
+    for i, filters in enumerate((32, 64), start=1):
+        x = L.Conv2D(filters, 3, use_bias=False, name=f"conv{i}")(x)
+        x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = L.ReLU(name=f"relu{i}")(x)
+        x = L.MaxPooling2D(name=f"pool{i}")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(128, activation="relu", name="fc")(x)
+    out = L.Dense(_check_classes(num_classes), name="logits")(x)
+    return keras.Model(inp, out, name="small_cnn")
+
+
+def ds_cnn(
+    input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, filters: int = 64, blocks: int = 4
+) -> keras.Model:
+    """Depthwise-separable CNN of the microcontroller kind (DS-CNN): a strided Conv-BN-ReLU stem, then ``blocks``
+    x (DepthwiseConv3x3-BN-ReLU, Conv1x1-BN-ReLU), global average pooling and a Dense head."""
+    inp, x = _input(input_shape)
+    x = L.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    for i in range(1, blocks + 1):
+        x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
+        x = L.BatchNormalization(name=f"dw{i}_bn")(x)
+        x = L.ReLU(name=f"dw{i}_relu")(x)
+        x = L.Conv2D(filters, 1, use_bias=False, name=f"pw{i}")(x)
+        x = L.BatchNormalization(name=f"pw{i}_bn")(x)
+        x = L.ReLU(name=f"pw{i}_relu")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(_check_classes(num_classes), name="logits")(x)
+    return keras.Model(inp, out, name="ds_cnn")
+
+
+def resnet20(
+    input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, depth: int = 20, width: int = 16
+) -> keras.Model:
+    """ResNet-20 for 32x32 inputs (He et al. 2016, CIFAR variant): 3 stages of ``(depth - 2) / 6`` basic blocks
+    with ``width``, ``2 width``, ``4 width`` filters, a 1x1 projection shortcut where the shape changes (residual
+    ``Add``), global average pooling and a Dense head (0.27M parameters)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth!r}.")
+    per_stage = (depth - 2) // 6
+    inp, x = _input(input_shape)
+    x = L.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    for stage in range(3):
+        filters = width * 2**stage
+        for block in range(per_stage):
+            name = f"s{stage + 1}b{block + 1}"
+            strides = 2 if stage > 0 and block == 0 else 1
+            y = L.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+            y = L.BatchNormalization(name=f"{name}_bn1")(y)
+            y = L.ReLU(name=f"{name}_relu1")(y)
+            y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+            y = L.BatchNormalization(name=f"{name}_bn2")(y)
+            if strides != 1 or x.shape[-1] != filters:
+                x = L.Conv2D(filters, 1, strides=strides, use_bias=False, name=f"{name}_proj")(x)
+                x = L.BatchNormalization(name=f"{name}_proj_bn")(x)
+            x = L.Add(name=f"{name}_add")([x, y])
+            x = L.ReLU(name=f"{name}_relu2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(_check_classes(num_classes), name="logits")(x)
+    return keras.Model(inp, out, name=f"resnet{depth}")
+
+
+def mlp(
+    input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, units: Sequence[int] = (256, 128)
+) -> keras.Model:
+    """Flatten, Dense-ReLU per entry of ``units``, Dense head."""
+    inp, x = _input(input_shape)
+    x = L.Flatten(name="flatten")(x)
+    for i, n in enumerate(units, start=1):
+        x = L.Dense(n, activation="relu", name=f"fc{i}")(x)
+    out = L.Dense(_check_classes(num_classes), name="logits")(x)
+    return keras.Model(inp, out, name="mlp")
+
+
+MODELS: dict[str, Callable[..., keras.Model]] = {
+    "small_cnn": small_cnn,
+    "ds_cnn": ds_cnn,
+    "resnet20": resnet20,
+    "mlp": mlp,
+}
+
+
+def build(name: str, input_shape: Sequence[int], num_classes: int, **kwargs) -> keras.Model:
+    """Build the zoo model ``name`` (one of ``MODELS``) for ``input_shape`` (H, W, C) and ``num_classes``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}.")
+    return MODELS[name](input_shape, num_classes, **kwargs)
