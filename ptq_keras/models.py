@@ -1,8 +1,7 @@
 """A small model zoo for the examples and benchmarks, built with tf_keras.
 
-Every builder takes ``input_shape`` (H, W, C) and ``num_classes`` and returns logits (no softmax). Images are fed
-as uint8 or float in [0, 255]: each model starts with a ``Rescaling(1/255)`` layer, so exported .tflite files take
-the raw pixels.
+Every builder takes ``input_shape`` (H, W, C) and ``num_classes`` and returns logits (no softmax). Feed images as
+float32 in [0, 1] (``pixels / 255``).
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ __all__ = ["MODELS", "build", "ds_cnn", "mlp", "resnet20", "small_cnn"]
 L = keras.layers
 
 
-def _input(input_shape: Sequence[int]) -> tuple:
+def _input(input_shape: Sequence[int]):
     shape = tuple(int(d) for d in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}.")
-    inp = keras.Input(shape, name="image")
-    return inp, L.Rescaling(1.0 / 255.0, name="rescale")(inp)
+    return keras.Input(shape, name="image")
 
 
 def _check_classes(num_classes: int) -> int:
@@ -33,7 +31,7 @@ def _check_classes(num_classes: int) -> int:
 def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -> keras.Model:
     """Conv32-BN-ReLU-Pool, Conv64-BN-ReLU-Pool (valid padding), Flatten, Dense128-ReLU, Dense: the reference
     model (225k parameters on 28x28x1)."""
-    inp, x = _input(input_shape)
+    x = inp = _input(input_shape)
     for i, filters in enumerate((32, 64), start=1):
         x = L.Conv2D(filters, 3, use_bias=False, name=f"conv{i}")(x)
         x = L.BatchNormalization(name=f"bn{i}")(x)
@@ -50,7 +48,7 @@ def ds_cnn(
 ) -> keras.Model:
     """Depthwise-separable CNN of the microcontroller kind (DS-CNN): a strided Conv-BN-ReLU stem, then ``blocks``
     x (DepthwiseConv3x3-BN-ReLU, Conv1x1-BN-ReLU), global average pooling and a Dense head."""
-    inp, x = _input(input_shape)
+    x = inp = _input(input_shape)
     x = L.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
     x = L.BatchNormalization(name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
@@ -75,7 +73,7 @@ def resnet20(
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth!r}.")
     per_stage = (depth - 2) // 6
-    inp, x = _input(input_shape)
+    x = inp = _input(input_shape)
     x = L.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(x)
     x = L.BatchNormalization(name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
@@ -103,7 +101,7 @@ def mlp(
     input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, units: Sequence[int] = (256, 128)
 ) -> keras.Model:
     """Flatten, Dense-ReLU per entry of ``units``, Dense head."""
-    inp, x = _input(input_shape)
+    x = inp = _input(input_shape)
     x = L.Flatten(name="flatten")(x)
     for i, n in enumerate(units, start=1):
         x = L.Dense(n, activation="relu", name=f"fc{i}")(x)
