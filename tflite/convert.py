@@ -162,7 +162,8 @@ def float_tflite(model) -> bytes:
 
 
 def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = False) -> bytes:
-    """Full-integer conversion (int8 weights, activations, input and output) calibrated on ``calibration``."""
+    """Full-integer conversion (int8 weights, activations, input and output) calibrated on ``calibration``;
+    buffers re-laid 16-byte aligned for TFLM."""
     from ptq_keras.compat import tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(plain)
@@ -174,12 +175,13 @@ def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = Fals
     if per_tensor_dense:
         converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     try:
-        return bytes(converter.convert())
+        buf = bytes(converter.convert())
     except Exception as exc:  # the converter raises ConverterError with a long MLIR log
         raise ExportError(
             f"full-integer conversion of model {plain.name!r} failed: {str(exc).splitlines()[0][:500]}; every op "
             "must have an int8 TFLite builtin kernel (TFLITE_BUILTINS_INT8)."
         ) from exc
+    return flatbuffer.align(buf)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -288,6 +290,24 @@ def _pack_weight(model, graph, op, weight, values, bias, type_name: str) -> None
     model.buffers[bias.buffer] = bias_buffer
     bias.quantization.scale = (input_scale * new_scales).astype(np.float32)
     bias.quantization.zeroPoint = np.zeros(len(bias.quantization.scale), dtype=np.int64)
+
+
+def unpack(packed: bytes) -> bytes:
+    """The int8 twin of a ``litert`` / ``int4`` file: the same ``±L`` weight values, scales and biases stored as
+    INT8, so both files compute the same integers (an oracle for the bit packing)."""
+    model = flatbuffer.read(packed, "packed .tflite")
+    levels = {schema_type: bits for schema_type, bits, _ in _LOWBIT.values()}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            if tensor.type not in levels or model.buffers[tensor.buffer].data is None:
+                continue
+            count = int(np.prod([int(d) for d in tensor.shape]))
+            values = unpack_signed(model.buffers[tensor.buffer].data, levels[tensor.type], count)
+            buffer = S.BufferT()
+            buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+            model.buffers[tensor.buffer] = buffer
+            tensor.type = S.TensorType.INT8
+    return flatbuffer.write(model)
 
 
 def strip_names(tflite: bytes) -> bytes:
