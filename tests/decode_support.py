@@ -77,14 +77,15 @@ def runtime_decode(encoded: encoders.Encoded, values: np.ndarray, layout: encode
     return run_tflm(buf, [np.zeros(1, dtype=np.int8)], arena_size=16 * 1024 + 4 * values.size)[0]
 
 
-def identity_fc_model(weights: np.ndarray) -> bytes:
+def identity_fc_model(weights: np.ndarray, per_channel: bool = True) -> bytes:
     """int8 FULLY_CONNECTED (O, I) with unit scales and zero bias: input eye(I) -> output weights.T."""
     out_ch, in_ch = weights.shape
     unit = _quant([1.0], [0], 0)
+    channels = out_ch if per_channel else 1
     tensors = [
         _tensor([in_ch, in_ch], S.TensorType.INT8, 0, "x", unit),
-        _tensor([out_ch, in_ch], S.TensorType.INT8, 1, "fc/weights", _quant([1.0] * out_ch, [0] * out_ch, 0)),
-        _tensor([out_ch], S.TensorType.INT32, 2, "fc/bias", _quant([1.0] * out_ch, [0] * out_ch, 0)),
+        _tensor([out_ch, in_ch], S.TensorType.INT8, 1, "fc/weights", _quant([1.0] * channels, [0] * channels, 0)),
+        _tensor([out_ch], S.TensorType.INT32, 2, "fc/bias", _quant([1.0] * channels, [0] * channels, 0)),
         _tensor([in_ch, out_ch], S.TensorType.INT8, 0, "y", _quant([1.0], [0], 0)),
     ]
     op = S.OperatorT()

@@ -124,11 +124,12 @@ def test_graph_shape_pairs_encoded_and_ancillary_and_clears_stale_quantization(t
         assert anc[5] >> 4 == decoded.quantization.quantizedDimension
 
 
-def test_identity_fc_probe_reads_the_weights_back_and_catches_wrong_bit_or_word_order():
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_identity_fc_probe_reads_the_weights_back_and_catches_wrong_bit_or_word_order(per_channel):
     rng = np.random.default_rng(5)
-    weights = (rng.choice([-1, 0, 1], size=(6, 16), p=[0.2, 0.6, 0.2]) * rng.integers(20, 127, size=(6, 1)))
-    weights = weights.astype(np.int8)
-    int8 = identity_fc_model(weights)
+    alpha = rng.integers(20, 127, size=(6, 1)) if per_channel else 90
+    weights = (rng.choice([-1, 0, 1], size=(6, 16), p=[0.2, 0.6, 0.2]) * alpha).astype(np.int8)
+    int8 = identity_fc_model(weights, per_channel)
     eye = [np.eye(16, dtype=np.int8)]
     np.testing.assert_array_equal(run_tflm(int8, eye)[0], weights.T)
     for encoding in ("lut", "huffman", "prune"):
