@@ -15,7 +15,7 @@ def mlp(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((20,)),
+            keras.Input((20,), name="features"),
             L.Dense(24, activation="relu", name="fc1"),
             L.Dense(16, activation="relu", name="fc2"),
             L.Dense(6, name="logits"),
@@ -29,7 +29,7 @@ def cnn(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((12, 12, 1)),
+            keras.Input((12, 12, 1), name="image"),
             L.Conv2D(6, 3, padding="same", name="conv1"),
             L.BatchNormalization(name="bn1"),
             L.ReLU(name="relu1"),
@@ -50,7 +50,7 @@ def depthwise(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((10, 10, 3)),
+            keras.Input((10, 10, 3), name="image"),
             L.Conv2D(4, 3, padding="same", activation="relu", name="stem"),
             L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw"),
             L.BatchNormalization(name="dw_bn"),

@@ -133,6 +133,8 @@ def check_layers(model, target: str) -> None:
         for attr, channel_dims in attributes:
             kernel = getattr(layer, attr).numpy()
             columns = kernel.reshape(-1, int(np.prod(kernel.shape[-channel_dims:])))
+            if target == "int4" and isinstance(layer, keras.layers.Dense):
+                _check_one_scale(layer, columns)
             for c in range(columns.shape[1]):
                 magnitudes = np.abs(columns[:, c][columns[:, c] != 0])
                 if magnitudes.size and not np.allclose(magnitudes, magnitudes[0], rtol=1e-5, atol=0):
@@ -143,6 +145,17 @@ def check_layers(model, target: str) -> None:
                         "{-alpha, 0, +alpha} per channel. Ternarize this layer (ptq_keras.ternarize, then strip), "
                         "or export target 'int8'."
                     )
+
+
+def _check_one_scale(layer, kernel) -> None:
+    """Target int4 stores Dense kernels with one scale per tensor (TFLM's INT4 FULLY_CONNECTED needs it)."""
+    magnitudes = np.unique(np.abs(kernel[kernel != 0]))
+    if magnitudes.size and not np.allclose(magnitudes, magnitudes[0], rtol=1e-5, atol=0):
+        raise ExportError(
+            f"layer {layer.name!r}: target 'int4' stores Dense kernels with one scale per tensor, but this kernel "
+            f"has per-channel scales ({magnitudes.min():.4g} to {magnitudes.max():.4g}). Ternarize Dense layers "
+            "with granularity='tensor', or export target 'litert' (LiteRT) or 'micro' (TFLM)."
+        )
 
 
 def _layers(model):
@@ -437,6 +450,8 @@ def export(
     started = time.perf_counter()
     say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
     prep = _prepare(model, representative_data, num_samples)
+    for target in targets:  # every layer error before any slow conversion
+        check_layers(prep.plain, target)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
     buffers = {}

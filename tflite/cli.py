@@ -1,0 +1,122 @@
+"""``ptq-convert``: export a saved (ternarized or stripped) Keras model to TFLite targets from the command line.
+
+    ptq-convert --model q.h5 --data fashion_mnist --targets int8,micro,litert --out_dir out --c_array
+
+``--data``: a tensorflow-datasets name (read offline with ``ptq_keras.data.load``) or a ``.npy`` file of input
+samples. uint8 samples are divided by 255 (``--uint8_scale``), the usual preprocessing of image models.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from .convert import ENCODINGS, TARGETS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Keras model: .h5 file or SavedModel folder (ternarized or stripped).")
+flags.DEFINE_string("data", None, "Representative inputs: a tfds dataset name or a .npy file of samples.")
+flags.DEFINE_list("targets", ["int8", "micro", "litert"], f"Comma-separated targets, from {list(TARGETS)}.")
+flags.DEFINE_string("out_dir", "out", "Folder for the .tflite files, the report and the C array.")
+flags.DEFINE_bool("c_array", False, "Also write <name>_data.cc/.h (16-byte aligned array, arena size) for firmware.")
+flags.DEFINE_enum("encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).")
+flags.DEFINE_integer("num_samples", 100, "Calibration samples taken from --data.", lower_bound=1)
+flags.DEFINE_integer("verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0)
+flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from the files.")
+flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.")
+flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.")
+flags.DEFINE_string("name", "model", "File stem of the outputs.")
+
+
+def _say(line: str) -> None:
+    print(f"[ptq-convert {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def load_model(path: str):
+    """A Keras model from ``.h5`` or a SavedModel folder, loaded inside ``ptq_keras.custom_object_scope()``."""
+    import ptq_keras
+
+    if not os.path.exists(path):
+        raise app.UsageError(f"--model {path!r} does not exist (give a .h5 file or a SavedModel folder).")
+    if os.path.isfile(path) and not path.endswith((".h5", ".hdf5")):
+        raise app.UsageError(f"--model {path!r}: expected a .h5 file or a SavedModel folder.")
+    with ptq_keras.custom_object_scope():
+        return ptq_keras.keras.models.load_model(path, compile=False)
+
+
+def load_samples(spec: str, limit: int, uint8_scale: float) -> np.ndarray:
+    """``limit`` input samples from a .npy file or a tfds dataset name (its ``train`` split, images only)."""
+    if spec.endswith(".npy"):
+        if not os.path.isfile(spec):
+            raise app.UsageError(f"--data {spec!r}: no such .npy file.")
+        x = np.load(spec, mmap_mode="r")[:limit]
+    else:
+        from ptq_keras import data
+
+        x = np.stack([np.asarray(image) for image, _ in data.load(spec, split="train", limit=limit)])
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) * np.float32(uint8_scale)
+    return x.astype(np.float32)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    if not FLAGS.model or not FLAGS.data:
+        raise app.UsageError("--model and --data are required (see --help).")
+    unknown = [t for t in FLAGS.targets if t not in TARGETS]
+    if unknown:
+        raise app.UsageError(f"--targets: unknown {unknown}; choose from {list(TARGETS)}.")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would drown the progress lines
+    from .convert import export
+    from .flatbuffer import FlatbufferError
+    from .verify import verify
+
+    _say(f"loading model {FLAGS.model}")
+    model = load_model(FLAGS.model)
+    _say(f"loading data {FLAGS.data}")
+    x = load_samples(FLAGS.data, FLAGS.num_samples + FLAGS.verify_samples, FLAGS.uint8_scale)
+    calibration, check = x[: FLAGS.num_samples], x[FLAGS.num_samples :]
+    try:
+        result = export(
+            model,
+            calibration,
+            FLAGS.out_dir,
+            targets=tuple(FLAGS.targets),
+            c_array=FLAGS.c_array,
+            encoding=FLAGS.encoding,
+            strip_names=FLAGS.strip_names,
+            num_samples=FLAGS.num_samples,
+            name=FLAGS.name,
+            measure=FLAGS.measure,
+            progress=_say,
+        )
+    except (ValueError, TypeError, FlatbufferError) as exc:
+        print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(result.summary(), flush=True)
+    ok = True
+    if FLAGS.verify_samples and len(check):
+        for target in FLAGS.targets:
+            _say(f"parity ladder for {target} on {len(check)} samples")
+            report = verify(model, result.files[target], check, num_samples=len(check))
+            print(report, flush=True)
+            ok = ok and report.ok
+    for kind, path in result.files.items():
+        _say(f"wrote {kind}: {path}")
+    return 0 if ok else 1
+
+
+def run() -> None:
+    """Console entry point ``ptq-convert``."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
