@@ -63,7 +63,7 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
     for weight in _weights(model):
         subgraph = model.subgraphs[weight.subgraph]
         tensor = subgraph.tensors[weight.tensor]
-        name = _name(tensor)
+        name = _name(tensor) or f"#{weight.tensor}"
         values = flatbuffer.buffer_array(model, tensor)
         layout = _layout(tensor, name)
         try:
@@ -126,7 +126,8 @@ def _entropy(values: np.ndarray) -> float:
 
 
 def _name(tensor: flatbuffer.schema.TensorT) -> str:
-    name = tensor.name
+    """The tensor's name ("" when names were stripped)."""
+    name = tensor.name or ""
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
@@ -203,7 +204,7 @@ def _decode_opcode(model: flatbuffer.schema.ModelT) -> int:
     return len(model.operatorCodes) - 1
 
 
-def _add_constant(model: flatbuffer.schema.ModelT, subgraph, name: str, data: bytes) -> int:
+def _add_constant(model: flatbuffer.schema.ModelT, subgraph, name: str | None, data: bytes) -> int:
     buffer = flatbuffer.schema.BufferT()
     buffer.data = np.frombuffer(data, dtype=np.uint8)
     model.buffers.append(buffer)
@@ -222,12 +223,13 @@ def _insert_decode(model: flatbuffer.schema.ModelT, weight: _Weight, encoded: En
     original = subgraph.tensors[weight.tensor]
     name = _name(original)
     decoded_template = copy.deepcopy(original)
+    decoded_template.name = f"{name}_decoded" if name else None
     decoded_template.buffer = 0
     q = decoded_template.quantization
     if q is not None and (q.scale is None or len(q.scale) <= 1) and q.quantizedDimension:
         # A one-channel tensor on a non-zero axis fails LUT and PRUNE setup ("unsupported quantization axis").
         q.quantizedDimension = 0
-    ancillary = _add_constant(model, subgraph, f"{name}_ancillary", encoded.ancillary)
+    ancillary = _add_constant(model, subgraph, f"{name}_ancillary" if name else None, encoded.ancillary)
     buffer = flatbuffer.schema.BufferT()
     buffer.data = np.frombuffer(encoded.data, dtype=np.uint8)
     model.buffers.append(buffer)
@@ -243,7 +245,6 @@ def _insert_decode(model: flatbuffer.schema.ModelT, weight: _Weight, encoded: En
     inserts: dict[int, flatbuffer.schema.OperatorT] = {}
     for position in consumers:
         decoded = copy.deepcopy(decoded_template)
-        decoded.name = f"{name}_decoded"
         subgraph.tensors.append(decoded)
         decoded_index = len(subgraph.tensors) - 1
         consumer = subgraph.operators[position]
