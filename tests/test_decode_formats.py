@@ -50,6 +50,13 @@ def test_huffman_worked_example_two_bit_root_matches_the_documented_bytes():
     assert enc.data[:4] == bytes([0x64, 0x30, 0x00, 0x00])
 
 
+def test_huffman_root_width_follows_the_most_frequent_value():
+    half = np.array([0, 0, 5, -5] * 8, dtype=np.int8)  # p(0) = 0.5: codes {1, 2, 2}, 2-bit root
+    assert HUFFMAN.encode(half, ChannelLayout()).ancillary[5] >> 4 == 2 - 1
+    sparse = np.array([0, 0, 0, 0, 0, 0, 0, 5, -5, 0] * 4, dtype=np.int8)  # p(0) = 0.8: 1-bit root
+    assert HUFFMAN.encode(sparse, ChannelLayout()).ancillary[5] >> 4 == 0
+
+
 def test_lut_header_tables_and_msb_first_indices():
     values = np.array([[-5, 0, 5, 0], [7, 7, -7, 0]], dtype=np.int8)
     enc = LUT.encode(values, ChannelLayout(2, 0, (0, 0)))

@@ -201,3 +201,16 @@ def test_compressing_twice_changes_nothing(ternary_cnn):
     once = decode.compress(ternary_cnn, encoding="huffman")
     twice = decode.compress(once, encoding="lut")
     assert decode.describe(twice) == decode.describe(once)
+
+
+def test_every_buffer_of_a_compressed_file_is_16_byte_aligned(ternary_cnn):
+    compressed = decode.compress(ternary_cnn, encoding="huffman")  # the decoder reads 32-bit words
+    base = np.frombuffer(compressed, dtype=np.uint8)
+    root = flatbuffer.schema.Model.GetRootAs(compressed, 0)
+    start = base.__array_interface__["data"][0]
+    offsets = []
+    for i in range(root.BuffersLength()):
+        data = root.Buffers(i).DataAsNumpy()
+        if not isinstance(data, int) and data.size:
+            offsets.append(data.__array_interface__["data"][0] - start)
+    assert offsets and all(offset % 16 == 0 for offset in offsets), offsets
