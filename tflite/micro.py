@@ -18,7 +18,7 @@ import numpy as np
 
 from . import flatbuffer
 
-__all__ = ["tflm_supported", "interpreter", "allocation_report", "measure_arena", "c_array"]
+__all__ = ["tflm_supported", "interpreter", "allocation_report", "arena_fits", "measure_arena", "c_array"]
 
 S = flatbuffer.schema
 _GRID = 16
@@ -91,10 +91,27 @@ def _report_total(report: str) -> int:
     return int(match.group(1))
 
 
+def arena_fits(tflite: bytes, arena_size: int, alt_decompression_memory_size: int = 0) -> bool:
+    """Whether TFLM allocates and invokes ``tflite`` with ``arena_size`` bytes (probed in a child process,
+    since a too-small arena can crash the interpreter)."""
+    with tempfile.TemporaryDirectory(prefix="ptq_arena_") as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(tflite)
+        return _fits(path, arena_size, alt_decompression_memory_size)
+
+
+def _fits(path: str, arena_size: int, alt_decompression_memory_size: int) -> bool:
+    run = [sys.executable, "-c", _PROBE, path, str(arena_size), str(alt_decompression_memory_size)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(run, capture_output=True, env=env, timeout=120).returncode == 0
+
+
 def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
     """The smallest tensor arena (bytes, a multiple of 16) with which TFLM allocates and invokes ``tflite``.
 
-    With ``alt_decompression_memory_size`` > 0 the TFLM_DECODE outputs go to that separate memory instead.
+    Bisection on a 16-byte grid, starting at the allocation report's total. With
+    ``alt_decompression_memory_size`` > 0 the TFLM_DECODE outputs go to that separate memory instead.
     """
     lower = _report_total(allocation_report(tflite, alt_decompression_memory_size))
     with tempfile.TemporaryDirectory(prefix="ptq_arena_") as tmp:
@@ -103,9 +120,7 @@ def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
             f.write(tflite)
 
         def fits(size: int) -> bool:
-            run = [sys.executable, "-c", _PROBE, path, str(size), str(alt_decompression_memory_size)]
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-            return subprocess.run(run, capture_output=True, env=env, timeout=120).returncode == 0
+            return _fits(path, size, alt_decompression_memory_size)
 
         lo = (lower // _GRID) * _GRID - _GRID  # the report total itself never suffices (allocator bookkeeping)
         step = 256
