@@ -1,0 +1,503 @@
+"""Train a zoo model on a tfds dataset with one compression method, checkpoint every epoch, export .tflite files.
+
+Methods: ``float``; ``ptq`` (sparse ternary, ``ptq_keras.ternarize``); ``twn`` (ternary, TWN threshold);
+``int8_ptq`` (float training, int8 post-training quantization at export); ``tfmot_qat`` (tfmot int8
+quantization-aware training); ``tfmot_prune`` (tfmot magnitude pruning, int8 at export).
+
+    python examples/train.py --method=float --epochs=8 --out_dir=out/float
+    python examples/train.py --method=ptq --sparsity=0.7 --epochs=4 --init_from=out/float/model.h5 \\
+        --export=int8,micro --out_dir=out/ptq70
+
+``out_dir`` receives ``model.h5`` (the final plain model: for ternary methods exactly ternary kernels),
+``results.json``, TensorBoard logs (``logs/``, with per-layer sparsity and scale), a checkpoint per epoch
+(``checkpoints/``; ``--resume`` continues a killed run with nothing lost) and the exported files (``tflite/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+from absl import app, flags
+from ptq_keras.tflite.flatbuffer import atomic_write
+
+import ptq_keras
+from examples import common
+from ptq_keras import keras, models
+from ptq_keras.compat import tf, tfmot
+
+METHODS = ("float", "ptq", "twn", "int8_ptq", "tfmot_qat", "tfmot_prune")
+TERNARY_METHODS = ("ptq", "twn")
+TARGETS = ("int8", "micro", "litert", "int4")
+PACKED_TARGETS = ("micro", "litert", "int4")
+DEFAULT_EXPORT = {"ptq": ("int8", "micro"), "twn": ("int8", "micro")}  # other methods: ("int8",)
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+# Settings that define a run: a checkpoint only resumes a run with the same values.
+_RUN_IDENTITY = (
+    "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
+    "ramp_epochs", "batch_size", "learning_rate", "init_from", "seed", "limit", "max_steps_per_epoch",
+)  # fmt: skip
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "small_cnn", sorted(models.MODELS), "Zoo model to build (ignored with --init_from).")
+flags.DEFINE_enum("method", "ptq", METHODS, "Compression method.")
+flags.DEFINE_float("sparsity", 0.7, "ptq / tfmot_prune: target fraction of zero weights per layer, in [0, 1).")
+flags.DEFINE_enum(
+    "threshold", "sparsity", ["sparsity", "l2", "twn"], "ptq: support selection (exact top-k, L2 projection, TWN)."
+)
+flags.DEFINE_enum("ste", "identity", ["identity", "masked", "clipped"], "ptq / twn: straight-through estimator.")
+flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
+flags.DEFINE_enum("selection", "channel", ["channel", "tensor"], "ptq: top-k support per channel or per layer.")
+flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
+flags.DEFINE_float("decay", 0.0, "ptq / twn: strength of the discrepancy term lambda * (W - W_q) in the gradient.")
+flags.DEFINE_integer(
+    "ramp_epochs",
+    1,
+    "ptq / tfmot_prune: epochs over which sparsity ramps from 0 to --sparsity (cubic); then the ptq mask freezes and "
+    "its STE becomes 'masked'. 0: the target from the first step, never frozen.",
+    lower_bound=0,
+)
+flags.DEFINE_integer(
+    "recalibrate_bn_steps",
+    200,
+    "ptq / twn: batches of training data over which BatchNorm statistics are re-estimated with the final ternary "
+    "weights (0: off).",
+    lower_bound=0,
+)
+flags.DEFINE_integer("epochs", 4, "Training epochs.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_string("init_from", None, "A float Keras .h5 (or SavedModel) to start from, e.g. a trained float model.")
+flags.DEFINE_list(
+    "export",
+    None,
+    f"Export targets, a comma list of {list(TARGETS)} ('' for none). Default: int8,micro for ptq and twn, int8 for "
+    "the others. micro/litert/int4 store ternary kernels, so they need --method=ptq or twn.",
+)
+flags.DEFINE_bool("measure", True, "Measure the TFLM arena and invoke time of exported files (slower).")
+flags.DEFINE_bool("eval_tflite", True, "Measure the exported files' accuracy over the test split on their runtime.")
+flags.DEFINE_string("out_dir", "out/train", "Output directory (model, results, logs, checkpoints, .tflite files).")
+flags.DEFINE_integer("seed", 0, "Random seed (weights, data order).")
+flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (same flags).")
+flags.DEFINE_integer(
+    "max_steps_per_epoch", None, "Stop each epoch after N steps (a quick run); default: the whole split.", lower_bound=1
+)
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a training run (the flags, as a value the benchmarks can build directly)."""
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    model: str = "small_cnn"
+    method: str = "ptq"
+    sparsity: float = 0.7
+    threshold: str = "sparsity"
+    ste: str = "identity"
+    granularity: str = "channel"
+    selection: str = "channel"
+    normalize: bool = False
+    decay: float = 0.0
+    ramp_epochs: int = 1
+    recalibrate_bn_steps: int = 200
+    epochs: int = 4
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    init_from: str | None = None
+    export: tuple | None = None
+    measure: bool = True
+    eval_tflite: bool = True
+    out_dir: str = "out/train"
+    seed: int = 0
+    resume: bool = False
+    max_steps_per_epoch: int | None = None
+    limit: int | None = None
+
+    @classmethod
+    def from_flags(cls) -> Config:
+        values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)}
+        if values["export"] is not None:
+            values["export"] = tuple(values["export"])
+        return cls(**values)
+
+    def targets(self) -> tuple:
+        if self.export is not None:
+            return tuple(self.export)
+        return DEFAULT_EXPORT.get(self.method, ("int8",))
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the bad setting and the fix (before any data loads or training starts)."""
+
+    def choice(name: str, value, choices) -> None:
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}.")
+
+    choice("method", cfg.method, METHODS)
+    choice("threshold", cfg.threshold, ("sparsity", "l2", "twn"))
+    choice("ste", cfg.ste, ("identity", "masked", "clipped"))
+    choice("granularity", cfg.granularity, ("channel", "tensor"))
+    choice("selection", cfg.selection, ("channel", "tensor"))
+    if cfg.init_from is None:
+        choice("model", cfg.model, sorted(models.MODELS))
+    elif not os.path.exists(cfg.init_from):
+        raise ValueError(f"--init_from {cfg.init_from!r} does not exist; give the .h5 file of a trained float model.")
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise ValueError(f"--sparsity={cfg.sparsity} is outside [0, 1): it is the fraction of zero weights, e.g. 0.7.")
+    if cfg.method == "twn" and cfg.threshold not in ("sparsity", "twn"):
+        raise ValueError(f"--method=twn sets the TWN threshold; drop --threshold={cfg.threshold}.")
+    if cfg.ramp_epochs > cfg.epochs and cfg.method in ("ptq", "tfmot_prune"):
+        raise ValueError(
+            f"--ramp_epochs={cfg.ramp_epochs} exceeds --epochs={cfg.epochs}: the sparsity target would never be "
+            "reached; lower --ramp_epochs or train longer."
+        )
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}.")
+    if cfg.decay < 0 or cfg.learning_rate <= 0:
+        raise ValueError("--decay must be >= 0 and --learning_rate > 0.")
+    targets = cfg.targets()
+    for target in targets:
+        choice("export target", target, TARGETS)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"--export={','.join(targets)} names a target twice.")
+    packed = [t for t in targets if t in PACKED_TARGETS]
+    if packed and cfg.method not in TERNARY_METHODS:
+        raise ValueError(
+            f"--export target(s) {packed} store ternary kernels, which --method={cfg.method} does not produce; "
+            "export int8 only, or train with --method=ptq or --method=twn."
+        )
+
+
+# ----------------------------------------------------------------------------- models
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _initial_model(cfg: Config, input_shape: tuple, num_classes: int) -> keras.Model:
+    if cfg.init_from is None:
+        return models.build(cfg.model, input_shape, num_classes)
+    with ptq_keras.custom_object_scope():
+        model = keras.models.load_model(cfg.init_from, compile=False)
+    if ptq_keras.is_ternarized(model):
+        raise ValueError(f"--init_from {cfg.init_from!r} is a ternarized training model; give a float model.")
+    got = tuple(model.inputs[0].shape[1:])
+    if got != tuple(input_shape):
+        raise ValueError(
+            f"--init_from model takes inputs {got}, but {cfg.dataset} images are {tuple(input_shape)}; "
+            "train a float model on this dataset first."
+        )
+    return model
+
+
+def _sparsity_schedule(cfg: Config, steps_per_epoch: int, frequency: int):
+    if cfg.ramp_epochs == 0:
+        return cfg.sparsity
+    return ptq_keras.PolynomialDecay(
+        initial_sparsity=0.0,
+        final_sparsity=cfg.sparsity,
+        begin_step=0,
+        end_step=cfg.ramp_epochs * steps_per_epoch,
+        frequency=frequency,
+    )
+
+
+def _tfmot_qat(model: keras.Model) -> keras.Model:
+    """tfmot's default int8 QAT, annotating layer by layer (quantize_annotate_model rejects BatchNormalization)."""
+    quant = tfmot.quantization.keras
+    kernels = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    pairs = []
+
+    def annotate(layer):
+        fresh = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, fresh))
+        return quant.quantize_annotate_layer(fresh) if isinstance(layer, kernels) else fresh
+
+    annotated = keras.models.clone_model(model, clone_function=annotate)
+    for original, fresh in pairs:
+        fresh.set_weights(original.get_weights())
+    with quant.quantize_scope():
+        return quant.quantize_apply(annotated)
+
+
+def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> keras.Model:
+    """The model that trains: ``model`` wrapped for the method (a new model; ``model`` is not changed)."""
+    if cfg.method in TERNARY_METHODS:
+        options = dict(ste=cfg.ste, granularity=cfg.granularity, decay=cfg.decay)
+        if cfg.method == "twn":
+            return ptq_keras.ternarize(model, threshold="twn", **options)
+        return ptq_keras.ternarize(
+            model,
+            sparsity=_sparsity_schedule(cfg, steps_per_epoch, frequency=1),
+            threshold=cfg.threshold,
+            selection=cfg.selection,
+            normalize=cfg.normalize,
+            **options,
+        )
+    if cfg.method == "tfmot_qat":
+        return _tfmot_qat(model)
+    if cfg.method == "tfmot_prune":
+        frequency = max(1, min(100, cfg.ramp_epochs * steps_per_epoch // 20))
+        schedule = _sparsity_schedule(cfg, steps_per_epoch, frequency)
+        if not isinstance(schedule, tfmot.sparsity.keras.PruningSchedule):
+            schedule = tfmot.sparsity.keras.ConstantSparsity(schedule, begin_step=0, frequency=frequency)
+        return tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    return model
+
+
+def layer_stats(model: keras.Model) -> dict:
+    """``{layer: {"sparsity": fraction of zero kernel weights, "scale": mean ternary scale or None}}``."""
+    if ptq_keras.is_ternarized(model):
+        report = ptq_keras.summary(model, print_fn=None)
+        return {r.name: {"sparsity": r.sparsity, "scale": r.scale_mean} for r in report.layers if r.ternary}
+    stats = {}
+    for layer in model.layers:
+        kernels = [w.numpy() for w in layer.weights if w.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES]
+        if kernels:
+            zeros = sum(int(np.sum(k == 0)) for k in kernels)
+            stats[layer.name] = {"sparsity": zeros / sum(k.size for k in kernels), "scale": None}
+    return stats
+
+
+# ----------------------------------------------------------------------------- training state
+class _LayerStatsLogger(keras.callbacks.Callback):
+    """Writes per-layer sparsity and scale to TensorBoard at the end of every epoch."""
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self._writer = tf.summary.create_file_writer(log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self._writer.as_default(step=epoch + 1):
+            for name, values in layer_stats(self.model).items():
+                tf.summary.scalar(f"sparsity/{name}", values["sparsity"])
+                if values["scale"] is not None:
+                    tf.summary.scalar(f"scale/{name}", values["scale"])
+        self._writer.flush()
+
+
+class _StepTimer(keras.callbacks.Callback):
+    """Wall time of every training step (the first step of each fit call, which traces, is left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self._start = 0.0
+        self._first = True
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._first:
+            self.times.append(time.perf_counter() - self._start)
+        self._first = False
+
+
+class Checkpoints:
+    """One checkpoint per epoch: model and optimizer variables (tf.train.Checkpoint) plus ``state.json`` (epochs
+    done, the run's settings and the step times so far), written last and atomically, so a kill at any moment
+    leaves the previous complete checkpoint."""
+
+    def __init__(self, directory: str, model: keras.Model, optimizer):
+        self.directory = directory
+        self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self._state_path = os.path.join(directory, "state.json")
+
+    def state(self) -> dict | None:
+        if not os.path.exists(self._state_path):
+            return None
+        with open(self._state_path) as f:
+            return json.load(f)
+
+    def save(self, epochs_done: int, identity: dict, step_times: list) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        prefix = self._checkpoint.write(os.path.join(self.directory, f"epoch-{epochs_done}"))
+        state = {"epochs_done": epochs_done, "prefix": os.path.basename(prefix), "run": identity,
+                 "step_times": step_times}  # fmt: skip
+        previous = self.state()
+        atomic_write(self._state_path, json.dumps(state, indent=1).encode())
+        if previous and previous["prefix"] != state["prefix"]:
+            for name in os.listdir(self.directory):
+                if name.startswith(previous["prefix"] + "."):
+                    os.remove(os.path.join(self.directory, name))
+
+    def restore(self, identity: dict) -> dict:
+        state = self.state()
+        if state is None:
+            raise ValueError(
+                f"--resume: no checkpoint in {self.directory}; start the run without --resume (same --out_dir)."
+            )
+        changed = {k: (state["run"].get(k), v) for k, v in identity.items() if state["run"].get(k) != v}
+        if changed:
+            details = ", ".join(f"--{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"--resume: the checkpoint in {self.directory} is of a different run ({details}).")
+        self._checkpoint.read(os.path.join(self.directory, state["prefix"])).assert_existing_objects_matched()
+        return state
+
+
+def _train_batches(x: np.ndarray, y: np.ndarray, cfg: Config, epoch: int, steps: int) -> tf.data.Dataset:
+    """Epoch ``epoch``'s batches: a permutation that depends only on (seed, epoch), so a resumed run sees the
+    same data order as an uninterrupted one."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(x))
+    ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(cfg.batch_size).take(steps)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+    logits = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def _save_model(model: keras.Model, path: str) -> None:
+    tmp = path + ".tmp.h5"
+    with ptq_keras.custom_object_scope():
+        model.save(tmp, save_format="h5", include_optimizer=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run
+def run(cfg: Config, log=common.log) -> dict:
+    """Train, evaluate, save and export as ``cfg`` says; returns the results (also in ``out_dir/results.json``)."""
+    validate(cfg)
+    from ptq_keras import data
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    input_shape, num_classes = data.describe(cfg.dataset, cfg.data_dir)
+    x_train, y_train = common.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit)
+    x_test, y_test = common.load_split(cfg.dataset, "test", cfg.data_dir, cfg.limit)
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    log(f"{cfg.dataset}: train {x_train.shape}, test {x_test.shape}; {steps} steps per epoch")
+
+    base = _initial_model(cfg, input_shape, num_classes)
+    model = training_model(cfg, base, steps)
+    optimizer = keras.optimizers.Adam(cfg.learning_rate)
+    model.compile(optimizer, _loss(), metrics=["accuracy"])
+    optimizer.build(model.trainable_variables)
+    checkpoints = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), model, optimizer)
+    identity = {k: getattr(cfg, k) for k in _RUN_IDENTITY}
+    timer = _StepTimer()
+    start_epoch = 0
+    if cfg.resume:
+        state = checkpoints.restore(identity)
+        start_epoch, timer.times = state["epochs_done"], list(state["step_times"])
+        log(f"resumed from {checkpoints.directory} after epoch {start_epoch}")
+    elif checkpoints.state() is not None:
+        log(f"starting afresh: the checkpoint in {checkpoints.directory} is replaced (pass --resume to continue it)")
+        shutil.rmtree(checkpoints.directory)
+
+    callbacks = [timer]
+    if importlib.util.find_spec("tensorboard") is None:
+        log("TensorBoard is not installed (pip install tensorboard==2.21.0): no logs are written")
+    else:
+        log_dir = os.path.join(cfg.out_dir, "logs")
+        callbacks += [
+            keras.callbacks.TensorBoard(log_dir, write_graph=False, profile_batch=0),
+            _LayerStatsLogger(os.path.join(log_dir, "layers")),
+        ]
+    if cfg.method == "tfmot_prune":
+        callbacks.append(tfmot.sparsity.keras.UpdatePruningStep())
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
+        model.fit(
+            _train_batches(x_train, y_train, cfg, epoch, steps),
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            callbacks=callbacks,
+            verbose=2,
+        )
+        checkpoints.save(epoch + 1, identity, timer.times)
+    train_seconds = time.perf_counter() - started
+
+    results: dict = {
+        "config": dataclasses.asdict(cfg),
+        "params": int(base.count_params()),
+        "step_time_s": float(np.median(timer.times)) if timer.times else None,
+        "train_seconds_this_process": train_seconds,
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    final = _final_model(cfg, model, x_train, x_test, y_test, results, log)
+    results["keras_accuracy"] = _accuracy(final, x_test, y_test, cfg.batch_size)
+    results["layers"] = layer_stats(final)
+    log(f"test accuracy of the final Keras model: {results['keras_accuracy']:.4f}")
+    model_path = os.path.join(cfg.out_dir, "model.h5")
+    _save_model(final, model_path)
+    results["model"] = model_path
+    targets = cfg.targets()
+    if targets:
+        results["export"] = _export(cfg, final, x_train, x_test, y_test, targets, log)
+    atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(results, indent=1, default=str).encode())
+    return results
+
+
+def _final_model(cfg: Config, model, x_train, x_test, y_test, results: dict, log) -> keras.Model:
+    """The plain model to save and export: stripped (and BN-recalibrated) ternary, stripped pruned, or as trained."""
+    if cfg.method in TERNARY_METHODS:
+        results["qat_accuracy"] = _accuracy(model, x_test, y_test, cfg.batch_size)
+        plain = ptq_keras.strip(model)
+        results["stripped_accuracy"] = _accuracy(plain, x_test, y_test, cfg.batch_size)
+        log(f"ternary: QAT model {results['qat_accuracy']:.4f}, stripped {results['stripped_accuracy']:.4f}")
+        if cfg.recalibrate_bn_steps:
+            batches = tf.data.Dataset.from_tensor_slices(x_train).batch(cfg.batch_size)
+            ptq_keras.recalibrate_batchnorm(plain, batches, steps=cfg.recalibrate_bn_steps, verbose=False)
+        results["summary"] = ptq_keras.summary(plain, print_fn=None).as_dict()
+        return plain
+    if cfg.method == "tfmot_prune":
+        return tfmot.sparsity.keras.strip_pruning(model)
+    return model
+
+
+def _export(cfg: Config, final, x_train, x_test, y_test, targets, log) -> dict:
+    from ptq_keras import tflite as ptq_tflite
+
+    out_dir = os.path.join(cfg.out_dir, "tflite")
+    exported = ptq_tflite.export(final, x_train[:500], out_dir, targets=targets, measure=cfg.measure, progress=log)
+    out = {}
+    for target in targets:
+        rep = exported.report.targets[target]
+        row = {
+            "file": exported.files[target],
+            "file_bytes": rep.file_bytes,
+            "bits_per_weight": rep.bits_per_weight,
+            "arena_bytes": rep.arena_bytes,
+            "runtime": common.RUNTIME_OF_TARGET[target],
+        }
+        if cfg.eval_tflite:
+            row["accuracy"] = common.tflite_accuracy(exported.files[target], x_test, y_test, row["runtime"])
+            log(f"{target}: {rep.file_bytes} bytes, accuracy {row['accuracy']:.4f} on {row['runtime']}")
+        out[target] = row
+    return out
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; all settings are --flags (see --helpfull).")
+    common.quiet_logs()
+    cfg = Config.from_flags()
+    try:
+        validate(cfg)
+    except ValueError as exc:
+        raise app.UsageError(str(exc)) from None
+    run(cfg)
+
+
+if __name__ == "__main__":
+    app.run(main)
