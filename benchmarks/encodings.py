@@ -234,6 +234,18 @@ def bench_resnet() -> list[str]:
     return lines
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join("benchmarks", "results", "encodings.md"))
@@ -244,7 +256,7 @@ def main() -> None:
     lines = [
         "# TFLM_DECODE encodings of ternary weights",
         "",
-        f"{now}; {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, Python "
+        f"{now}; {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, TensorFlow {tf.__version__}, tflite-micro {tflm_version}. "
         "Command: `python benchmarks/encodings.py`.",
         "",

@@ -37,6 +37,8 @@ __all__ = [
     "ENCODERS",
     "get",
     "for_ancillary",
+    "huffman_code_lengths",
+    "canonical_codes",
 ]
 
 DCM_SIZE = 16
