@@ -149,12 +149,27 @@ def _scores_tf(w2d: tf.Tensor, normalize: bool) -> tf.Tensor:
 
 
 def _topk_mask_tf(scores_cn: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
-    """``scores_cn`` is ``(groups, n)``; ``k`` a scalar or ``(groups,)``. Returns the ``(groups, n)`` mask."""
-    n = scores_cn.shape[-1]
-    _, order = tf.math.top_k(scores_cn, k=n, sorted=True)  # ties: lower index first
-    ranks = tf.argsort(order, axis=-1)  # inverse permutation
-    k = tf.reshape(tf.cast(k, ranks.dtype), (-1, 1))
-    return ranks < k
+    """``scores_cn`` is ``(groups, n)``, non-negative; ``k`` a scalar or ``(groups,)``. Returns the mask of the
+    ``k`` largest per row, ties to the lower index (the same set as a stable descending sort).
+
+    A full sort is slow on CPU for large layers, so the k-th largest value is found by bisection on the float32 bit
+    patterns (monotonic for non-negative floats; 31 counting passes, exact), then ties at that value are taken in
+    index order.
+    """
+    bits = tf.bitcast(tf.convert_to_tensor(scores_cn, tf.float32), tf.int32)
+    groups = tf.shape(bits)[0]
+    k = tf.broadcast_to(tf.reshape(tf.cast(k, tf.int32), (-1,)), (groups,))
+    lo = tf.zeros((groups,), tf.int32)  # count(bits >= lo) >= k
+    hi = tf.fill((groups,), tf.int32.max)  # count(bits >= hi) < k (no finite float has this pattern)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tf.reduce_sum(tf.cast(bits >= mid[:, None], tf.int32), axis=-1) >= k
+        lo = tf.where(enough, mid, lo)
+        hi = tf.where(enough, hi, mid)
+    above = bits > lo[:, None]
+    at = bits == lo[:, None]
+    room = k - tf.reduce_sum(tf.cast(above, tf.int32), axis=-1)
+    return above | (at & (tf.cumsum(tf.cast(at, tf.int32), axis=-1) <= room[:, None]))
 
 
 def _l2_keep_tf(scores_cn: tf.Tensor) -> tf.Tensor:
