@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import gzip
-import os
-
-import numpy as np
 import pytest
 
 import ptq_keras  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from ptq_keras import keras
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
 
 @pytest.fixture(scope="session")
 def fashion_mnist():
-    """(x_train, y_train, x_test, y_test) as float32 in [0, 1] with a channel axis; skips if not installed."""
-    if not os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.fail("Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist (make test does it).")
+    """(x_train, y_train, x_test, y_test): real Fashion-MNIST as float32 in [0, 1] with a channel axis."""
+    from ptq_keras import data
+
     arrays = []
-    for split in ("train", "t10k"):
-        x = _read_idx(os.path.join(FASHION_DIR, f"{split}-images-idx3-ubyte.gz"))
-        y = _read_idx(os.path.join(FASHION_DIR, f"{split}-labels-idx1-ubyte.gz"))
-        arrays += [(x[..., None] / 255.0).astype("float32"), y.astype("int64")]
+    for split in ("train", "test"):
+        x, y = data.load_numpy("fashion_mnist", split)
+        arrays += [(x / 255.0).astype("float32"), y]
     return tuple(arrays)
 
 
