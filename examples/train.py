@@ -257,16 +257,19 @@ def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> ker
 
 
 def layer_stats(model: keras.Model) -> dict:
-    """``{layer: {"sparsity": fraction of zero kernel weights, "scale": mean ternary scale or None}}``."""
-    if ptq_keras.is_ternarized(model):
-        report = ptq_keras.summary(model, print_fn=None)
-        return {r.name: {"sparsity": r.sparsity, "scale": r.scale_mean} for r in report.layers if r.ternary}
+    """``{layer: {"sparsity": fraction of zero kernel weights, "scale": mean ternary scale or None}}``; ternary
+    layers (of a ternarized or stripped model) come from ``ptq_keras.summary``."""
     stats = {}
     for layer in model.layers:
         kernels = [w.numpy() for w in layer.weights if w.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES]
         if kernels:
             zeros = sum(int(np.sum(k == 0)) for k in kernels)
             stats[layer.name] = {"sparsity": zeros / sum(k.size for k in kernels), "scale": None}
+    wrapped = any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers)
+    if ptq_keras.is_ternarized(model) or not wrapped:  # summary reads the kernels of these two kinds only
+        for row in ptq_keras.summary(model, print_fn=None).layers:
+            if row.ternary:
+                stats[row.name] = {"sparsity": row.sparsity, "scale": row.scale_mean}
     return stats
 
 
