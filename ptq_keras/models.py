@@ -22,6 +22,11 @@ def _input(input_shape: Sequence[int]):
     return keras.Input(shape, name="image")
 
 
+def _bn(name: str):
+    """BatchNormalization with momentum 0.9: its moving statistics settle within a few hundred steps."""
+    return L.BatchNormalization(momentum=0.9, name=name)
+
+
 def _check_classes(num_classes: int) -> int:
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
@@ -34,7 +39,7 @@ def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10) -
     x = inp = _input(input_shape)
     for i, filters in enumerate((32, 64), start=1):
         x = L.Conv2D(filters, 3, use_bias=False, name=f"conv{i}")(x)
-        x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = _bn(name=f"bn{i}")(x)
         x = L.ReLU(name=f"relu{i}")(x)
         x = L.MaxPooling2D(name=f"pool{i}")(x)
     x = L.Flatten(name="flatten")(x)
@@ -50,14 +55,14 @@ def ds_cnn(
     x (DepthwiseConv3x3-BN-ReLU, Conv1x1-BN-ReLU), global average pooling and a Dense head."""
     x = inp = _input(input_shape)
     x = L.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
-    x = L.BatchNormalization(name="stem_bn")(x)
+    x = _bn(name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
     for i in range(1, blocks + 1):
         x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
-        x = L.BatchNormalization(name=f"dw{i}_bn")(x)
+        x = _bn(name=f"dw{i}_bn")(x)
         x = L.ReLU(name=f"dw{i}_relu")(x)
         x = L.Conv2D(filters, 1, use_bias=False, name=f"pw{i}")(x)
-        x = L.BatchNormalization(name=f"pw{i}_bn")(x)
+        x = _bn(name=f"pw{i}_bn")(x)
         x = L.ReLU(name=f"pw{i}_relu")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(_check_classes(num_classes), name="logits")(x)
@@ -75,7 +80,7 @@ def resnet20(
     per_stage = (depth - 2) // 6
     x = inp = _input(input_shape)
     x = L.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(x)
-    x = L.BatchNormalization(name="stem_bn")(x)
+    x = _bn(name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
     for stage in range(3):
         filters = width * 2**stage
@@ -83,13 +88,13 @@ def resnet20(
             name = f"s{stage + 1}b{block + 1}"
             strides = 2 if stage > 0 and block == 0 else 1
             y = L.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-            y = L.BatchNormalization(name=f"{name}_bn1")(y)
+            y = _bn(name=f"{name}_bn1")(y)
             y = L.ReLU(name=f"{name}_relu1")(y)
             y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-            y = L.BatchNormalization(name=f"{name}_bn2")(y)
+            y = _bn(name=f"{name}_bn2")(y)
             if strides != 1 or x.shape[-1] != filters:
                 x = L.Conv2D(filters, 1, strides=strides, use_bias=False, name=f"{name}_proj")(x)
-                x = L.BatchNormalization(name=f"{name}_proj_bn")(x)
+                x = _bn(name=f"{name}_proj_bn")(x)
             x = L.Add(name=f"{name}_add")([x, y])
             x = L.ReLU(name=f"{name}_relu2")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
