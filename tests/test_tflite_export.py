@@ -175,7 +175,7 @@ def test_per_channel_dense_packs_for_micro_and_litert_but_not_int4(tmp_path):
         path.write_bytes(ptq_tflite.convert(model, x[:32], target=target))
         report = ptq_tflite.verify(model, path, x[32:], int8=ptq_tflite.convert(model, x[:32]))
         assert report.ok, str(report)
-    with pytest.raises(ptq_tflite.ExportError, match=r"mlp/fc1/MatMul.*granularity='tensor'"):
+    with pytest.raises(ptq_tflite.ExportError, match=r"layer 'fc1'.*granularity='tensor'"):
         ptq_tflite.convert(model, x[:32], target="int4")
 
 

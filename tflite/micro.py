@@ -110,7 +110,7 @@ def _fits(path: str, arena_size: int, alt_decompression_memory_size: int) -> boo
 def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
     """The smallest tensor arena (bytes, a multiple of 16) with which TFLM allocates and invokes ``tflite``.
 
-    Bisection on a 16-byte grid, starting at the allocation report's total. With
+    Bisection on a 16-byte grid, starting at the allocation report's total (usually two probes). With
     ``alt_decompression_memory_size`` > 0 the TFLM_DECODE outputs go to that separate memory instead.
     """
     lower = _report_total(allocation_report(tflite, alt_decompression_memory_size))
@@ -122,14 +122,17 @@ def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
         def fits(size: int) -> bool:
             return _fits(path, size, alt_decompression_memory_size)
 
-        lo = (lower // _GRID) * _GRID - _GRID  # the report total itself never suffices (allocator bookkeeping)
-        step = 256
-        hi = lo + step
-        while not fits(hi):
-            lo, step = hi, step * 2
+        start = -(-lower // _GRID) * _GRID
+        if fits(start):  # the common case: the report's total is enough; confirm that 16 bytes less is not
+            lo, hi = (start - _GRID, start) if not fits(start - _GRID) else (0, start - _GRID)
+        else:
+            lo, step = start, 256
             hi = lo + step
-            if hi > 64 * (lower + len(tflite)) + (1 << 20):
-                raise RuntimeError("TFLM does not allocate this model with any arena size tried.")
+            while not fits(hi):
+                lo, step = hi, step * 2
+                hi = lo + step
+                if hi > 64 * (lower + len(tflite)) + (1 << 20):
+                    raise RuntimeError("TFLM does not allocate this model with any arena size tried.")
         while hi - lo > _GRID:
             mid = lo + ((hi - lo) // 2 // _GRID) * _GRID
             if fits(mid):

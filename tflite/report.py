@@ -8,7 +8,9 @@ Fields of one target (``TargetReport``):
   ``weight_payload_bytes`` (their stored bytes; for ``micro`` encoded data plus ancillary tables) and
   ``bits_per_weight`` = 8 x payload / weights.
 * ``arena_bytes``: the smallest TFLM tensor arena (``micro.measure_arena``), None where TFLM cannot run the file;
-  ``decoded_weight_bytes``: the unpacked weight copies TFLM keeps in that arena (TFLM_DECODE outputs, INT4).
+  ``decoded_weight_bytes``: the unpacked weight copies TFLM keeps in that arena (TFLM_DECODE outputs, INT4);
+  ``micro`` also ``arena_bytes_alt_decompression``: the arena when the TFLM_DECODE outputs go to a separate
+  ``alt_decompression_bytes`` memory (``alt_decompression_memory_size`` of the interpreter, firmware likewise).
 * ``invoke_ratio``: per runtime, best invoke time of this file / that of the int8 file on the same interpreter.
 * ``encodings``: ``decode.describe`` rows (``micro`` only).
 """
@@ -38,6 +40,10 @@ def _name(tensor) -> str:
 def _nbytes(model, tensor) -> int:
     data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
     return 0 if data is None else len(data)
+
+
+def _round16(n: int) -> int:
+    return (int(n) + 15) // 16 * 16
 
 
 def weight_payload(tflite: bytes) -> dict:
@@ -97,6 +103,8 @@ class TargetReport:
     runtimes: list
     arena_bytes: int | None = None
     decoded_weight_bytes: int | None = None
+    arena_bytes_alt_decompression: int | None = None
+    alt_decompression_bytes: int | None = None
     invoke_ratio: dict = field(default_factory=dict)
     encodings: list = field(default_factory=list)
 
@@ -139,6 +147,11 @@ class ExportReport:
                 f"{t.bits_per_weight:>7.2f} {arena:>9} {decoded:>9}  {speed:<28} {'+'.join(t.weight_types)}"
             )
         for t in self.targets.values():
+            if t.arena_bytes_alt_decompression is not None:
+                lines.append(
+                    f"  {t.target}: arena {t.arena_bytes_alt_decompression:,} B when the decoded weights go to a "
+                    f"separate {t.alt_decompression_bytes:,} B (alt_decompression_memory_size)"
+                )
             for row in t.encodings:
                 lines.append(
                     f"  {t.target}: {row['name'] or '(unnamed)'} {row['encoding']} {row['bits_per_weight']:.2f} "
@@ -153,11 +166,10 @@ class ExportReport:
 
 def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int8_reference: bytes | None = None):
     """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``."""
-    from .verify import _Runner, runtimes_for
+    from .verify import invoke_ratio, runtimes_for
 
     params = int(plain.count_params())
     reference = buffers.get("int8", int8_reference)
-    ref_times: dict = {}
     targets = {}
     sparsity = None
     for target, buf in buffers.items():
@@ -185,13 +197,14 @@ def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int
         if measure:
             if "tflm" in runtimes:
                 rep.arena_bytes = micro.measure_arena(buf)
+                if rep.encodings:
+                    alt = sum(_round16(row["decode_scratch_bytes"]) for row in rep.encodings)
+                    rep.arena_bytes_alt_decompression = micro.measure_arena(buf, alt)
+                    rep.alt_decompression_bytes = alt
             if reference is not None:
                 for runtime in runtimes:
-                    if runtime not in runtimes_for(reference):
-                        continue
-                    if runtime not in ref_times:
-                        ref_times[runtime] = _Runner(reference, runtime).seconds_per_invoke()
-                    rep.invoke_ratio[runtime] = _Runner(buf, runtime).seconds_per_invoke() / ref_times[runtime]
+                    if runtime in runtimes_for(reference):
+                        rep.invoke_ratio[runtime] = invoke_ratio(buf, reference, runtime)
         targets[target] = rep
     return ExportReport(
         model=str(plain.name),

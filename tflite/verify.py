@@ -27,7 +27,16 @@ import numpy as np
 
 from . import flatbuffer, micro
 
-__all__ = ["RUNTIMES", "ParityStep", "ParityReport", "predict", "detect_target", "runtimes_for", "verify"]
+__all__ = [
+    "RUNTIMES",
+    "ParityStep",
+    "ParityReport",
+    "predict",
+    "detect_target",
+    "runtimes_for",
+    "invoke_ratio",
+    "verify",
+]
 
 DEFAULT_MAX_LSB = {"int8": 1.0, "packed": 2.0, "twin_xnnpack": 2.0}
 # runtime name -> what it is
@@ -122,17 +131,13 @@ class _Runner:
         out = [self.invoke_one(self._quantize(sample[None]).reshape(shape)) for sample in np.asarray(x, np.float32)]
         return np.concatenate(out)
 
-    def seconds_per_invoke(self, repeats: int = 20) -> float:
-        """Best of ``repeats`` timed invokes on a zero input (after one warm-up)."""
+    def timed_invoke(self) -> float:
+        """Seconds of one invoke on a zero input."""
         shape = tuple(int(d) for d in self.input["shape"])
         q = np.zeros(shape, dtype=self.input["dtype"])
+        start = time.perf_counter()
         self.invoke_one(q)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.invoke_one(q)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return time.perf_counter() - start
 
     def output_params(self) -> tuple[float, int]:
         params = self.output.get("quantization_parameters", {})
@@ -141,6 +146,19 @@ class _Runner:
             scale, zero = self.output.get("quantization", (0.0, 0))
             return float(scale), int(zero)
         return float(scales[0]), int(zeros[0])
+
+
+def invoke_ratio(tflite: bytes, reference: bytes, runtime: str, repeats: int = 25) -> float:
+    """Best invoke time of ``tflite`` / that of ``reference`` on ``runtime``, the two invoked in turns (after a
+    warm-up) so that a busy machine slows both alike."""
+    runners = (_Runner(tflite, runtime), _Runner(reference, runtime))
+    best = [float("inf"), float("inf")]
+    for r in runners:
+        r.timed_invoke()
+    for _ in range(repeats):
+        for i, r in enumerate(runners):
+            best[i] = min(best[i], r.timed_invoke())
+    return best[0] / best[1]
 
 
 def predict(tflite, x: np.ndarray, runtime: str = "litert") -> np.ndarray:
