@@ -120,6 +120,11 @@ def ternarize(
       frequency: for a float ``sparsity``, re-select the support every ``frequency`` steps.
     """
     _check_graph_model(model)
+    if is_ternarized(model):
+        raise ValueError(
+            f"Model {model.name!r} is already ternarized. Train it as it is, or ternarize "
+            "ptq_keras.strip(model) to start again from its ternary weights."
+        )
     base = _validate_options(options, "ternarize")
     names = {layer.name for layer in model.layers}
     keep_float = list(keep_float)

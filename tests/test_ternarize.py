@@ -275,6 +275,12 @@ def test_options_are_keyword_only():
         ptq_keras.ternarize(small_cnn(), 0.7)
 
 
+def test_ternarizing_twice_explains():
+    qmodel = ptq_keras.ternarize(conv1d_model(), sparsity=0.5)
+    with pytest.raises(ValueError, match="already ternarized"):
+        ptq_keras.ternarize(qmodel, sparsity=0.5)
+
+
 def test_strip_of_a_plain_model_explains():
     with pytest.raises(ValueError, match="no ternarized layer"):
         ptq_keras.strip(small_cnn())
