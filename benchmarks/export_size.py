@@ -114,12 +114,16 @@ def render(report, rows, seconds: float) -> str:
         "sparsity is 1.18 bits/weight (27x).",
         "",
         "| target | bytes | x fp32 .tflite | x fp32 params | weight bits/w | TFLM arena B | decoded B "
-        "| TFLM invoke vs int8 | LiteRT invoke vs int8 (XNNPACK / ref) | parity vs int8, max LSB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| arena B, decoded weights in alt memory | TFLM invoke vs int8 | LiteRT invoke vs int8 (XNNPACK / ref) "
+        "| parity vs int8, max LSB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, t, p in rows:
         arena = "-" if t.arena_bytes is None else f"{t.arena_bytes:,}"
         decoded = "-" if t.decoded_weight_bytes is None else f"{t.decoded_weight_bytes:,}"
+        alt = "-"
+        if t.arena_bytes_alt_decompression is not None:
+            alt = f"{t.arena_bytes_alt_decompression:,} (+{t.alt_decompression_bytes:,})"
         tflm = f"{t.invoke_ratio['tflm']:.2f}x" if "tflm" in t.invoke_ratio else "-"
         litert = (
             f"{t.invoke_ratio['litert']:.2f}x / {t.invoke_ratio['litert_ref']:.2f}x"
@@ -128,7 +132,7 @@ def render(report, rows, seconds: float) -> str:
         )
         lines.append(
             f"| {name} | {t.file_bytes:,} | {t.ratio_fp32_tflite:.2f}x | {t.ratio_fp32_params:.2f}x | "
-            f"{t.bits_per_weight:.2f} | {arena} | {decoded} | {tflm} | {litert} | {_parity(p)} |"
+            f"{t.bits_per_weight:.2f} | {arena} | {decoded} | {alt} | {tflm} | {litert} | {_parity(p)} |"
         )
     lines += [
         "",

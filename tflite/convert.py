@@ -464,7 +464,8 @@ def export(
         flatbuffer.atomic_write(path, buf)
         files[target] = path
     say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
-    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=prep.int8.get(False))
+    reference = prep.int8.get(False, prep.int8.get(True))  # the int8 file the targets came from
+    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference)
     if firmware is not None:
         arena = rep.targets[firmware].arena_bytes
         if arena is None:
