@@ -3,7 +3,8 @@
 Targets (``TARGETS``):
 
 * ``int8``:   stock full-integer TFLite; ternary weights are int8 ``{-127, 0, 127}`` per output channel.
-* ``micro``:  the int8 file with its weights encoded for TFLM's ``TFLM_DECODE`` op (2-bit LUT by default).
+* ``micro``:  the int8 file with its weights encoded for TFLM's ``TFLM_DECODE`` op (2-bit LUT by default),
+  without the quantization parameters no TFLM kernel reads (``trim_for_tflm``).
 * ``litert``: INT2 FULLY_CONNECTED and INT4 CONV_2D / DEPTHWISE_CONV_2D weights (stock LiteRT only).
 * ``int4``:   INT4 weights everywhere, fully connected weights with one scale per tensor (LiteRT and TFLM).
 
@@ -323,6 +324,26 @@ def unpack(packed: bytes) -> bytes:
     return flatbuffer.write(model)
 
 
+def trim_for_tflm(tflite: bytes) -> bytes:
+    """Drop quantization parameters no TFLM kernel reads (``micro`` target, TFLM only): the int32 biases' scales
+    and zero points (TFLM derives the requantization from the input, weight and output scales) and the
+    per-channel zero points of weights when all are 0 (a single 0 remains). ~20 bytes per output channel."""
+    model = flatbuffer.read(tflite, "tflite")
+    for graph in model.subgraphs:
+        for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in WEIGHT_OPS:
+                continue
+            weight = graph.tensors[int(op.inputs[1])]
+            q = weight.quantization
+            if q is not None and q.zeroPoint is not None and len(q.zeroPoint) > 1 and not np.any(q.zeroPoint):
+                q.zeroPoint = np.zeros(1, dtype=np.int64)
+            if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                bias = graph.tensors[int(op.inputs[2])]
+                if bias.type == S.TensorType.INT32:
+                    bias.quantization = None
+    return flatbuffer.write(model)
+
+
 def strip_names(tflite: bytes) -> bytes:
     """Drop what no kernel reads: tensor names, signatures, metadata and the description."""
     model = flatbuffer.read(tflite, "tflite")
@@ -363,7 +384,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         from . import decode
 
         try:
-            buf = decode.compress(buf, encoding=encoding, latency_budget=latency_budget)
+            buf = trim_for_tflm(decode.compress(buf, encoding=encoding, latency_budget=latency_budget))
         except ValueError as exc:
             raise ExportError(f"target 'micro': {exc}") from exc
     elif target in _PACKED_TYPE:
