@@ -84,6 +84,12 @@ flags.DEFINE_list(
     f"Export targets, a comma list of {list(TARGETS)} ('' for none). Default: int8,micro for ptq and twn, int8 for "
     "the others. micro/litert/int4 store ternary kernels, so they need --method=ptq or twn.",
 )
+flags.DEFINE_enum(
+    "encoding",
+    "lut",
+    ["lut", "huffman", "prune", "auto"],
+    "Weight encoding of the micro target (TFLM_DECODE): 2-bit LUT, Huffman, PRUNE, or auto (smallest per tensor).",
+)
 flags.DEFINE_bool("measure", True, "Measure the TFLM arena and invoke time of exported files (slower).")
 flags.DEFINE_bool("eval_tflite", True, "Measure the exported files' accuracy over the test split on their runtime.")
 flags.DEFINE_string("out_dir", "out/train", "Output directory (model, results, logs, checkpoints, .tflite files).")
@@ -116,6 +122,7 @@ class Config:
     learning_rate: float = 1e-3
     init_from: str | None = None
     export: tuple | None = None
+    encoding: str = "lut"
     measure: bool = True
     eval_tflite: bool = True
     out_dir: str = "out/train"
@@ -149,6 +156,7 @@ def validate(cfg: Config) -> None:
     choice("ste", cfg.ste, ("identity", "masked", "clipped"))
     choice("granularity", cfg.granularity, ("channel", "tensor"))
     choice("selection", cfg.selection, ("channel", "tensor"))
+    choice("encoding", cfg.encoding, ("lut", "huffman", "prune", "auto"))
     if cfg.init_from is None:
         choice("model", cfg.model, sorted(models.MODELS))
     elif not os.path.exists(cfg.init_from):
@@ -472,7 +480,9 @@ def _export(cfg: Config, final, x_train, x_test, y_test, targets, log) -> dict:
     from ptq_keras import tflite as ptq_tflite
 
     out_dir = os.path.join(cfg.out_dir, "tflite")
-    exported = ptq_tflite.export(final, x_train[:500], out_dir, targets=targets, measure=cfg.measure, progress=log)
+    exported = ptq_tflite.export(
+        final, x_train[:500], out_dir, targets=targets, encoding=cfg.encoding, measure=cfg.measure, progress=log
+    )
     out = {}
     for target in targets:
         rep = exported.report.targets[target]
@@ -482,6 +492,7 @@ def _export(cfg: Config, final, x_train, x_test, y_test, targets, log) -> dict:
             "bits_per_weight": rep.bits_per_weight,
             "arena_bytes": rep.arena_bytes,
             "runtime": common.RUNTIME_OF_TARGET[target],
+            "encodings": sorted({e["encoding"] for e in rep.encodings}),
         }
         if cfg.eval_tflite:
             row["accuracy"] = common.tflite_accuracy(exported.files[target], x_test, y_test, row["runtime"])
