@@ -58,6 +58,16 @@ def test_inspect_lists_tensors(mlp_and_int8):
     assert "fc1/MatMul" in str(table)
 
 
+def test_verify_refuses_an_int8_reference_calibrated_on_other_data(mlp_and_int8):
+    model, x, _ = mlp_and_int8
+    micro = ptq_tflite.convert(model, x, target="micro")
+    other = tm.inputs(model, 24, seed=7) * 3
+    with pytest.raises(ValueError, match="calibrated on different data.*representative_data="):
+        ptq_tflite.verify(model, micro, other)
+    report = ptq_tflite.verify(model, micro, other, representative_data=x)
+    assert report.steps[-1].ok and report.steps[-1].max_lsb == 0  # inputs out of the calibrated range saturate
+
+
 # ----------------------------------------------------------------------------- options and data
 def test_missing_representative_data_says_what_to_pass():
     with pytest.raises(ValueError, match=r"representative_data is required.*numpy array.*tf.data.Dataset"):

@@ -64,6 +64,10 @@ def test_c_array_compiles_and_holds_the_file(firmware_export, tmp_path):
     assert (tmp_path / "model_data.o").stat().st_size > len(buf)
 
 
+def test_export_result_keeps_the_int8_reference(firmware_export):
+    assert firmware_export.int8 == open(firmware_export.files["int8"], "rb").read()
+
+
 def test_report_measures_tflm_targets_only(firmware_export):
     report = json.loads(open(firmware_export.files["report"]).read())
     targets = report["targets"]

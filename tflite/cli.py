@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     if FLAGS.verify_samples and len(check):
         for target in FLAGS.targets:
             _say(f"parity ladder for {target} on {len(check)} samples")
-            report = verify(model, result.files[target], check, num_samples=len(check))
+            report = verify(model, result.files[target], check, int8=result.int8, num_samples=len(check))
             print(report, flush=True)
             ok = ok and report.ok
     for kind, path in result.files.items():

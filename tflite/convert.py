@@ -417,11 +417,13 @@ def convert(
 @dataclass
 class ExportResult:
     """What ``export`` wrote: ``files`` (target -> path, plus ``report``/``c_source``/``c_header``), the
-    ``report`` object (``report.summary()``, ``report.to_dict()``) and ``arena_bytes`` of the C array target."""
+    ``report`` object (``report.summary()``, ``report.to_dict()``) and ``int8``, the bytes of the int8 file
+    the packed targets came from (``verify(..., int8=result.int8)`` when target int8 was not written)."""
 
     out_dir: str
     files: dict
     report: object
+    int8: bytes | None = None
 
     def summary(self) -> str:
         return self.report.summary()
@@ -500,7 +502,7 @@ def export(
     rep.files = dict(files)
     flatbuffer.atomic_write(files["report"], rep.to_json())
     say(f"done in {time.perf_counter() - started:.1f} s: {len(buffers)} target(s) in {out_dir}")
-    return ExportResult(out_dir, files, rep)
+    return ExportResult(out_dir, files, rep, reference)
 
 
 def _firmware_target(c_array, targets: tuple) -> str | None:

@@ -235,7 +235,7 @@ def _compare(ref, cand, names, runtime, max_lsb, min_top1=None) -> ParityStep:
     return ParityStep(names[0], names[1], runtime, n, top1, worst, float(diff.mean()), max_lsb, min_top1, ok)
 
 
-def _int8_reference(tflite, target: str, int8, model, data, representative_data, num_samples: int):
+def _int8_reference(tflite, target: str, int8, model, data, representative_data):
     """The int8 file the packed one came from: ``int8`` if given, else the sibling ``*_int8.tflite`` of an
     exported file, else a fresh conversion of ``model``."""
     if target == "int8":
@@ -252,10 +252,20 @@ def _int8_reference(tflite, target: str, int8, model, data, representative_data,
     from .convert import convert
 
     data_for_calibration = data if representative_data is None else representative_data
-    buf = convert(model, data_for_calibration, target="int8", num_samples=num_samples)
+    buf = convert(model, data_for_calibration, target="int8")
     return buf, "converted from the model (calibrated on " + (
         "representative_data)" if representative_data is not None else "the verification data)"
     )
+
+
+def _io_quantization(tflite: bytes) -> list:
+    """(scale, zero point) of each input and output tensor of the first subgraph."""
+    graph = flatbuffer.read(tflite, "tflite").subgraphs[0]
+    out = []
+    for index in [*graph.inputs, *graph.outputs]:
+        q = graph.tensors[int(index)].quantization
+        out.append(None if q is None or q.scale is None else (float(q.scale[0]), int(q.zeroPoint[0])))
+    return out
 
 
 def verify(
@@ -272,7 +282,8 @@ def verify(
     """Run the parity ladder for the exported ``tflite`` (path or bytes) of ``model`` on inputs ``data``.
 
     ``int8``: the int8 file the packed target came from (default: the exported sibling ``<name>_int8.tflite``,
-    else a fresh conversion calibrated on ``representative_data`` or ``data``). ``min_top1``: the least
+    else a fresh conversion calibrated on ``representative_data`` or ``data``, first 100 samples as in ``convert``;
+    a reference calibrated on other data than the file is refused). ``min_top1``: the least
     top-1 agreement of the int8 file with the Keras model; ``max_lsb``: tolerance of rung 2 (default
     ``DEFAULT_MAX_LSB``; ``micro`` is always bit-exact).
     ``model`` may be None to skip the Keras rung when ``int8`` is given.
@@ -291,8 +302,14 @@ def verify(
     if plain is None and int8 is None and target != "int8":
         raise ValueError("verify needs the Keras model, or int8= (the int8 file the packed one came from).")
     x = samples(data, plain, num_samples, what="data") if plain is not None else np.asarray(data, np.float32)
-    reference, reference_name = _int8_reference(tflite, target, int8, plain, x, representative_data, num_samples)
+    reference, reference_name = _int8_reference(tflite, target, int8, plain, x, representative_data)
     name = os.fspath(tflite) if isinstance(tflite, (str, os.PathLike)) else f"<{len(buf)} bytes>"
+    if reference is not None and _io_quantization(reference) != _io_quantization(buf):
+        raise ValueError(
+            f"the int8 reference ({reference_name}) has other input/output quantization than {name}: the two were "
+            "calibrated on different data. Pass int8= (the int8 file exported with it) or representative_data= "
+            "(the calibration data used for the export)."
+        )
     report = ParityReport(name, target, reference_name)
     int8_buf = buf if target == "int8" else reference
     int8_litert = _Runner(int8_buf, "litert_ref")
