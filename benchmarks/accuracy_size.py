@@ -189,7 +189,7 @@ def _plot(rows: list[Row], path: str, title: str) -> None:
         plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="int8 / fp32 file"),
         plt.Line2D([], [], marker="o", ls="", color="tab:red", label="ternary micro file (TFLM_DECODE)"),
         plt.Line2D([], [], ls="--", color="gray", label="Pareto front"),
-    ], fontsize=8, loc="lower right")  # fmt: skip
+    ], fontsize=8, loc="best")  # fmt: skip
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
