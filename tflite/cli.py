@@ -17,19 +17,36 @@ from absl import app, flags, logging
 
 from .convert import ENCODINGS, TARGETS
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Keras model: .h5 file or SavedModel folder (ternarized or stripped).")
-flags.DEFINE_string("data", None, "Representative inputs: a tfds dataset name or a .npy file of samples.")
-flags.DEFINE_list("targets", ["int8", "micro", "litert"], f"Comma-separated targets, from {list(TARGETS)}.")
-flags.DEFINE_string("out_dir", "out", "Folder for the .tflite files, the report and the C array.")
-flags.DEFINE_bool("c_array", False, "Also write <name>_data.cc/.h (16-byte aligned array, arena size) for firmware.")
-flags.DEFINE_enum("encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).")
-flags.DEFINE_integer("num_samples", 100, "Calibration samples taken from --data.", lower_bound=1)
-flags.DEFINE_integer("verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0)
-flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from the files.")
-flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.")
-flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.")
-flags.DEFINE_string("name", "model", "File stem of the outputs.")
+# A FlagValues of its own: importing this module registers nothing in absl's global flags (scripts that define
+# --model or --out_dir themselves can be imported next to it); ``run`` adds these flags to the global ones.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+    "model", None, "Keras model: .h5 file or SavedModel folder (ternarized or stripped).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "data", None, "Representative inputs: a tfds dataset name or a .npy file of samples.", flag_values=FLAGS
+)
+flags.DEFINE_list(
+    "targets", ["int8", "micro", "litert"], f"Comma-separated targets, from {list(TARGETS)}.", flag_values=FLAGS
+)
+flags.DEFINE_string("out_dir", "out", "Folder for the .tflite files, the report and the C array.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "c_array",
+    False,
+    "Also write <name>_data.cc/.h (16-byte aligned array, arena size) for firmware.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).", flag_values=FLAGS
+)
+flags.DEFINE_integer("num_samples", 100, "Calibration samples taken from --data.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer(
+    "verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0, flag_values=FLAGS
+)
+flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from the files.", flag_values=FLAGS)
+flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.", flag_values=FLAGS)
+flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.", flag_values=FLAGS)
+flags.DEFINE_string("name", "model", "File stem of the outputs.", flag_values=FLAGS)
 
 
 def _say(line: str) -> None:
@@ -65,6 +82,8 @@ def load_samples(spec: str, limit: int, uint8_scale: float) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
+    if not FLAGS.is_parsed():  # run() parsed these flags through absl's global flags, which share them
+        FLAGS.mark_as_parsed()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
     if not FLAGS.model or not FLAGS.data:
@@ -72,7 +91,7 @@ def main(argv: list[str]) -> int:
     unknown = [t for t in FLAGS.targets if t not in TARGETS]
     if unknown:
         raise app.UsageError(f"--targets: unknown {unknown}; choose from {list(TARGETS)}.")
-    if not FLAGS["verbosity"].present:
+    if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would drown the progress lines
     from .convert import export
     from .flatbuffer import FlatbufferError
@@ -115,6 +134,9 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
     """Console entry point ``ptq-convert``."""
+    flags.FLAGS.append_flag_values(FLAGS)
+    for flag in FLAGS.flags_by_module_dict().get(__name__, []):
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flag)  # listed by --help
     app.run(main)
 
 
