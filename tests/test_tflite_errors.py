@@ -148,8 +148,11 @@ def test_packing_check_names_a_non_ternary_int8_tensor(mlp_and_int8):
     values[0, values[0] != 0] = 5 * np.sign(values[0, values[0] != 0])
     values[0, 0], values[0, 1] = 127, 64
     model.buffers[weight.buffer].data = np.frombuffer(values.tobytes(), np.uint8)
+    edited = flatbuffer.write(model)
     with pytest.raises(convert_mod.ExportError, match=r"'mlp/fc1/MatMul': channel 0 holds .* magnitudes"):
-        convert_mod.pack(flatbuffer.write(model), "litert")
+        convert_mod.pack(edited, "litert")
+    with pytest.raises(convert_mod.ExportError, match=r"'mlp/fc1/MatMul': channel 0 holds .* magnitudes"):
+        convert_mod.check_ternary(edited)  # what target micro runs before encoding
 
 
 def test_keras_3_models_are_refused_with_the_fix():

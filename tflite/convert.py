@@ -248,6 +248,23 @@ def channel_magnitudes(values: np.ndarray, axis: int, name: str, per_tensor: boo
     return q
 
 
+def check_ternary(int8_bytes: bytes) -> None:
+    """``ExportError`` naming the first weight tensor of a weight op that is not ternary per channel."""
+    model = flatbuffer.read(int8_bytes, "int8 .tflite")
+    for graph in model.subgraphs:
+        for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in WEIGHT_OPS:
+                continue
+            weight = graph.tensors[int(op.inputs[1])]
+            values = flatbuffer.buffer_array(model, weight)
+            if values is None or weight.type != S.TensorType.INT8:
+                continue
+            q = weight.quantization
+            per_channel = q is not None and q.scale is not None and len(q.scale) > 1
+            axis = int(q.quantizedDimension) if per_channel else 0
+            channel_magnitudes(values, axis, _name(weight), per_tensor=not per_channel)
+
+
 def pack(int8_bytes: bytes, target: str) -> bytes:
     """Rewrite the int8 weights of ``int8_bytes`` as INT2 / INT4 for target ``litert`` or ``int4``."""
     model = flatbuffer.read(int8_bytes, "int8 .tflite")
@@ -383,6 +400,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if target == "micro":
         from . import decode
 
+        check_ternary(buf)
         try:
             buf = trim_for_tflm(decode.compress(buf, encoding=encoding, latency_budget=latency_budget))
         except ValueError as exc:
