@@ -8,8 +8,8 @@ Targets (``TARGETS``):
 * ``litert``: INT2 FULLY_CONNECTED and INT4 CONV_2D / DEPTHWISE_CONV_2D weights (stock LiteRT only).
 * ``int4``:   INT4 weights everywhere, fully connected weights with one scale per tensor (LiteRT and TFLM).
 
-Packing int8 ``±q`` to ``±L`` keeps the product exact: the weight scale becomes ``s_w * q / L`` and the int32
-bias ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q`` = 127 for converter output).
+Packing int8 ``±q`` to ``±L`` keeps every weight product exact: the weight scale becomes ``s_w * q / L`` and the int32
+bias is rounded to ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q`` = 127 for converter output).
 """
 
 from __future__ import annotations
@@ -23,7 +23,24 @@ import numpy as np
 
 from . import flatbuffer
 
-__all__ = ["TARGETS", "ENCODINGS", "ExportResult", "convert", "export", "float_tflite", "pack_signed", "unpack_signed"]
+__all__ = [
+    "TARGETS",
+    "ENCODINGS",
+    "ExportError",
+    "ExportResult",
+    "convert",
+    "export",
+    "float_tflite",
+    "int8_tflite",
+    "check_layers",
+    "check_ternary",
+    "pack",
+    "unpack",
+    "pack_signed",
+    "unpack_signed",
+    "trim_for_tflm",
+    "strip_names",
+]
 
 TARGETS = ("int8", "micro", "litert", "int4")
 ENCODINGS = ("lut", "huffman", "prune", "auto")
