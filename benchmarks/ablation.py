@@ -5,10 +5,10 @@ changes one option against the baseline (threshold ``sparsity``, STE ``identity`
 per-channel selection and scale, sparsity ramped over the first epoch). BatchNorm re-estimation is measured in
 every run: the accuracy before and after it.
 
-    .venv/bin/python benchmarks/ablation.py --init_from=out/bench/accuracy_size/float_base/model.h5
+    .venv/bin/python benchmarks/ablation.py --float_model=out/bench/accuracy_size/float_base/model.h5
     .venv/bin/python benchmarks/ablation.py --quick
 
-Without ``--init_from`` a float model is trained first (``--float_epochs``). Writes
+Without ``--float_model`` a float model is trained first (``--float_epochs``). Writes
 ``benchmarks/results/ablation.md`` (``--quick``: into ``--work_dir``).
 """
 
@@ -29,10 +29,10 @@ from examples import common, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Smoke run: 2048 examples per split, one epoch; numbers are not meaningful.")
-flags.DEFINE_string("init_from", None, "Float small_cnn .h5 to fine-tune (default: train one first).")
-flags.DEFINE_integer("float_epochs", 8, "Epochs of the float model when --init_from is not given.", lower_bound=1)
+flags.DEFINE_string("float_model", None, "Float small_cnn .h5 to fine-tune (default: train one first).")
+flags.DEFINE_integer("float_epochs", 8, "Epochs of the float model when --float_model is not given.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", 3, "Fine-tuning epochs of every variant.", lower_bound=1)
-flags.DEFINE_float("sparsity", 0.7, "Target sparsity of every variant.")
+flags.DEFINE_float("target_sparsity", 0.7, "Target sparsity of every variant.")
 flags.DEFINE_string("work_dir", "out/bench/ablation", "Where the runs go.")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where ablation.md goes (--quick: --work_dir).")
 
@@ -41,7 +41,8 @@ VARIANTS = (
     ("baseline", {}),
     ("ste=masked", {"ste": "masked"}),
     ("ste=clipped", {"ste": "clipped"}),
-    ("normalize", {"normalize": True}),
+    # Per-channel L2 normalization cannot change a per-channel top-k: it matters with a layer-wide selection.
+    ("normalize + selection=tensor", {"normalize": True, "selection": "tensor"}),
     ("decay=0.01", {"decay": 0.01}),
     ("decay=0.1", {"decay": 0.1}),
     ("selection=tensor", {"selection": "tensor"}),
@@ -56,7 +57,7 @@ def _run(name: str, options: dict, init_from: str, work: str, limit) -> dict:
     cfg = train.Config(
         model="small_cnn",
         method="ptq",
-        sparsity=FLAGS.sparsity,
+        sparsity=FLAGS.target_sparsity,
         epochs=FLAGS.finetune_epochs,
         learning_rate=5e-4,
         init_from=init_from,
@@ -67,15 +68,17 @@ def _run(name: str, options: dict, init_from: str, work: str, limit) -> dict:
     )
     common.log(f"variant {name!r}: {options or 'baseline options'}")
     res = train.run(cfg)
-    zeros = sum(r["sparsity"] * r["params"] for r in res["summary"]["layers"] if r["ternary"])
-    weights = sum(r["params"] for r in res["summary"]["layers"] if r["ternary"])
+    from ptq_keras import keras
+
+    model = keras.models.load_model(res["model"], compile=False)
+    kernels = [model.get_layer(name).kernel.numpy() for name, stats in res["layers"].items() if stats["scale"]]
     return {
         "name": name,
         "options": options,
         "accuracy": res["keras_accuracy"],
         "accuracy_before_bn": res["stripped_accuracy"],
         "qat_accuracy": res["qat_accuracy"],
-        "sparsity": zeros / weights,
+        "sparsity": sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels),
         "step_time_s": res["step_time_s"],
     }
 
@@ -121,8 +124,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     common.quiet_logs()
-    if FLAGS.init_from is not None and not os.path.exists(FLAGS.init_from):
-        raise app.UsageError(f"--init_from {FLAGS.init_from!r} does not exist.")
+    if FLAGS.float_model is not None and not os.path.exists(FLAGS.float_model):
+        raise app.UsageError(f"--float_model {FLAGS.float_model!r} does not exist.")
     if FLAGS.quick:
         FLAGS.float_epochs, FLAGS.finetune_epochs = 1, 1
     limit = 2048 if FLAGS.quick else None
@@ -130,7 +133,7 @@ def main(argv) -> None:
     results_dir = work if FLAGS.quick else FLAGS.results_dir
     os.makedirs(results_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.UTC)
-    init_from = FLAGS.init_from
+    init_from = FLAGS.float_model
     if init_from is None:
         float_dir = os.path.join(work, "float")
         cfg = train.Config(method="float", epochs=FLAGS.float_epochs, export=(), limit=limit, out_dir=float_dir)
@@ -145,7 +148,7 @@ def main(argv) -> None:
         f"{platform.python_version()})",
         "command": "python benchmarks/ablation.py" + (" --quick" if FLAGS.quick else ""),
         "quick": FLAGS.quick,
-        "sparsity": FLAGS.sparsity,
+        "sparsity": FLAGS.target_sparsity,
         "epochs": FLAGS.finetune_epochs,
         "init_from": f"`{os.path.relpath(init_from)}`",
         "train_examples": len(x_train),
