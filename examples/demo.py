@@ -19,7 +19,7 @@ from ptq_keras import keras
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("float_epochs", 6, "Epochs of float training.")
-flags.DEFINE_integer("ptq_epochs", 4, "Epochs of PTQ fine-tuning from the float model.")
+flags.DEFINE_integer("ptq_epochs", 3, "Epochs of PTQ fine-tuning from the float model.")
 flags.DEFINE_float("sparsity", 0.7, "Target fraction of zero weights in every ternarized layer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the float training.")
 flags.DEFINE_float("finetune_learning_rate", 5e-4, "Adam learning rate of the PTQ fine-tuning.")
@@ -27,7 +27,9 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("limit", None, "Use only the first N training examples (a quick run).")
 flags.DEFINE_string("out_dir", "out/demo", "Where the models, .tflite files and reports go.")
-flags.DEFINE_list("targets", ["int8", "micro", "litert", "int4"], "Export targets.")
+flags.DEFINE_list("targets", ["int8", "micro", "litert"], "Export targets (int8, micro, litert, int4).")
+flags.DEFINE_string("encoding", "lut", "Weight encoding of the micro target: lut, huffman, prune or auto.")
+flags.DEFINE_float("decay", 1e-3, "Strength of the discrepancy term of PTQ.")
 flags.DEFINE_bool("export", True, "Export .tflite files and verify them on the interpreters.")
 
 
@@ -64,7 +66,7 @@ def main(argv):
     float_acc = model.evaluate(x_test, y_test, verbose=0)[1]
     _log(f"float test accuracy {float_acc:.4f}")
 
-    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity)
+    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay)
     _compile(qmodel, FLAGS.finetune_learning_rate)
     _log(f"PTQ fine-tuning at sparsity {FLAGS.sparsity} for {FLAGS.ptq_epochs} epochs")
     start = time.time()
@@ -77,8 +79,10 @@ def main(argv):
     stripped_acc = plain.evaluate(x_test, y_test, verbose=0)[1]
     ptq_keras.recalibrate_batchnorm(plain, x_train, steps=200)
     recal_acc = plain.evaluate(x_test, y_test, verbose=0)[1]
-    _log(f"ternary test accuracy: QAT model {qat_acc:.4f}, stripped {stripped_acc:.4f}, "
-         f"after BatchNorm re-estimation {recal_acc:.4f} (float {float_acc:.4f})")
+    _log(
+        f"ternary test accuracy: QAT model {qat_acc:.4f}, stripped {stripped_acc:.4f}, "
+        f"after BatchNorm re-estimation {recal_acc:.4f} (float {float_acc:.4f})"
+    )
     report = ptq_keras.summary(plain)
     plain.save(os.path.join(FLAGS.out_dir, "ternary_stripped.h5"))
     model.save(os.path.join(FLAGS.out_dir, "float.h5"))
@@ -106,22 +110,27 @@ def main(argv):
     if FLAGS.export:
         from ptq_keras import tflite as ptq_tflite
 
-        _log(f"exporting {FLAGS.targets} to {FLAGS.out_dir}")
-        calibration = x_train[:500]
-        exported = ptq_tflite.export(plain, calibration, FLAGS.out_dir, targets=tuple(FLAGS.targets), c_array=True)
-        print(exported.to_text() if hasattr(exported, "to_text") else exported)
-        results["export"] = exported.as_dict() if hasattr(exported, "as_dict") else str(exported)
+        _log(f"exporting {FLAGS.targets} (micro encoding {FLAGS.encoding}) to {FLAGS.out_dir}")
+        exported = ptq_tflite.export(
+            plain, x_train[:500], FLAGS.out_dir, targets=tuple(FLAGS.targets), encoding=FLAGS.encoding, c_array=True
+        )
+        print(exported.summary(), flush=True)
+        results["export"] = exported.report.to_dict()
+        results["verify"] = {}
         for target in FLAGS.targets:
-            path = os.path.join(FLAGS.out_dir, f"model_{target}.tflite")
-            _log(f"verifying {path}")
-            parity = ptq_tflite.verify(plain, path, x_test)
-            print(parity.to_text() if hasattr(parity, "to_text") else parity)
-            results.setdefault("verify", {})[target] = parity.as_dict() if hasattr(parity, "as_dict") else str(parity)
+            _log(f"verifying {exported.files[target]} on the full test set ({len(x_test)} images)")
+            parity = ptq_tflite.verify(plain, exported.files[target], x_test, num_samples=len(x_test), min_top1=0.99)
+            print(parity, flush=True)
+            results["verify"][target] = parity.to_dict()
+            if not parity.ok:
+                raise SystemExit(f"parity check failed for {target}")
 
     with open(os.path.join(FLAGS.out_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2, default=float)
-    _log(f"done: float {float_acc:.4f} vs ternary {recal_acc:.4f} at sparsity {FLAGS.sparsity}; "
-         f"results in {FLAGS.out_dir}/demo_results.json")
+    _log(
+        f"done: float {float_acc:.4f} vs ternary {recal_acc:.4f} at sparsity {FLAGS.sparsity}; "
+        f"results in {FLAGS.out_dir}/demo_results.json"
+    )
 
 
 if __name__ == "__main__":
