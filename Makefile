@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench lint setup data clean
+.PHONY: demo test bench bench-all lint setup data clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ demo: setup data
 test: setup data
 	$(PY) -m pytest -q tests
 
+# The accuracy-vs-size table and plot (about an hour on 2 cores) and the training step-time ratio.
 bench: setup data
+	$(PY) benchmarks/accuracy_size.py
 	$(PY) benchmarks/step_time.py
+
+# Everything in benchmarks/results/: also the export targets, the TFLM_DECODE encodings and the PTQ ablation.
+bench-all: bench
+	$(PY) benchmarks/export_size.py
+	$(PY) benchmarks/encodings.py
+	$(PY) benchmarks/ablation.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
