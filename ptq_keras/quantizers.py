@@ -18,7 +18,7 @@ DEFAULTS = {
     "normalize": False,
     "ste": "identity",
     "clip": 2.0,
-    "decay": 0.0,
+    "decay": 1e-3,
     "freeze_at": None,
     "frequency": 1,
 }

@@ -220,11 +220,13 @@ def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, TernaryQ
     return out
 
 
-def strip(model: keras.Model) -> keras.Model:
+def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> keras.Model:
     """Plain tf_keras model of the original architecture whose ternarized kernels are exactly ternary.
 
     Each channel of a ternarized kernel holds only ``{-alpha_c, 0, +alpha_c}`` (the support ``M`` chosen in
     training, ``alpha_c`` the L2-optimal scale of the current latent weights). Other weights are copied.
+    With ``batchnorm_data`` (training inputs: an array or a dataset), the BatchNormalization statistics are then
+    re-estimated for the final ternary weights (:func:`recalibrate_batchnorm`, ``batchnorm_steps`` batches).
     """
     check_keras_model(model)
     if not is_ternarized(model):
@@ -258,6 +260,8 @@ def strip(model: keras.Model) -> keras.Model:
             else:
                 values.append(_inner_variable(layer, attr).numpy())
         fresh.set_weights(values)
+    if batchnorm_data is not None:
+        recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
     return plain
 
 

@@ -63,7 +63,7 @@ def test_polynomial_schedule_ramps_then_freezes_with_masked_ste():
     model = small_cnn()
     x, y = _data(model, n=96)
     schedule = ptq_keras.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=4, frequency=1)
-    qmodel = ptq_keras.ternarize(model, sparsity=schedule)
+    qmodel = ptq_keras.ternarize(model, sparsity=schedule, decay=0.0)
     _fit(qmodel, x[:32], y[:32], batch_size=16)  # steps 0, 1: mid-ramp
     mid = ptq_keras.summary(qmodel, print_fn=None)
     assert all(0.0 < r.target_sparsity < 0.8 for r in mid.layers if r.ternary)
@@ -204,11 +204,15 @@ def test_summary_accounting(capsys):
     assert again.totals_bytes == pytest.approx(report.totals_bytes)
 
 
-def test_recalibrate_batchnorm_uses_the_data_statistics():
-    plain = ptq_keras.strip(ptq_keras.ternarize(small_cnn(), sparsity=0.5))
-    x, _ = _data(plain, n=256)
+@pytest.mark.parametrize("through_strip", [False, True])
+def test_recalibrate_batchnorm_uses_the_data_statistics(through_strip):
+    qmodel = ptq_keras.ternarize(small_cnn(), sparsity=0.5)
+    x, _ = _data(qmodel, n=256)
     x = x * 3.0 + 1.0
-    ptq_keras.recalibrate_batchnorm(plain, x, steps=None, verbose=False)
+    if through_strip:
+        plain = ptq_keras.strip(qmodel, batchnorm_data=x, batchnorm_steps=None)
+    else:
+        plain = ptq_keras.recalibrate_batchnorm(ptq_keras.strip(qmodel), x, steps=None, verbose=False)
     bn = plain.layers[1]
     pre_bn = keras.Model(plain.inputs, plain.layers[0].output).predict(x, verbose=0)
     np.testing.assert_allclose(bn.moving_mean.numpy(), pre_bn.mean(axis=(0, 1, 2)), rtol=1e-3, atol=1e-4)
