@@ -19,7 +19,10 @@ from ptq_keras import keras
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("float_epochs", 6, "Epochs of float training.")
-flags.DEFINE_integer("ptq_epochs", 3, "Epochs of PTQ fine-tuning from the float model.")
+flags.DEFINE_integer("ptq_epochs", 4, "Epochs of PTQ fine-tuning from the float model.")
+flags.DEFINE_integer(
+    "freeze_epochs", 2, "Freeze the support after this many PTQ epochs (then the STE is masked); -1: never."
+)
 flags.DEFINE_float("sparsity", 0.7, "Target fraction of zero weights in every ternarized layer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the float training.")
 flags.DEFINE_float("finetune_learning_rate", 5e-4, "Adam learning rate of the PTQ fine-tuning.")
@@ -66,7 +69,9 @@ def main(argv):
     float_acc = model.evaluate(x_test, y_test, verbose=0)[1]
     _log(f"float test accuracy {float_acc:.4f}")
 
-    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay)
+    steps_per_epoch = -(-len(x_train) // FLAGS.batch_size)
+    freeze_at = FLAGS.freeze_epochs * steps_per_epoch if FLAGS.freeze_epochs >= 0 else None
+    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay, freeze_at=freeze_at)
     _compile(qmodel, FLAGS.finetune_learning_rate)
     _log(f"PTQ fine-tuning at sparsity {FLAGS.sparsity} for {FLAGS.ptq_epochs} epochs")
     start = time.time()
@@ -93,6 +98,7 @@ def main(argv):
         "train_examples": int(len(x_train)),
         "float_epochs": FLAGS.float_epochs,
         "ptq_epochs": FLAGS.ptq_epochs,
+        "freeze_at_step": freeze_at,
         "sparsity_target": FLAGS.sparsity,
         "float_test_accuracy": float_acc,
         "qat_test_accuracy": qat_acc,
