@@ -82,6 +82,19 @@ def test_polynomial_schedule_ramps_then_freezes_with_masked_ste():
     assert_exactly_ternary(ptq_keras.strip(qmodel), 0.8)
 
 
+def test_freeze_at_fixes_the_support_of_a_constant_target():
+    model = small_cnn()
+    x, y = _data(model, n=96)
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, freeze_at=2, decay=0.0)
+    _fit(qmodel, x[:48], y[:48], batch_size=16, optimizer=keras.optimizers.SGD(0.5))  # steps 0, 1, 2
+    wrapper = qmodel.get_layer("ptq_logits")
+    mask = wrapper._weight_vars[0][2]["mask"].numpy().copy()
+    latent = wrapper.weights[0].numpy().copy()
+    _fit(qmodel, x[48:], y[48:], batch_size=16, optimizer=keras.optimizers.SGD(0.5))
+    np.testing.assert_array_equal(wrapper._weight_vars[0][2]["mask"].numpy(), mask)
+    np.testing.assert_array_equal(wrapper.weights[0].numpy()[mask == 0], latent[mask == 0])
+
+
 def test_mask_is_reselected_every_frequency_steps():
     model = small_cnn()
     x, y = _data(model, n=64)
