@@ -13,6 +13,7 @@ __all__ = [
     "schema",
     "FlatbufferError",
     "read",
+    "load",
     "write",
     "align",
     "atomic_write",
@@ -56,6 +57,20 @@ def read(buf: bytes, what: str = "buffer") -> schema.ModelT:
     if not model.subgraphs:
         raise FlatbufferError(f"{what}: the .tflite file has no subgraph.")
     return model
+
+
+def load(tflite, what: str = "tflite") -> bytes:
+    """Bytes of a .tflite given as bytes or a path, checked to parse; a clear error for anything else."""
+    if isinstance(tflite, (str, os.PathLike)):
+        path = os.fspath(tflite)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what}: no such file {path!r}.")
+        with open(path, "rb") as f:
+            buf = f.read()
+        read(buf, path)
+        return buf
+    read(tflite, what)
+    return bytes(tflite)
 
 
 def write(model: schema.ModelT, aligned: bool = True) -> bytes:

@@ -246,15 +246,8 @@ class TensorTable:
 
 def inspect(tflite) -> TensorTable:
     """The tensor table of a .tflite (path or bytes); a clear ``FlatbufferError`` for anything else."""
-    if isinstance(tflite, (str, os.PathLike)):
-        path = os.fspath(tflite)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"inspect: no such file {path!r}.")
-        with open(path, "rb") as f:
-            buf = f.read()
-        label = path
-    else:
-        buf, label = bytes(tflite), "<bytes>"
+    label = os.fspath(tflite) if isinstance(tflite, (str, os.PathLike)) else "<bytes>"
+    buf = flatbuffer.load(tflite, "inspect")
     model = flatbuffer.read(buf, label)
     rows, ops = [], []
     for s, graph in enumerate(model.subgraphs):

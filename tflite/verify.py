@@ -49,17 +49,7 @@ S = flatbuffer.schema
 
 
 def _load(tflite, what: str = "tflite") -> bytes:
-    """Bytes of a .tflite given as bytes or a path; a clear error for anything that is not a .tflite."""
-    if isinstance(tflite, (str, os.PathLike)):
-        path = os.fspath(tflite)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what}: no such file {path!r}.")
-        with open(path, "rb") as f:
-            buf = f.read()
-        flatbuffer.read(buf, path)
-        return buf
-    flatbuffer.read(tflite, what)
-    return bytes(tflite)
+    return flatbuffer.load(tflite, what)
 
 
 def detect_target(tflite: bytes) -> str:
