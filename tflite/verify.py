@@ -48,10 +48,6 @@ RUNTIMES = {
 S = flatbuffer.schema
 
 
-def _load(tflite, what: str = "tflite") -> bytes:
-    return flatbuffer.load(tflite, what)
-
-
 def detect_target(tflite: bytes) -> str:
     """Which export target a file is: ``micro`` (TFLM_DECODE), ``litert`` (INT2), ``int4`` or ``int8``."""
     model = flatbuffer.read(tflite, "tflite")
@@ -153,7 +149,7 @@ def invoke_ratio(tflite: bytes, reference: bytes, runtime: str, repeats: int = 2
 
 def predict(tflite, x: np.ndarray, runtime: str = "litert") -> np.ndarray:
     """Raw outputs of ``tflite`` (bytes or path) for float inputs ``x`` (batch axis first) on ``runtime``."""
-    return _Runner(_load(tflite), runtime)(x)
+    return _Runner(flatbuffer.load(tflite), runtime)(x)
 
 
 @dataclass
@@ -231,14 +227,14 @@ def _int8_reference(tflite, target: str, int8, model, data, representative_data)
     if target == "int8":
         return None, "the file itself"
     if int8 is not None:
-        return _load(int8, "int8"), "given" if not isinstance(int8, (str, os.PathLike)) else os.fspath(int8)
+        return flatbuffer.load(int8, "int8"), "given" if not isinstance(int8, (str, os.PathLike)) else os.fspath(int8)
     if isinstance(tflite, (str, os.PathLike)):
         path = os.fspath(tflite)
         stem, _ = os.path.splitext(path)
         if stem.endswith(f"_{target}"):
             sibling = stem[: -len(target)] + "int8.tflite"
             if os.path.isfile(sibling):
-                return _load(sibling, sibling), sibling
+                return flatbuffer.load(sibling, sibling), sibling
     from .convert import convert
 
     data_for_calibration = data if representative_data is None else representative_data
@@ -284,7 +280,7 @@ def verify(
         raise ValueError(f"min_top1 must be in [0, 1], got {min_top1!r}.")
     if max_lsb is not None and float(max_lsb) < 0:
         raise ValueError(f"max_lsb must be >= 0, got {max_lsb!r}.")
-    buf = _load(tflite)
+    buf = flatbuffer.load(tflite)
     target = detect_target(buf)
     if target == "float":
         raise ValueError("verify takes an integer export (int8, micro, litert, int4); this file is float32.")
