@@ -48,6 +48,15 @@ def _compile(model, learning_rate):
     )
 
 
+def _train(model, learning_rate, epochs, x, y, x_test, y_test) -> tuple[float, float]:
+    """Compile and fit ``model``; return (training seconds, test accuracy)."""
+    _compile(model, learning_rate)
+    start = time.time()
+    model.fit(x, y, epochs=epochs, batch_size=FLAGS.batch_size, verbose=2)
+    seconds = time.time() - start
+    return seconds, model.evaluate(x_test, y_test, verbose=0)[1]
+
+
 def main(argv):
     del argv
     from ptq_keras import data, models
@@ -61,23 +70,17 @@ def main(argv):
     _log(f"train {x_train.shape}, test {x_test.shape}")
 
     model = models.build("small_cnn", x_train.shape[1:], 10)
-    _compile(model, FLAGS.learning_rate)
     _log(f"training the float model for {FLAGS.float_epochs} epochs")
-    start = time.time()
-    model.fit(x_train, y_train, epochs=FLAGS.float_epochs, batch_size=FLAGS.batch_size, verbose=2)
-    float_time = time.time() - start
-    float_acc = model.evaluate(x_test, y_test, verbose=0)[1]
+    float_time, float_acc = _train(model, FLAGS.learning_rate, FLAGS.float_epochs, x_train, y_train, x_test, y_test)
     _log(f"float test accuracy {float_acc:.4f}")
 
     steps_per_epoch = -(-len(x_train) // FLAGS.batch_size)
     freeze_at = FLAGS.freeze_epochs * steps_per_epoch if FLAGS.freeze_epochs >= 0 else None
     qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay, freeze_at=freeze_at)
-    _compile(qmodel, FLAGS.finetune_learning_rate)
     _log(f"PTQ fine-tuning at sparsity {FLAGS.sparsity} for {FLAGS.ptq_epochs} epochs")
-    start = time.time()
-    qmodel.fit(x_train, y_train, epochs=FLAGS.ptq_epochs, batch_size=FLAGS.batch_size, verbose=2)
-    ptq_time = time.time() - start
-    qat_acc = qmodel.evaluate(x_test, y_test, verbose=0)[1]
+    ptq_time, qat_acc = _train(
+        qmodel, FLAGS.finetune_learning_rate, FLAGS.ptq_epochs, x_train, y_train, x_test, y_test
+    )
 
     plain = ptq_keras.strip(qmodel)
     _compile(plain, FLAGS.finetune_learning_rate)
