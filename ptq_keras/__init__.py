@@ -4,12 +4,16 @@
 """
 
 from .compat import keras
+from .distill import distill
+from .fitting import resolve_freeze
 from .report import summary
 from .schedules import ConstantSparsity, PolynomialDecay
 from .wrap import (
+    attach,
     custom_object_scope,
     custom_objects,
     is_ternarized,
+    load_model,
     recalibrate_batchnorm,
     strip,
     ternarize,
@@ -23,6 +27,10 @@ __all__ = [
     "strip",
     "summary",
     "is_ternarized",
+    "load_model",
+    "attach",
+    "resolve_freeze",
+    "distill",
     "custom_object_scope",
     "custom_objects",
     "recalibrate_batchnorm",

@@ -19,7 +19,7 @@ DEFAULTS = {
     "ste": "identity",
     "clip": 2.0,
     "decay": 1e-3,
-    "freeze_at": None,
+    "freeze_at": 0.5,
     "frequency": 1,
 }
 
@@ -44,8 +44,8 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if isinstance(sparsity, dict):
             sparsity = schedules.deserialize(sparsity)
         self.schedule = schedules.to_schedule(sparsity, self.options["frequency"])
-        freeze_at = self.options["freeze_at"]
-        self.freeze_step = int(freeze_at) if freeze_at is not None else schedules.end_step(self.schedule)
+        self.freeze_fraction = schedules.freeze_fraction(self.options["freeze_at"])
+        self.freeze_step = schedules.initial_freeze_step(self.options["freeze_at"], self.schedule)
 
     # -- tfmot Quantizer interface
     def build(self, tensor_shape, name, layer):
@@ -58,18 +58,28 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         sparsity = layer.add_weight(
             f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False
         )
-        return {"step": step, "mask": mask, "sparsity": sparsity}
+        # The step where the support freezes: -1 never (or, for a fractional freeze_at, not yet resolved: the
+        # first ``fit`` writes it, see ptq_keras.fitting).
+        freeze = layer.add_weight(
+            f"{name}_ptq_freeze_step",
+            shape=(),
+            dtype=tf.int64,
+            initializer=keras.initializers.Constant(self.freeze_step),
+            trainable=False,
+        )
+        return {"step": step, "mask": mask, "sparsity": sparsity, "freeze_step": freeze}
 
     def __call__(self, inputs, training, weights, **kwargs):
         w = tf.convert_to_tensor(inputs)
         step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
-        freeze = tf.constant(self.freeze_step, tf.int64)
-        never_freezes = self.freeze_step < 0
+        freeze = tf.convert_to_tensor(weights["freeze_step"])
+        freezes = freeze >= 0
         if training:
             should_update, target = self.schedule(step)
             update = tf.logical_or(tf.equal(step, 0), should_update)
-            if not never_freezes:
-                update = tf.logical_and(tf.logical_or(update, tf.equal(step, freeze)), step <= freeze)
+            # Re-select at the freeze step itself (the last selection), never after it.
+            update = tf.logical_or(update, tf.logical_and(freezes, tf.equal(step, freeze)))
+            update = tf.logical_and(update, tf.logical_or(tf.logical_not(freezes), step <= freeze))
             mask = tf.cond(
                 update, lambda: self.support(w, target), lambda: tf.convert_to_tensor(mask_var)
             )
@@ -87,7 +97,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             mask = tf.convert_to_tensor(mask_var)
             current_step = tf.convert_to_tensor(step)
             step_update = None
-        frozen = tf.constant(False) if never_freezes else current_step >= freeze
+        frozen = tf.logical_and(freezes, current_step >= freeze)
         w_q = self.project(w, mask)
         clip_bound = None
         if self.options["ste"] == "clipped":

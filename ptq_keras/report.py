@@ -18,7 +18,7 @@ import numpy as np
 from .compat import check_keras_model, tfmot
 from .configs import kernel_attributes
 from .ternary import as_groups
-from .wrap import _ternary_wrapper, ternary_kernels
+from .wrap import _ternary_wrapper, student_of, ternary_kernels
 
 ACCOUNTINGS = ("fp32", "dense_2bit", "nnz_2bit", "entropy")
 
@@ -116,6 +116,7 @@ def summary(model, print_fn=print) -> ModelReport:
     as ternary when every channel holds at most ``{-a, 0, +a}``). ``print_fn=None`` prints nothing.
     """
     check_keras_model(model)
+    model = student_of(model)
     rows = []
     for layer in model.layers:
         weights = [w.numpy() for w in layer.weights]

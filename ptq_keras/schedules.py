@@ -7,6 +7,7 @@ quantizer (tfmot's wrapper step is never advanced), so plain ``model.fit`` moves
 from __future__ import annotations
 
 import numbers
+import warnings
 
 from .compat import tfmot
 
@@ -17,7 +18,7 @@ PolynomialDecay = tfmot.sparsity.keras.PolynomialDecay
 _SCHEDULES = {"ConstantSparsity": ConstantSparsity, "PolynomialDecay": PolynomialDecay}
 
 __all__ = ["ConstantSparsity", "PolynomialDecay", "to_schedule", "final_sparsity", "end_step", "serialize",
-           "deserialize"]
+           "deserialize", "freeze_fraction", "initial_freeze_step", "with_frequency"]
 
 
 def to_schedule(sparsity, frequency: int = 1) -> PruningSchedule:
@@ -59,3 +60,59 @@ def deserialize(config: dict) -> PruningSchedule:
     if name not in _SCHEDULES:
         raise ValueError(f"Unknown sparsity schedule {name!r}; known: {sorted(_SCHEDULES)}.")
     return _SCHEDULES[name].from_config(config["config"])
+
+
+def frequency(schedule: PruningSchedule) -> int:
+    return int(getattr(schedule, "frequency", 1))
+
+
+def with_frequency(schedule: PruningSchedule, every: int) -> PruningSchedule:
+    """The same schedule re-selecting every ``every`` steps."""
+    config = schedule.get_config()
+    config["config"] = {**config["config"], "frequency": int(every)}
+    return type(schedule).from_config(config["config"])
+
+
+def checked_frequency(schedule: PruningSchedule, ste: str, where: str) -> PruningSchedule:
+    """A schedule that re-selects every step, with a warning when the user's did not.
+
+    With a pass-through STE (``identity``, ``clipped``) the pruned latents keep moving between re-selections, and a
+    support re-chosen only every N steps reshuffles at once: tfmot's ``PolynomialDecay`` default ``frequency=100``
+    measured 33.7% against 89% on Fashion-MNIST. Re-selecting every step costs little (an exact top-k).
+    """
+    every = frequency(schedule)
+    if every <= 1 or ste == "masked":
+        return schedule
+    warnings.warn(
+        f"{where}: the sparsity schedule {type(schedule).__name__} re-selects the support every {every} steps "
+        f"(tfmot's default frequency=100); with ste={ste!r} the pruned weights keep training in between and the "
+        "support reshuffles at once, which collapses accuracy. ptq_keras re-selects it every step instead "
+        "(frequency=1). Pass ste='masked' to keep your frequency.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return with_frequency(schedule, 1)
+
+
+def freeze_fraction(freeze_at) -> float | None:
+    """The fraction of training of a fractional ``freeze_at`` (a float in (0, 1]); ``None`` for steps or never."""
+    if isinstance(freeze_at, float):
+        return freeze_at
+    return None
+
+
+def initial_freeze_step(freeze_at, schedule: PruningSchedule) -> int:
+    """The freeze step known before training: an integer ``freeze_at``; for ``None`` the schedule's end (-1: never);
+    for a fraction -1, until the first ``fit`` resolves it (:func:`resolve_freeze_step`)."""
+    if freeze_at is None:
+        return end_step(schedule)
+    if isinstance(freeze_at, float):
+        return -1
+    return int(freeze_at)
+
+
+def resolve_freeze_step(fraction: float, schedule: PruningSchedule, start: int, total_steps: int) -> int:
+    """The step where a fractional freeze happens for a ``fit`` of ``total_steps`` steps starting at ``start``:
+    ``start + round(fraction * total_steps)``, never before a sparsity schedule has reached its target."""
+    step = start + int(round(fraction * total_steps))
+    return max(step, end_step(schedule))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import types
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from . import schedules, ste, ternary
+from . import fitting, schedules, ste, ternary
 from .compat import check_keras_model, keras, tf, tfmot
 from .configs import TernaryQuantizeConfig, TernaryScheme, kernel_attributes
 from .quantizers import DEFAULTS, TernaryQuantizer
@@ -58,12 +59,33 @@ def _validate_options(options: Mapping, where: str) -> dict:
         raise ValueError(
             f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}."
         )
-    freeze_at = merged["freeze_at"]
-    if freeze_at is not None and (not isinstance(freeze_at, numbers.Integral) or freeze_at < 0):
-        raise ValueError(f"{where}: freeze_at must be None or a step number >= 0, got {freeze_at!r}.")
+    merged["freeze_at"] = _checked_freeze_at(merged["freeze_at"], where)
+    if isinstance(merged["sparsity"], schedules.PruningSchedule):
+        merged["sparsity"] = schedules.checked_frequency(merged["sparsity"], merged["ste"], where)
     if not isinstance(merged["frequency"], numbers.Integral) or merged["frequency"] < 1:
         raise ValueError(f"{where}: frequency must be an integer >= 1, got {merged['frequency']!r}.")
     return merged
+
+
+def _checked_freeze_at(freeze_at, where: str):
+    """``None``, an int step >= 0, or a float fraction of training in (0, 1]."""
+    if freeze_at is None:
+        return None
+    if isinstance(freeze_at, bool) or not isinstance(freeze_at, numbers.Real):
+        raise TypeError(
+            f"{where}: freeze_at must be a fraction of training in (0, 1] (e.g. 0.5), a step number (int), or None, "
+            f"got {freeze_at!r}."
+        )
+    if isinstance(freeze_at, numbers.Integral):
+        if freeze_at < 0:
+            raise ValueError(f"{where}: freeze_at={freeze_at!r}: a step number must be >= 0.")
+        return int(freeze_at)
+    if not 0.0 < float(freeze_at) <= 1.0:
+        raise ValueError(
+            f"{where}: freeze_at={freeze_at!r}: a float is a fraction of the training steps of the first fit() and "
+            "must be in (0, 1]; pass an int for a step number."
+        )
+    return float(freeze_at)
 
 
 def _stored_options(options: Mapping) -> dict:
@@ -172,8 +194,35 @@ def ternarize(
         qmodel = tfmot.quantization.keras.quantize_apply(
             annotated, scheme=TernaryScheme(), quantized_layer_name_prefix="ptq_"
         )
-    _guard_keras_format(qmodel)
+    attach(qmodel)
     return qmodel
+
+
+def attach(model):
+    """Give a ternarized model (or a distill wrapper) ptq_keras' ``fit`` and ``save``: ``fit`` resolves fractional
+    ``freeze_at`` options from its own number of steps; ``save`` refuses ``.keras`` with an explanation.
+    :func:`ternarize`, :func:`load_model` and ``distill`` call it; call it on a model loaded another way."""
+    _guard_keras_format(model)
+    original_fit = model.fit
+    signature = inspect.signature(original_fit)
+
+    def fit(self, *args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        return original_fit(**fitting.with_resolver(self, dict(bound.arguments)))
+
+    fit.__doc__ = original_fit.__doc__
+    model.fit = types.MethodType(fit, model)
+    return model
+
+
+def load_model(filepath, *, compile: bool = True, **kwargs):
+    """``keras.models.load_model`` of a ternarized ``.h5`` / SavedModel inside :func:`custom_object_scope`, with
+    ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`). Plain models load as they are."""
+    with custom_object_scope():
+        model = keras.models.load_model(filepath, compile=compile, **kwargs)
+    if is_ternarized(model):
+        attach(model)
+    return model
 
 
 def _guard_keras_format(model) -> None:
@@ -202,8 +251,15 @@ def _guard_keras_format(model) -> None:
     model.save = types.MethodType(save, model)
 
 
+def student_of(model):
+    """The ternarized model inside a :func:`ptq_keras.distill` wrapper; any other model as it is."""
+    return model.student if getattr(model, "_ptq_distiller", False) else model
+
+
 def is_ternarized(model) -> bool:
-    """True if ``model`` holds layers wrapped by :func:`ternarize` (also after save and load)."""
+    """True if ``model`` holds layers wrapped by :func:`ternarize` (also after save and load, and inside a
+    :func:`ptq_keras.distill` wrapper)."""
+    model = student_of(model)
     return any(_ternary_wrapper(layer) for layer in getattr(model, "layers", ()))
 
 
@@ -229,6 +285,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
     re-estimated for the final ternary weights (:func:`recalibrate_batchnorm`, ``batchnorm_steps`` batches).
     """
     check_keras_model(model)
+    model = student_of(model)
     if not is_ternarized(model):
         raise ValueError(
             f"Model {model.name!r} has no ternarized layer: strip() takes the model returned by "

@@ -1,0 +1,140 @@
+"""Knowledge distillation from the float model: ``ptq_keras.distill(qmodel, teacher)``.
+
+The ternary student learns from the labels and from the float teacher's output distribution (Hinton et al. 2015):
+
+    loss = (1 - alpha) * compiled_loss(y, s) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+where ``s`` and ``t`` are the student's and the teacher's logits (probabilities are turned into log-probabilities
+when a model ends in a softmax). The returned model trains with plain ``compile`` / ``fit``; its ``train_step``
+adds the soft-target term. ``strip``, ``summary``, ``is_ternarized``, ``ptq_keras.tflite.convert/export/verify``
+take it and act on the student; ``save`` saves the student (a ternarized model), never the teacher.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from .compat import check_keras_model, keras, tf
+
+__all__ = ["Distiller", "distill"]
+
+_EPS = 1e-7
+
+
+def _ends_in_softmax(model) -> bool:
+    last = model.layers[-1]
+    inner = getattr(last, "layer", last)  # a tfmot wrapper
+    if isinstance(inner, keras.layers.Softmax):
+        return True
+    return getattr(inner, "activation", None) is keras.activations.softmax
+
+
+def _as_logits(outputs, probabilities: bool):
+    outputs = tf.cast(outputs, tf.float32)
+    return tf.math.log(tf.clip_by_value(outputs, _EPS, 1.0)) if probabilities else outputs
+
+
+def soft_target_loss(teacher_logits, student_logits, temperature: float):
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (the gradient scale of the hard loss
+    is kept when ``T`` changes)."""
+    t = tf.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    s = tf.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = tf.reduce_sum(tf.exp(t) * (t - s), axis=-1)
+    return temperature**2 * tf.reduce_mean(kl)
+
+
+class Distiller(keras.Model):
+    """A student trained against a frozen teacher; see :func:`distill`."""
+
+    _ptq_distiller = True
+
+    def __init__(self, student, teacher, *, temperature: float, alpha: float, **kwargs):
+        super().__init__(name=kwargs.pop("name", f"{student.name}_distilled"), **kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self._student_probs = _ends_in_softmax(student)
+        self._teacher_probs = _ends_in_softmax(teacher)
+        self._soft_tracker = keras.metrics.Mean(name="distill_loss")
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        return metrics if any(m is self._soft_tracker for m in metrics) else metrics + [self._soft_tracker]
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
+        with tf.GradientTape() as tape:
+            outputs = self.student(x, training=True)
+            hard = self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
+            soft = soft_target_loss(
+                tf.stop_gradient(teacher_logits), _as_logits(outputs, self._student_probs), self.temperature
+            )
+            loss = (1.0 - self.alpha) * hard + self.alpha * soft
+        variables = self.student.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.compiled_metrics.update_state(y, outputs, sample_weight)
+        self._soft_tracker.update_state(soft)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        outputs = self.student(x, training=False)
+        self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
+        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
+        soft = soft_target_loss(teacher_logits, _as_logits(outputs, self._student_probs), self.temperature)
+        self.compiled_metrics.update_state(y, outputs, sample_weight)
+        self._soft_tracker.update_state(soft)
+        return {m.name: m.result() for m in self.metrics}
+
+    def save(self, filepath, *args, **kwargs):
+        """Save the student (the ternarized model); the teacher is not saved. Load it with
+        ``ptq_keras.load_model`` and wrap it with :func:`distill` again to continue distilling."""
+        return self.student.save(filepath, *args, **kwargs)
+
+    def get_config(self):
+        raise NotImplementedError(
+            "A ptq_keras.distill model is not serialized itself: save() writes its student (model.student)."
+        )
+
+
+def distill(qmodel, teacher, *, temperature: float = 4.0, alpha: float = 0.9) -> Distiller:
+    """Wrap the ternarized ``qmodel`` so that ``fit`` also matches the float ``teacher``'s outputs.
+
+    Args:
+      qmodel: the model returned by :func:`ptq_keras.ternarize` (the student; trained in place).
+      teacher: a tf_keras model with the same inputs and outputs (typically the float model ``qmodel`` came
+        from); it is frozen (never trained) and runs in inference mode.
+      temperature: softening temperature ``T`` of both distributions (> 0).
+      alpha: weight of the soft-target term in [0, 1]; ``1 - alpha`` weighs the compiled (label) loss.
+
+    Returns a model to ``compile`` and ``fit`` like any other; ``strip(model)`` returns the stripped student.
+    """
+    from .wrap import attach, is_ternarized
+
+    check_keras_model(qmodel, "student")
+    check_keras_model(teacher, "teacher")
+    if not is_ternarized(qmodel):
+        raise ValueError(
+            f"distill() takes the ternarized student first: {qmodel.name!r} has no ternarized layer. "
+            "Call ptq_keras.distill(ptq_keras.ternarize(model), model)."
+        )
+    if getattr(teacher, "_ptq_distiller", False) or is_ternarized(teacher):
+        raise ValueError("The teacher must be a plain (float) model, e.g. the model that was ternarized.")
+    if [tuple(t.shape) for t in qmodel.outputs] != [tuple(t.shape) for t in teacher.outputs]:
+        raise ValueError(
+            f"The teacher's outputs {[tuple(t.shape) for t in teacher.outputs]} do not match the student's "
+            f"{[tuple(t.shape) for t in qmodel.outputs]}."
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or temperature <= 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    model = Distiller(qmodel, teacher, temperature=temperature, alpha=alpha)
+    return attach(model)

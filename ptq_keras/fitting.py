@@ -1,0 +1,127 @@
+"""Training-time resolution of fractional schedules: ``freeze_at=0.5`` means "half of the first ``fit``".
+
+A user calls ``fit`` and never computes steps: the model returned by :func:`ptq_keras.ternarize` (and by
+:func:`ptq_keras.distill` and :func:`ptq_keras.load_model`) adds :class:`ResolveFreeze` to the callbacks of each
+``fit``. At the start of training it reads the number of steps Keras will run (``epochs * steps``, less
+``initial_epoch``) and writes, in every ternary quantizer whose freeze step is still unresolved, the step where
+the support freezes. When the number of steps per epoch is unknown (a dataset of unknown cardinality), it counts
+the steps of the first epoch and resolves then. Custom training loops call :func:`resolve_freeze` themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from . import schedules
+from .compat import keras, tfmot
+from .configs import TernaryQuantizeConfig
+
+_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+
+
+def _layers(model) -> Iterator:
+    student = getattr(model, "student", None)
+    if student is not None:  # a ptq_keras.distill wrapper
+        yield from _layers(student)
+        return
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def quantizer_states(model) -> Iterator[tuple[str, object, dict]]:
+    """``(layer name, TernaryQuantizer, its variables)`` for every ternary kernel of ``model``."""
+    for layer in _layers(model):
+        if isinstance(layer, _QuantizeWrapper) and isinstance(layer.quantize_config, TernaryQuantizeConfig):
+            for _, quantizer, qvars in layer._weight_vars:
+                yield layer.name, quantizer, qvars
+
+
+def pending(model) -> list[tuple[str, object, dict]]:
+    """The quantizers whose fractional ``freeze_at`` has not been turned into a step yet."""
+    return [
+        (name, q, v)
+        for name, q, v in quantizer_states(model)
+        if q.freeze_fraction is not None and int(v["freeze_step"].numpy()) < 0
+    ]
+
+
+def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str, int]:
+    """Turn every unresolved fractional ``freeze_at`` of ``model`` into a step, for a training run of
+    ``total_steps`` steps that starts now. Returns ``{layer name: freeze step}`` of what it resolved.
+
+    ``fit`` calls this by itself; call it from a custom training loop before the first step.
+    """
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int (the training steps to come), got {total_steps!r}.")
+    resolved = {}
+    for name, quantizer, qvars in pending(model):
+        start = int(qvars["step"].numpy())
+        step = schedules.resolve_freeze_step(quantizer.freeze_fraction, quantizer.schedule, start, total_steps)
+        qvars["freeze_step"].assign(step)
+        resolved[name] = step
+    if verbose and resolved:
+        steps = sorted(set(resolved.values()))
+        where = steps[0] if len(steps) == 1 else f"{steps[0]}..{steps[-1]}"
+        print(
+            f"ptq_keras: the ternary support of {len(resolved)} layer(s) freezes at step {where} "
+            f"(of {total_steps} training steps; then the STE is 'masked').",
+            flush=True,
+        )
+    return resolved
+
+
+class ResolveFreeze(keras.callbacks.Callback):
+    """Resolves fractional ``freeze_at`` options at the start of ``fit`` (or after its first epoch when Keras does
+    not know the number of steps per epoch). Added to every ``fit`` of a ternarized model by ptq_keras."""
+
+    def __init__(self, model, initial_epoch: int = 0, verbose: bool = True):
+        super().__init__()
+        self._target = model
+        self._initial_epoch = int(initial_epoch)
+        self._verbose = verbose
+        self._start = None
+
+    def _epochs(self) -> int:
+        return max(1, int(self.params.get("epochs") or 1) - self._initial_epoch)
+
+    def on_train_begin(self, logs=None):
+        todo = pending(self._target)
+        if not todo:
+            return
+        steps = self.params.get("steps")
+        if steps:
+            resolve_freeze(self._target, int(steps) * self._epochs(), verbose=self._verbose)
+        else:
+            self._start = int(todo[0][2]["step"].numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._start is None:
+            return
+        todo = pending(self._target)
+        self._start, start = None, self._start
+        if not todo:
+            return
+        per_epoch = max(1, int(todo[0][2]["step"].numpy()) - start)
+        total = per_epoch * self._epochs()
+        # Steps already run count towards the fraction; a freeze point already passed freezes at the next step.
+        for _, quantizer, qvars in todo:
+            now = int(qvars["step"].numpy())
+            step = schedules.resolve_freeze_step(quantizer.freeze_fraction, quantizer.schedule, start, total)
+            qvars["freeze_step"].assign(max(step, now))
+        if self._verbose:
+            print(f"ptq_keras: {per_epoch} steps per epoch; the ternary support freezes at step "
+                  f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.", flush=True)
+
+
+def with_resolver(model, fit_kwargs: dict) -> dict:
+    """``fit`` keyword arguments with a :class:`ResolveFreeze` callback added (when something is pending)."""
+    if not pending(model):
+        return fit_kwargs
+    callbacks = list(fit_kwargs.get("callbacks") or [])
+    if not any(isinstance(c, ResolveFreeze) for c in callbacks):
+        verbose = fit_kwargs.get("verbose", "auto") != 0
+        callbacks.append(ResolveFreeze(model, fit_kwargs.get("initial_epoch", 0), verbose=verbose))
+    return {**fit_kwargs, "callbacks": callbacks}
