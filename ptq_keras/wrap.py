@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from . import activations as act
 from . import fitting, schedules, ste, ternary
 from .compat import check_keras_model, keras, tf, tfmot
 from .configs import TernaryQuantizeConfig, TernaryScheme, kernel_attributes
@@ -28,6 +29,7 @@ def custom_objects() -> dict:
     return {
         "TernaryQuantizeConfig": TernaryQuantizeConfig,
         "TernaryQuantizer": TernaryQuantizer,
+        "ActivationQuantizer": act.ActivationQuantizer,
     }
 
 
@@ -118,6 +120,7 @@ def ternarize(
     *,
     keep_float: Iterable[str] = (),
     overrides: Mapping[str, Mapping] | None = None,
+    activations: str | None = None,
     **options,
 ) -> keras.Model:
     """Return a new tf_keras model whose quantizable kernels train as sparse ternary weights.
@@ -128,6 +131,9 @@ def ternarize(
       model: a built Sequential or Functional tf_keras model.
       keep_float: names of layers left in float.
       overrides: ``{layer name: {option: value}}`` per-layer options.
+      activations: ``None`` (activations stay float in training; the int8 export calibrates them) or ``"int8"``
+        (8-bit activation fake-quantization where the int8 converter quantizes, with ranges learned in training
+        and used by the export; see :mod:`ptq_keras.activations`).
       sparsity: a float in [0, 1) (a constant target) or a tfmot ``PruningSchedule`` (e.g. ``PolynomialDecay``).
       threshold: support selection, ``"sparsity"`` (exact top-k), ``"l2"`` (exact L2 projection) or ``"twn"``.
       granularity: scale per ``"channel"`` or per ``"tensor"``.
@@ -137,8 +143,10 @@ def ternarize(
       clip: for ``ste="clipped"``, gradients pass where ``|w| <= clip * alpha``.
       decay: strength ``lambda`` of the discrepancy term ``lambda * (W - W_q)`` added to the gradient
         (a number, or a callable of the step).
-      freeze_at: step at which the mask freezes and the STE becomes ``"masked"``; default: the schedule's
-        ``end_step`` (never, for a constant target).
+      freeze_at: when the support freezes and the STE becomes ``"masked"``: a float in (0, 1] is a fraction of
+        the training steps of the first ``fit`` (default 0.5: the second half of training fine-tunes a fixed
+        support; never before a sparsity schedule ends); an int is a step number; ``None`` freezes at the
+        schedule's ``end_step`` (never, for a constant target).
       frequency: for a float ``sparsity``, re-select the support every ``frequency`` steps.
     """
     _check_graph_model(model)
@@ -148,6 +156,8 @@ def ternarize(
             "ptq_keras.strip(model) to start again from its ternary weights."
         )
     base = _validate_options(options, "ternarize")
+    if activations not in act.ACTIVATIONS:
+        raise ValueError(f"ternarize: activations={activations!r} is not one of {list(act.ACTIVATIONS)}.")
     names = {layer.name for layer in model.layers}
     keep_float = list(keep_float)
     for name in keep_float:
@@ -175,6 +185,8 @@ def ternarize(
             + "."
         )
 
+    if activations == "int8":
+        model = act.insert(model)
     copies = {}
 
     def annotate(layer):
@@ -296,6 +308,9 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
     def unwrap(layer):
         inner = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
         fresh = _fresh_copy(inner)
+        if isinstance(inner, act.ActivationQuantizer):
+            # Trained ranges: a plain fake-quant the converter reads (no branch in the graph).
+            fresh.static = bool(inner.calibrated.numpy() > 0.5)
         pairs.append((layer, fresh))
         return fresh
 
@@ -343,31 +358,42 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
             "model in training mode would advance its sparsity schedule)."
         )
     bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    aqs = [layer for layer in _all_layers(model) if isinstance(layer, act.ActivationQuantizer)]
     if not bns:
         return model
     if isinstance(data, np.ndarray):
         data = tf.data.Dataset.from_tensor_slices(data).batch(128)
     momenta = [bn.momentum for bn in bns]
+    aq_state = [(aq.ema_decay, aq.static) for aq in aqs]
     for bn in bns:
         bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
         bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+    for aq in aqs:
+        # The activation ranges depend on the BatchNorm statistics: re-estimate them in the same passes.
+        aq.static = False
+        aq.calibrated.assign(0.0)
     seen = 0
     try:
         for batch in data:
             if steps is not None and seen >= steps:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for bn in bns:
-                bn.momentum = seen / (seen + 1.0)  # running average of batch statistics
+            for layer in bns:
+                layer.momentum = seen / (seen + 1.0)  # running average of batch statistics
+            for layer in aqs:
+                layer.ema_decay = seen / (seen + 1.0)
             model(x, training=True)
             seen += 1
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
+        for aq, (decay, static) in zip(aqs, aq_state):
+            aq.ema_decay, aq.static = decay, static or seen > 0
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: the data gave no batch.")
     if verbose:
-        print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s) over {seen} batches.")
+        extra = f" and {len(aqs)} activation range(s)" if aqs else ""
+        print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
     return model
 
 

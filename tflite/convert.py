@@ -135,13 +135,14 @@ def check_layers(model, target: str) -> None:
     """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values."""
     if target == "int8":
         return
+    from ptq_keras.activations import ActivationQuantizer
     from ptq_keras.compat import keras
     from ptq_keras.configs import kernel_attributes
 
     for layer in _layers(model):
         attributes = kernel_attributes(layer)
         if not attributes:
-            if layer.weights and not isinstance(layer, keras.layers.BatchNormalization):
+            if layer.weights and not isinstance(layer, (keras.layers.BatchNormalization, ActivationQuantizer)):
                 raise ExportError(
                     f"layer {layer.name!r} ({type(layer).__name__}) has weights that target {target!r} cannot pack "
                     "(packed targets store Dense, Conv1D, Conv2D, DepthwiseConv2D and SeparableConv2D kernels); "

@@ -172,7 +172,7 @@ class ParityStep:
         if self.max_lsb_allowed is not None:
             limit.append("bit-exact" if self.max_lsb_allowed == 0 else f"<= {self.max_lsb_allowed:g} LSB")
         if self.min_top1 is not None:
-            limit.append(f"top-1 >= {self.min_top1:.0%}")
+            limit.append(f"top-1 >= {self.min_top1:.1%}")
         return (
             f"{'ok  ' if self.ok else 'FAIL'} {self.reference:>8} vs {self.candidate:<8} on {self.runtime:<10} "
             f"top-1 {self.top1_agreement:7.2%}  max {self.max_lsb:6.2f} LSB  mean {self.mean_lsb:6.3f} LSB  "

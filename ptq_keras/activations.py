@@ -1,0 +1,187 @@
+"""8-bit activation fake-quantization where the int8 converter quantizes: ``ternarize(..., activations="int8")``.
+
+The TFLite int8 converter folds BatchNormalization into the preceding convolution, fuses ReLU / ReLU6 into the op
+before it, and gives every remaining op output one int8 scale and zero point. Max pooling, flattening, reshaping and
+dropout keep their input's scale. :func:`insert` rebuilds a functional graph with an :class:`ActivationQuantizer`
+right where those int8 tensors are: on each model input, and after the last layer of each fused block (a kernel
+layer, its BatchNormalization and its ReLU), after residual adds, average pooling and every other computing layer.
+
+Each quantizer learns its range in training (a moving average of the batch minimum and maximum, the range always
+containing 0) and computes ``tf.quantization.fake_quant_with_min_max_vars`` (8 bits, zero exactly representable),
+with its straight-through gradient. The converter reads these ranges from the stripped model instead of calibrating
+them, so the exported int8 file computes what the trained model computes.
+"""
+
+from __future__ import annotations
+
+from .compat import keras, tf
+
+__all__ = ["ActivationQuantizer", "insert", "quantizers"]
+
+ACTIVATIONS = (None, "int8")
+
+L = keras.layers
+# Layers whose int8 output keeps its input's scale: no quantizer after them.
+_PASSTHROUGH = (
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.Flatten,
+    L.Reshape,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.Cropping1D,
+    L.Cropping2D,
+)
+_KERNEL_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
+
+
+@keras.utils.register_keras_serializable(package="ptq_keras")
+class ActivationQuantizer(L.Layer):
+    """Fake-quantizes its input to 8 bits over a range learned in training.
+
+    Variables (non-trainable): ``min``, ``max`` and ``calibrated`` (0 until the first training batch). In training
+    the range follows ``ema_decay`` moving averages of the batch min / max (the first batch sets it); before the
+    first training batch the layer passes its input through. ``static=True`` (what ``strip`` writes) always
+    fake-quantizes, with no branch in the graph, which is what the TFLite converter reads.
+    """
+
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_bits = int(num_bits)
+        self.ema_decay = float(ema_decay)
+        self.static = bool(static)
+
+    def build(self, input_shape):
+        self.min = self.add_weight("min", shape=(), initializer="zeros", trainable=False)
+        self.max = self.add_weight("max", shape=(), initializer="zeros", trainable=False)
+        self.calibrated = self.add_weight("calibrated", shape=(), initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    def _fake_quant(self, x):
+        return tf.quantization.fake_quant_with_min_max_vars(
+            x, self.min, self.max, num_bits=self.num_bits, narrow_range=False
+        )
+
+    def call(self, inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        if self.static:
+            return self._fake_quant(x)
+        if training is None:
+            training = keras.backend.learning_phase()
+        if isinstance(training, bool) and not training:
+            return self._inference(x)
+        return tf.cond(tf.cast(training, tf.bool), lambda: self._train(x), lambda: self._inference(x))
+
+    def _inference(self, x):
+        return tf.cond(self.calibrated > 0.5, lambda: self._fake_quant(x), lambda: tf.identity(x))
+
+    def _train(self, x):
+        batch_min = tf.minimum(tf.reduce_min(x), 0.0)
+        batch_max = tf.maximum(tf.reduce_max(x), 0.0)
+        decay = tf.where(self.calibrated > 0.5, self.ema_decay, 0.0)
+        new_min = decay * self.min + (1.0 - decay) * batch_min
+        new_max = decay * self.max + (1.0 - decay) * batch_max
+        with tf.control_dependencies(
+            [self.min.assign(new_min), self.max.assign(new_max), self.calibrated.assign(1.0)]
+        ):
+            return self._fake_quant(tf.identity(x))
+
+    def get_config(self):
+        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
+
+
+def quantizers(model) -> list[ActivationQuantizer]:
+    return [layer for layer in model.layers if isinstance(layer, ActivationQuantizer)]
+
+
+def _is_fused_activation(layer) -> bool:
+    if isinstance(layer, L.ReLU):
+        return (
+            float(layer.negative_slope) == 0.0
+            and float(layer.threshold) == 0.0
+            and (layer.max_value is None or float(layer.max_value) == 6.0)
+        )
+    if isinstance(layer, L.Activation):
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
+
+
+def _linear(layer) -> bool:
+    return getattr(getattr(layer, "activation", None), "__name__", "linear") == "linear"
+
+
+def _fuses_into(layer, consumer) -> bool:
+    """True when the converter computes ``consumer`` inside ``layer``'s int8 op (no int8 tensor between them)."""
+    if isinstance(layer, _KERNEL_LAYERS) and _linear(layer):
+        return isinstance(consumer, L.BatchNormalization) or _is_fused_activation(consumer)
+    if isinstance(layer, (L.BatchNormalization, L.Add)):
+        return _is_fused_activation(consumer)
+    return False
+
+
+def _needs_quantizer(layer, consumers) -> bool:
+    if isinstance(layer, L.InputLayer):
+        return True
+    if isinstance(layer, _PASSTHROUGH) or isinstance(layer, ActivationQuantizer):
+        return False
+    return not (len(consumers) == 1 and _fuses_into(layer, consumers[0]))
+
+
+def _functional(model):
+    if isinstance(model, keras.Sequential):
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
+def insert(model, *, ema_decay: float = 0.99) -> keras.Model:
+    """A functional copy of ``model`` (same layers, fresh copies with the same weights) with an
+    :class:`ActivationQuantizer` after the model inputs and at the end of every int8 block."""
+    model = _functional(model)
+    config = model.get_config()
+    layers = {layer.name: layer for layer in model.layers}
+    consumers: dict[str, list] = {name: [] for name in layers}
+    for spec in config["layers"]:
+        for node in spec["inbound_nodes"]:
+            for inbound in node:
+                consumers[inbound[0]].append(layers[spec["name"]])
+    for name, *_ in config["output_layers"]:
+        consumers[name].append(None)  # a model output: never fused
+
+    tensors = {}
+    copies = []
+
+    def emit(layer, key, tensor):
+        if _needs_quantizer(layer, consumers[layer.name]):
+            tensor = ActivationQuantizer(ema_decay=ema_decay, name=f"{layer.name}_act_quant")(tensor)
+        tensors[key] = tensor
+
+    inputs = []
+    for name, _, _ in config["input_layers"]:
+        layer = layers[name]
+        spec = layer.get_config()
+        inp = keras.Input(batch_shape=spec["batch_input_shape"], dtype=spec["dtype"], name=name)
+        inputs.append(inp)
+        emit(layer, (name, 0, 0), inp)
+    for spec in config["layers"]:
+        layer = layers[spec["name"]]
+        if isinstance(layer, L.InputLayer):
+            continue
+        fresh = layer.__class__.from_config(layer.get_config())
+        copies.append((layer, fresh))
+        for node_index, node in enumerate(spec["inbound_nodes"]):
+            args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]
+            kwargs = node[0][3] if len(node[0]) > 3 and node[0][3] else {}
+            out = fresh(args[0] if len(args) == 1 else args, **kwargs)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            for i, tensor in enumerate(outs):
+                emit(layer, (layer.name, node_index, i), tensor)
+    outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
+    new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
+    for layer, fresh in copies:
+        fresh.set_weights(layer.get_weights())
+    return new
