@@ -51,8 +51,9 @@ class Distiller(keras.Model):
     def __init__(self, student, teacher, *, temperature: float, alpha: float, **kwargs):
         super().__init__(name=kwargs.pop("name", f"{student.name}_distilled"), **kwargs)
         self.student = student
+        # The teacher is never updated: it runs in inference mode and only the student's variables get gradients.
+        # (Its ``trainable`` flag is left alone: a model cloned from it later must still train.)
         self.teacher = teacher
-        self.teacher.trainable = False
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self._student_probs = _ends_in_softmax(student)

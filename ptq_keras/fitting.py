@@ -36,7 +36,7 @@ def quantizer_states(model) -> Iterator[tuple[str, object, dict]]:
     for layer in _layers(model):
         if isinstance(layer, _QuantizeWrapper) and isinstance(layer.quantize_config, TernaryQuantizeConfig):
             for _, quantizer, qvars in layer._weight_vars:
-                yield layer.name, quantizer, qvars
+                yield layer.layer.name, quantizer, qvars
 
 
 def pending(model) -> list[tuple[str, object, dict]]:
