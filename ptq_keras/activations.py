@@ -138,9 +138,44 @@ def _functional(model):
     return model
 
 
-def insert(model, *, ema_decay: float = 0.99) -> keras.Model:
+def _split_separable(layer):
+    """A SeparableConv2D as the two ops the converter makes of it: DepthwiseConv2D, then a 1x1 Conv2D."""
+    c = layer.get_config()
+    depthwise = L.DepthwiseConv2D(
+        c["kernel_size"],
+        strides=c["strides"],
+        padding=c["padding"],
+        depth_multiplier=c["depth_multiplier"],
+        data_format=c["data_format"],
+        dilation_rate=c["dilation_rate"],
+        use_bias=False,
+        depthwise_regularizer=c.get("depthwise_regularizer"),
+        depthwise_constraint=c.get("depthwise_constraint"),
+        name=f"{layer.name}_depthwise",
+    )
+    pointwise = L.Conv2D(
+        c["filters"],
+        1,
+        data_format=c["data_format"],
+        activation=c["activation"],
+        use_bias=c["use_bias"],
+        kernel_regularizer=c.get("pointwise_regularizer"),
+        bias_regularizer=c.get("bias_regularizer"),
+        activity_regularizer=c.get("activity_regularizer"),
+        kernel_constraint=c.get("pointwise_constraint"),
+        bias_constraint=c.get("bias_constraint"),
+        name=f"{layer.name}_pointwise",
+    )
+    return depthwise, pointwise
+
+
+def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, list[str]]]:
     """A functional copy of ``model`` (same layers, fresh copies with the same weights) with an
-    :class:`ActivationQuantizer` after the model inputs and at the end of every int8 block."""
+    :class:`ActivationQuantizer` after the model inputs and at the end of every int8 block.
+
+    Each SeparableConv2D becomes a DepthwiseConv2D and a 1x1 Conv2D (``<name>_depthwise``, ``<name>_pointwise``)
+    with a quantizer between them, as in the converted file. Returns the model and ``{separable name: [the two
+    new names]}``."""
     model = _functional(model)
     config = model.get_config()
     layers = {layer.name: layer for layer in model.layers}
@@ -154,6 +189,7 @@ def insert(model, *, ema_decay: float = 0.99) -> keras.Model:
 
     tensors = {}
     copies = []
+    aliases = {}
 
     def emit(layer, key, tensor):
         if _needs_quantizer(layer, consumers[layer.name]):
@@ -171,8 +207,18 @@ def insert(model, *, ema_decay: float = 0.99) -> keras.Model:
         layer = layers[spec["name"]]
         if isinstance(layer, L.InputLayer):
             continue
-        fresh = layer.__class__.from_config(layer.get_config())
-        copies.append((layer, fresh))
+        if isinstance(layer, L.SeparableConv2D):
+            depthwise, pointwise = _split_separable(layer)
+            aliases[layer.name] = [depthwise.name, pointwise.name]
+
+            def fresh(x, depthwise=depthwise, pointwise=pointwise):
+                x = depthwise(x)
+                return pointwise(ActivationQuantizer(ema_decay=ema_decay, name=f"{depthwise.name}_act_quant")(x))
+
+            copies.append((layer, (depthwise, pointwise)))
+        else:
+            fresh = layer.__class__.from_config(layer.get_config())
+            copies.append((layer, fresh))
         for node_index, node in enumerate(spec["inbound_nodes"]):
             args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]
             kwargs = node[0][3] if len(node[0]) > 3 and node[0][3] else {}
@@ -183,5 +229,10 @@ def insert(model, *, ema_decay: float = 0.99) -> keras.Model:
     outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
     new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
     for layer, fresh in copies:
-        fresh.set_weights(layer.get_weights())
-    return new
+        if isinstance(fresh, tuple):
+            depthwise, pointwise = fresh
+            depthwise.set_weights([layer.depthwise_kernel.numpy()])
+            pointwise.set_weights([layer.pointwise_kernel.numpy()] + ([layer.bias.numpy()] if layer.use_bias else []))
+        else:
+            fresh.set_weights(layer.get_weights())
+    return new, aliases

@@ -186,7 +186,10 @@ def ternarize(
         )
 
     if activations == "int8":
-        model = act.insert(model)
+        model, aliases = act.insert(model)
+        # A SeparableConv2D becomes its depthwise and pointwise halves (an int8 tensor lies between them).
+        targets = {new for name in targets for new in aliases.get(name, [name])}
+        per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
     copies = {}
 
     def annotate(layer):

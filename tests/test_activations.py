@@ -1,0 +1,107 @@
+"""ternarize(..., activations="int8"): fake-quant where the int8 converter quantizes, ranges carried to the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import residual_dw, small_cnn
+
+import ptq_keras
+from ptq_keras import keras, models
+from ptq_keras.activations import ActivationQuantizer
+
+
+def _compile(model, lr=2e-3):
+    model.compile(keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+
+
+def _quantized_after(model):
+    """Names of the layers an ActivationQuantizer follows, in graph order (wrappers by their inner name)."""
+    layers = {layer.name: layer for layer in model.layers}
+    out = []
+    for spec in model.get_config()["layers"]:
+        if spec["class_name"].endswith("ActivationQuantizer"):
+            source = layers[spec["inbound_nodes"][0][0][0]]
+            out.append(getattr(source, "layer", source).name)
+    return out
+
+
+def test_quantizers_sit_where_the_int8_converter_quantizes():
+    q = ptq_keras.ternarize(small_cnn(), sparsity=0.5, activations="int8")
+    # conv+bn+relu fuse into one op; pooling and flatten keep their input's scale; Dense(relu) is one op
+    assert _quantized_after(q) == [q.layers[0].name, "relu1", "relu2", "fc", "logits"]
+    r = ptq_keras.ternarize(residual_dw(), sparsity=0.5, activations="int8")
+    # the stem feeds two consumers, pw feeds the add (not fusable), dw+bn+relu fuse; the separable conv is split
+    # into its two ops with an int8 tensor between them, as in the converted file
+    assert set(_quantized_after(r)) == {
+        r.layers[0].name, "stem", "dw_relu", "pw", "add", "sep_depthwise", "sep_pointwise", "gap", "head"
+    }
+    assert "sep" not in [layer.name for layer in ptq_keras.strip(r).layers]
+    assert "dw" not in _quantized_after(r) and "dw_bn" not in _quantized_after(r)
+    plain = ptq_keras.ternarize(small_cnn(), sparsity=0.5)
+    assert _quantized_after(plain) == []  # activations=None: no fake-quant anywhere
+
+
+def test_ranges_are_learned_then_static_after_strip_and_reestimated_with_batchnorm(fashion_mnist):
+    x_train, y_train, _, _ = fashion_mnist
+    x, y = x_train[:512], y_train[:512]
+    q = ptq_keras.ternarize(small_cnn(), sparsity=0.5, activations="int8")
+    before = q.predict(x[:8], verbose=0)  # not calibrated yet: the quantizers pass through
+    np.testing.assert_allclose(before, ptq_keras.ternarize(small_cnn(), sparsity=0.5).predict(x[:8], verbose=0),
+                               atol=1e-5)
+    _compile(q)
+    q.fit(x, y, epochs=1, batch_size=64, verbose=0)
+    quantizers = [layer for layer in q.layers if isinstance(layer, ActivationQuantizer)]
+    first = quantizers[0]
+    assert float(first.min.numpy()) == pytest.approx(0.0) and 0.9 < float(first.max.numpy()) <= 1.0  # x in [0, 1]
+    outputs = q.predict(x[:64], verbose=0)
+    last = quantizers[-1]
+    lo, hi = float(last.min.numpy()), float(last.max.numpy())
+    step = (hi - lo) / 255
+    assert np.all(outputs >= lo - step) and np.all(outputs <= hi + step)
+    grid = (outputs - outputs.min()) / step
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-2)  # outputs on the 8-bit grid
+    plain = ptq_keras.strip(q)
+    assert all(layer.static for layer in plain.layers if isinstance(layer, ActivationQuantizer))
+    np.testing.assert_allclose(plain.predict(x[:64], verbose=0), outputs, atol=1e-4)
+    ranges = [float(layer.max.numpy()) for layer in plain.layers if isinstance(layer, ActivationQuantizer)]
+    ptq_keras.recalibrate_batchnorm(plain, x, steps=4, verbose=False)
+    after = [float(layer.max.numpy()) for layer in plain.layers if isinstance(layer, ActivationQuantizer)]
+    assert after != ranges and all(layer.static for layer in plain.layers if isinstance(layer, ActivationQuantizer))
+
+
+def test_activations_option_saves_loads_and_is_validated(tmp_path):
+    q = ptq_keras.ternarize(small_cnn(), sparsity=0.5, activations="int8")
+    x = np.random.default_rng(0).random((32, 28, 28, 1)).astype("float32")
+    _compile(q)
+    q.fit(x, np.zeros(32, int), epochs=1, batch_size=16, verbose=0)
+    path = str(tmp_path / "q.h5")
+    q.save(path)
+    again = ptq_keras.load_model(path)
+    np.testing.assert_allclose(again.predict(x, verbose=0), q.predict(x, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="activations='int4'"):
+        ptq_keras.ternarize(small_cnn(), activations="int4")
+
+
+@pytest.mark.parametrize("builder", ["ds_cnn", "residual_dw"])
+def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_path):
+    """The int8 (and micro) file computes what the Keras model computes: top-1 agreement >= 99.5%."""
+    from ptq_keras import tflite
+
+    x_train, y_train, x_test, _ = fashion_mnist
+    x, y = x_train[:8192], y_train[:8192]
+    keras.utils.set_random_seed(0)
+    if builder == "ds_cnn":
+        model = models.ds_cnn((28, 28, 1), 10, filters=32, blocks=2)
+    else:
+        model = residual_dw((28, 28, 1))
+    _compile(model)
+    model.fit(x, y, epochs=2, batch_size=128, verbose=0)
+    q = ptq_keras.ternarize(model, sparsity=0.7, activations="int8")
+    _compile(q, 1e-3)
+    q.fit(x, y, epochs=2, batch_size=128, verbose=0)
+    plain = ptq_keras.strip(q, batchnorm_data=x[:2048])
+    result = tflite.export(plain, x[:256], str(tmp_path), targets=("int8", "micro"))
+    for target in ("int8", "micro"):
+        parity = tflite.verify(plain, result.files[target], x_test[:2000], num_samples=2000, min_top1=0.995)
+        assert parity.ok, str(parity)
