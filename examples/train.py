@@ -46,7 +46,8 @@ _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 # Settings that define a run: a checkpoint only resumes a run with the same values.
 _RUN_IDENTITY = (
     "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
-    "ramp_epochs", "batch_size", "learning_rate", "init_from", "seed", "limit", "max_steps_per_epoch",
+    "ramp_epochs", "freeze_at", "distill", "temperature", "alpha", "activations", "batch_size", "learning_rate",
+    "init_from", "seed", "limit", "max_steps_per_epoch",
 )  # fmt: skip
 
 FLAGS = flags.FLAGS
@@ -60,13 +61,27 @@ flags.DEFINE_enum("ste", "identity", ["identity", "masked", "clipped"], "ptq / t
 flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
 flags.DEFINE_enum("selection", "channel", ["channel", "tensor"], "ptq: top-k support per channel or per layer.")
 flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
-flags.DEFINE_float("decay", 0.0, "ptq / twn: strength of the discrepancy term lambda * (W - W_q) in the gradient.")
+flags.DEFINE_float("decay", 1e-3, "ptq / twn: strength of the discrepancy term lambda * (W - W_q) in the gradient.")
 flags.DEFINE_integer(
     "ramp_epochs",
-    1,
-    "ptq / tfmot_prune: epochs over which sparsity ramps from 0 to --sparsity (cubic); then the ptq mask freezes and "
-    "its STE becomes 'masked'. 0: the target from the first step, never frozen.",
+    0,
+    "ptq / tfmot_prune: epochs over which sparsity ramps from 0 to --sparsity (cubic); 0: the target from the first "
+    "step (ptq_keras' default).",
     lower_bound=0,
+)
+flags.DEFINE_float(
+    "freeze_at",
+    0.5,
+    "ptq / twn: fraction of the training steps after which the support freezes and the STE becomes 'masked' (never "
+    "before the ramp ends); 0: never.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
+flags.DEFINE_bool("distill", False, "ptq / twn: distill from the --init_from float model (ptq_keras.distill).")
+flags.DEFINE_float("temperature", 4.0, "--distill: softening temperature.", lower_bound=0.0)
+flags.DEFINE_float("alpha", 0.9, "--distill: weight of the soft-target loss in [0, 1].", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum(
+    "activations", "none", ["none", "int8"], "ptq / twn: 'int8' trains with 8-bit activation fake-quantization."
 )
 flags.DEFINE_integer(
     "recalibrate_bn_steps",
@@ -114,8 +129,13 @@ class Config:
     granularity: str = "channel"
     selection: str = "channel"
     normalize: bool = False
-    decay: float = 0.0
-    ramp_epochs: int = 1
+    decay: float = 1e-3
+    ramp_epochs: int = 0
+    freeze_at: float = 0.5
+    distill: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.9
+    activations: str = "none"
     recalibrate_bn_steps: int = 200
     epochs: int = 4
     batch_size: int = 128
@@ -157,6 +177,11 @@ def validate(cfg: Config) -> None:
     choice("granularity", cfg.granularity, ("channel", "tensor"))
     choice("selection", cfg.selection, ("channel", "tensor"))
     choice("encoding", cfg.encoding, ("lut", "huffman", "prune", "auto"))
+    choice("activations", cfg.activations, ("none", "int8"))
+    if not 0.0 <= cfg.freeze_at <= 1.0:
+        raise ValueError(f"--freeze_at={cfg.freeze_at} is outside [0, 1]: a fraction of the training steps (0: never).")
+    if cfg.distill and (cfg.method not in TERNARY_METHODS or cfg.init_from is None):
+        raise ValueError("--distill needs --method=ptq or twn and --init_from (the float teacher's .h5).")
     if cfg.init_from is None:
         choice("model", cfg.model, sorted(models.MODELS))
     elif not os.path.exists(cfg.init_from):
@@ -242,17 +267,29 @@ def _tfmot_qat(model: keras.Model) -> keras.Model:
 def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> keras.Model:
     """The model that trains: ``model`` wrapped for the method (a new model; ``model`` is not changed)."""
     if cfg.method in TERNARY_METHODS:
-        options = dict(ste=cfg.ste, granularity=cfg.granularity, decay=cfg.decay)
-        if cfg.method == "twn":
-            return ptq_keras.ternarize(model, threshold="twn", **options)
-        return ptq_keras.ternarize(
-            model,
-            sparsity=_sparsity_schedule(cfg, steps_per_epoch, frequency=1),
-            threshold=cfg.threshold,
-            selection=cfg.selection,
-            normalize=cfg.normalize,
-            **options,
+        options = dict(
+            ste=cfg.ste,
+            granularity=cfg.granularity,
+            decay=cfg.decay,
+            freeze_at=float(cfg.freeze_at) if cfg.freeze_at > 0 else None,
+            activations=None if cfg.activations == "none" else cfg.activations,
         )
+        if cfg.method == "twn":
+            qmodel = ptq_keras.ternarize(model, threshold="twn", **options)
+        else:
+            qmodel = ptq_keras.ternarize(
+                model,
+                sparsity=_sparsity_schedule(cfg, steps_per_epoch, frequency=1),
+                threshold=cfg.threshold,
+                selection=cfg.selection,
+                normalize=cfg.normalize,
+                **options,
+            )
+        # The script fits one epoch at a time: state the whole run's length for the fractional freeze.
+        ptq_keras.resolve_freeze(qmodel, cfg.epochs * steps_per_epoch)
+        if cfg.distill:
+            return ptq_keras.distill(qmodel, model, temperature=cfg.temperature, alpha=cfg.alpha)
+        return qmodel
     if cfg.method == "tfmot_qat":
         return _tfmot_qat(model)
     if cfg.method == "tfmot_prune":

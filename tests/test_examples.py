@@ -201,3 +201,21 @@ def test_helpfull_documents_every_flag():
     listed = {flag.name for flag in FLAGS.get_flags_for_module(train.__name__)}
     assert {"model", "method", "sparsity", "threshold", "ste", "epochs", "learning_rate", "init_from", "export",
             "out_dir", "seed", "resume", "max_steps_per_epoch"} <= listed  # fmt: skip
+
+
+def test_train_distill_and_int8_activations(tmp_path, mock_data):
+    teacher_dir = tmp_path / "float"
+    call_main(train, *QUICK, "--method=float", "--epochs=1", "--export=", f"--out_dir={teacher_dir}")
+    teacher = results(teacher_dir)["model"]
+    FLAGS.unparse_flags()
+    out = tmp_path / "ptq"
+    call_main(train, *QUICK, "--method=ptq", "--sparsity=0.5", "--epochs=2", "--distill", "--activations=int8",
+              f"--init_from={teacher}", "--export=int8,micro", "--freeze_at=0.25", f"--out_dir={out}")  # fmt: skip
+    res = results(out)
+    plain = load_h5(res["model"])
+    assert any(type(layer).__name__ == "ActivationQuantizer" for layer in plain.layers)
+    assert ternary_channels(plain.get_layer("fc1").kernel.numpy())
+    assert res["export"]["micro"]["file_bytes"] < res["export"]["int8"]["file_bytes"]
+    with pytest.raises(app.UsageError, match="--distill needs"):
+        FLAGS.unparse_flags()
+        call_main(train, *QUICK, "--method=ptq", "--distill", f"--out_dir={tmp_path / 'x'}")
