@@ -20,9 +20,10 @@ from ptq_keras import keras
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("float_epochs", 6, "Epochs of float training.")
 flags.DEFINE_integer("ptq_epochs", 4, "Epochs of PTQ fine-tuning from the float model.")
-flags.DEFINE_integer(
-    "freeze_epochs", 2, "Freeze the support after this many PTQ epochs (then the STE is masked); -1: never."
+flags.DEFINE_float(
+    "freeze_at", 0.5, "Fraction of the PTQ fine-tuning after which the support freezes (then the STE is masked)."
 )
+flags.DEFINE_bool("distill", False, "Distill from the float model while fine-tuning (ptq_keras.distill).")
 flags.DEFINE_float("sparsity", 0.7, "Target fraction of zero weights in every ternarized layer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the float training.")
 flags.DEFINE_float("finetune_learning_rate", 5e-4, "Adam learning rate of the PTQ fine-tuning.")
@@ -74,12 +75,11 @@ def main(argv):
     float_time, float_acc = _train(model, FLAGS.learning_rate, FLAGS.float_epochs, x_train, y_train, x_test, y_test)
     _log(f"float test accuracy {float_acc:.4f}")
 
-    steps_per_epoch = -(-len(x_train) // FLAGS.batch_size)
-    freeze_at = FLAGS.freeze_epochs * steps_per_epoch if FLAGS.freeze_epochs >= 0 else None
-    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay, freeze_at=freeze_at)
+    qmodel = ptq_keras.ternarize(model, sparsity=FLAGS.sparsity, decay=FLAGS.decay, freeze_at=FLAGS.freeze_at)
+    trained = ptq_keras.distill(qmodel, model) if FLAGS.distill else qmodel
     _log(f"PTQ fine-tuning at sparsity {FLAGS.sparsity} for {FLAGS.ptq_epochs} epochs")
     ptq_time, qat_acc = _train(
-        qmodel, FLAGS.finetune_learning_rate, FLAGS.ptq_epochs, x_train, y_train, x_test, y_test
+        trained, FLAGS.finetune_learning_rate, FLAGS.ptq_epochs, x_train, y_train, x_test, y_test
     )
 
     plain = ptq_keras.strip(qmodel)
@@ -101,7 +101,8 @@ def main(argv):
         "train_examples": int(len(x_train)),
         "float_epochs": FLAGS.float_epochs,
         "ptq_epochs": FLAGS.ptq_epochs,
-        "freeze_at_step": freeze_at,
+        "freeze_at": FLAGS.freeze_at,
+        "distill": FLAGS.distill,
         "sparsity_target": FLAGS.sparsity,
         "float_test_accuracy": float_acc,
         "qat_test_accuracy": qat_acc,

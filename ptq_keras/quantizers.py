@@ -21,7 +21,18 @@ DEFAULTS = {
     "decay": 1e-3,
     "freeze_at": 0.5,
     "frequency": 1,
+    # Related methods (docs/METHODS.md)
+    "criterion": "magnitude",  # support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020)
+    "taylor_decay": 0.9,  # the running mean's decay per step
+    "psg_strength": 150.0,  # lambda_s of ste="psg" (Kim et al. 2020)
+    "regularizer": None,  # or "greg": growing L2 penalty on the weights about to be pruned (Wang et al. 2021)
+    "greg_delta": 1e-4,  # GReg: the penalty grows by delta ...
+    "greg_interval": 5,  # ... every interval steps ...
+    "greg_ceiling": 1.0,  # ... up to this ceiling (the paper's code defaults)
+    "soft_decay": 1.0,  # SRFP: pruned latents are multiplied by this at every support update (1: SFP, no decay)
 }
+CRITERIA = ("magnitude", "taylor")
+REGULARIZERS = (None, "greg")
 
 
 @keras.utils.register_keras_serializable(package="ptq_keras")
@@ -67,7 +78,13 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             initializer=keras.initializers.Constant(self.freeze_step),
             trainable=False,
         )
-        return {"step": step, "mask": mask, "sparsity": sparsity, "freeze_step": freeze}
+        variables = {"step": step, "mask": mask, "sparsity": sparsity, "freeze_step": freeze}
+        if self.options["criterion"] == "taylor":
+            variables["score"] = layer.add_weight(
+                f"{name}_ptq_taylor_score", shape=tensor_shape, dtype=tf.float32, initializer="zeros",
+                trainable=False,
+            )
+        return variables
 
     def __call__(self, inputs, training, weights, **kwargs):
         w = tf.convert_to_tensor(inputs)
@@ -80,15 +97,21 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             # Re-select at the freeze step itself (the last selection), never after it.
             update = tf.logical_or(update, tf.logical_and(freezes, tf.equal(step, freeze)))
             update = tf.logical_and(update, tf.logical_or(tf.logical_not(freezes), step <= freeze))
+            scores = self._scores(w, weights, step)
             mask = tf.cond(
-                update, lambda: self.support(w, target), lambda: tf.convert_to_tensor(mask_var)
+                update, lambda: self.support(scores, target), lambda: tf.convert_to_tensor(mask_var)
             )
             new_sparsity = tf.cond(
                 update, lambda: tf.cast(target, tf.float32), lambda: tf.convert_to_tensor(sparsity_var)
             )
-            with tf.control_dependencies(
-                [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
-            ):
+            updates = [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
+            if self.options["soft_decay"] < 1.0 and isinstance(inputs, tf.Variable):
+                # SRFP: pruned latents fade by soft_decay at each support update (the forward pass used w).
+                factor = mask + self.options["soft_decay"] * (1.0 - mask)
+                updates.append(
+                    tf.cond(update, lambda: inputs.assign(w * factor), lambda: tf.convert_to_tensor(inputs))
+                )
+            with tf.control_dependencies(updates):
                 current_step = tf.identity(step)
             with tf.control_dependencies([current_step]):
                 step_update = step.assign_add(1)
@@ -106,8 +129,21 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         decay = self.options["decay"]
         if callable(decay):
             decay = decay(current_step)
+        greg = tf.where(frozen, 0.0, self.greg_strength(current_step)) if self.options["regularizer"] else 0.0
+        on_gradient = None
+        if training and "score" in weights:
+            score_var = weights["score"]
+            keep = self.options["taylor_decay"]
+
+            def on_gradient(upstream):
+                fresh = tf.abs(w * upstream)
+                started = tf.cast(current_step > 0, tf.float32)  # the first step sets the mean
+                rate = keep * started
+                return score_var.assign(rate * score_var + (1.0 - rate) * fresh)
+
         out = ste.ternary_ste(
-            w, w_q, mask, mode=self.options["ste"], clip_bound=clip_bound, decay=decay, frozen=frozen
+            w, w_q, mask, mode=self.options["ste"], clip_bound=clip_bound, decay=decay, frozen=frozen,
+            psg_strength=self.options["psg_strength"], greg=greg, on_gradient=on_gradient,
         )
         if step_update is not None:
             with tf.control_dependencies([step_update]):
@@ -130,6 +166,20 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return not self.__eq__(other)
 
     # -- the math, through ptq_keras.ternary
+    def greg_strength(self, step) -> tf.Tensor:
+        """GReg's penalty at ``step``: ``min(ceiling, delta * floor(step / interval))``."""
+        o = self.options
+        grown = o["greg_delta"] * tf.cast(tf.math.floordiv(tf.cast(step, tf.int64), o["greg_interval"]), tf.float32)
+        return tf.minimum(grown, o["greg_ceiling"])
+
+    def _scores(self, w, weights, step) -> tf.Tensor:
+        """What the support is chosen on: ``w`` (by magnitude), or the Taylor score (``|w|`` until a gradient
+        has been seen)."""
+        if "score" not in weights:
+            return w
+        score = tf.convert_to_tensor(weights["score"])
+        return tf.where(step > 0, score, tf.abs(w))
+
     def support(self, w, sparsity) -> tf.Tensor:
         """Support mask (float32, shape of ``w``) for the scheduled ``sparsity``."""
         w2d = ternary.as_groups_tf(w, self.channel_dims)

@@ -13,7 +13,7 @@ from . import activations as act
 from . import fitting, schedules, ste, ternary
 from .compat import check_keras_model, keras, tf, tfmot
 from .configs import TernaryQuantizeConfig, TernaryScheme, kernel_attributes
-from .quantizers import DEFAULTS, TernaryQuantizer
+from .quantizers import CRITERIA, DEFAULTS, REGULARIZERS, TernaryQuantizer
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 _CHOICES = {
@@ -21,6 +21,8 @@ _CHOICES = {
     "granularity": ternary.GRANULARITIES,
     "selection": ternary.GRANULARITIES,
     "ste": ste.STE_MODES,
+    "criterion": CRITERIA,
+    "regularizer": REGULARIZERS,
 }
 
 
@@ -53,9 +55,25 @@ def _validate_options(options: Mapping, where: str) -> dict:
         raise type(exc)(f"{where}: {exc}") from None
     if not isinstance(merged["normalize"], bool):
         raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
-    for name in ("clip",):
-        if not isinstance(merged[name], numbers.Real) or merged[name] <= 0:
+    for name in ("clip", "psg_strength", "greg_ceiling"):
+        if isinstance(merged[name], bool) or not isinstance(merged[name], numbers.Real) or merged[name] <= 0:
             raise ValueError(f"{where}: {name} must be a positive number, got {merged[name]!r}.")
+    for name in ("taylor_decay",):
+        if isinstance(merged[name], bool) or not isinstance(merged[name], numbers.Real) or not 0 <= merged[name] < 1:
+            raise ValueError(f"{where}: {name} must be a number in [0, 1), got {merged[name]!r}.")
+    r = merged["soft_decay"]
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r <= 1:
+        raise ValueError(f"{where}: soft_decay must be in (0, 1] (1: pruned weights keep their values), got {r!r}.")
+    if isinstance(merged["greg_delta"], bool) or not isinstance(merged["greg_delta"], numbers.Real) or \
+            merged["greg_delta"] < 0:
+        raise ValueError(f"{where}: greg_delta must be a number >= 0, got {merged['greg_delta']!r}.")
+    if not isinstance(merged["greg_interval"], numbers.Integral) or merged["greg_interval"] < 1:
+        raise ValueError(f"{where}: greg_interval must be an integer >= 1, got {merged['greg_interval']!r}.")
+    if merged["criterion"] == "taylor" and merged["threshold"] != "sparsity":
+        raise ValueError(
+            f"{where}: criterion='taylor' ranks weights for the exact top-k; use it with threshold='sparsity', "
+            f"not {merged['threshold']!r}."
+        )
     decay = merged["decay"]
     if not callable(decay) and (not isinstance(decay, numbers.Real) or decay < 0):
         raise ValueError(

@@ -1,0 +1,150 @@
+"""The related methods as options of ternarize: Taylor-score selection, GReg, PSG and soft pruning (SRFP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import small_cnn
+
+import ptq_keras
+from ptq_keras import fitting, keras, ste, ternary
+from ptq_keras.compat import tf
+from ptq_keras.quantizers import TernaryQuantizer
+
+
+def _setup(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(12, 3)).astype(np.float32)
+    mask = ternary.support_np(w, sparsity=0.5)
+    return w, mask, ternary.project_np(w, mask), rng.normal(size=w.shape).astype(np.float32)
+
+
+def _grad(w, w_q, mask, upstream, **kw):
+    wt = tf.Variable(w)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(ste.ternary_ste(wt, tf.constant(w_q), tf.constant(mask), **kw) * upstream)
+    return tape.gradient(loss, wt).numpy()
+
+
+def test_psg_gradient_is_scaled_by_the_distance_to_the_grid():
+    w, mask, w_q, g = _setup()
+    got = _grad(w, w_q, mask, g, mode="psg", psg_strength=150.0, decay=0.1)
+    np.testing.assert_allclose(got, g * 150.0 * np.abs(w - w_q) + 0.1 * (w - w_q), rtol=1e-5)
+    frozen = _grad(w, w_q, mask, g, mode="psg", frozen=tf.constant(True))
+    np.testing.assert_allclose(frozen, g * mask)
+
+
+def test_greg_penalizes_only_the_pruned_weights():
+    w, mask, w_q, g = _setup(1)
+    got = _grad(w, w_q, mask, g, mode="identity", greg=0.3)
+    np.testing.assert_allclose(got, g + 0.3 * w * (~mask), rtol=1e-6)
+    np.testing.assert_array_equal(got[mask], g[mask])
+
+
+def test_greg_strength_grows_by_delta_every_interval_up_to_the_ceiling():
+    q = TernaryQuantizer(1, regularizer="greg", greg_delta=0.1, greg_interval=5, greg_ceiling=0.25)
+    got = [float(q.greg_strength(tf.constant(t, tf.int64))) for t in (0, 4, 5, 9, 10, 14, 15, 100)]
+    np.testing.assert_allclose(got, [0, 0, 0.1, 0.1, 0.2, 0.2, 0.25, 0.25], atol=1e-7)
+
+
+def _dense_model(n_in=6, n_out=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((n_in,)), keras.layers.Dense(n_out, use_bias=False, name="d")])
+
+
+def _state(qmodel):
+    (_, quantizer, qvars), = fitting.quantizer_states(qmodel)
+    return quantizer, qvars
+
+
+def test_taylor_score_equals_the_hand_computed_one_and_drives_the_support():
+    model = _dense_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6)).astype(np.float32)
+    t = rng.normal(size=(8, 3)).astype(np.float32)
+    q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None)
+    q.compile(keras.optimizers.SGD(0.0), "mse")  # no weight update: the step's gradient is easy to write down
+    quantizer, qvars = _state(q)
+    w = q.get_layer("ptq_d").weights[0].numpy()
+    q.fit(x, t, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    mask = ternary.support_np(w, sparsity=0.5)  # step 0: magnitude
+    w_q = ternary.project_np(w, mask)
+    dl_dwq = 2.0 / (8 * 3) * x.T @ (x @ w_q - t)  # mean squared error over batch and outputs
+    expected = np.abs(w * dl_dwq)
+    np.testing.assert_allclose(qvars["score"].numpy(), expected, rtol=1e-4, atol=1e-7)
+    q.fit(x, t, batch_size=8, epochs=1, verbose=0, shuffle=False)  # step 1 selects on the score
+    np.testing.assert_array_equal(qvars["mask"].numpy() > 0.5, ternary.support_np(expected, sparsity=0.5))
+    assert not np.array_equal(ternary.support_np(expected, sparsity=0.5), mask)  # the criterion changed the support
+
+
+def test_soft_decay_fades_pruned_latents_at_each_support_update():
+    model = _dense_model(8, 4)
+    x = np.ones((4, 8), np.float32)
+    q = ptq_keras.ternarize(model, sparsity=0.5, soft_decay=0.5, decay=0.0, freeze_at=3)
+    q.compile(keras.optimizers.SGD(0.0), "mse")
+    w0 = q.get_layer("ptq_d").weights[0].numpy().copy()
+    q.fit(x, np.zeros((4, 4)), batch_size=1, epochs=1, verbose=0)  # steps 0..3: updates at 0, 1, 2, 3 (freeze)
+    _, qvars = _state(q)
+    mask = qvars["mask"].numpy() > 0.5
+    w = q.get_layer("ptq_d").weights[0].numpy()
+    np.testing.assert_allclose(w[mask], w0[mask])
+    np.testing.assert_allclose(w[~mask], w0[~mask] * 0.5**4, rtol=1e-6)
+    q.fit(x, np.zeros((4, 4)), batch_size=1, epochs=1, verbose=0)  # frozen: no more updates, no more decay
+    np.testing.assert_allclose(q.get_layer("ptq_d").weights[0].numpy()[~mask], w0[~mask] * 0.5**4, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"criterion": "hessian"}, ValueError, "criterion='hessian'"),
+        ({"criterion": "taylor", "threshold": "twn"}, ValueError, "criterion='taylor'"),
+        ({"regularizer": "l1"}, ValueError, "regularizer='l1'"),
+        ({"ste": "psg", "psg_strength": 0}, ValueError, "psg_strength"),
+        ({"soft_decay": 0.0}, ValueError, "soft_decay"),
+        ({"soft_decay": 1.5}, ValueError, "soft_decay"),
+        ({"greg_interval": 0}, ValueError, "greg_interval"),
+        ({"taylor_decay": 1.0}, ValueError, "taylor_decay"),
+        ({"overrides": {"d": {"soft_decay": -1}}}, ValueError, r"overrides\['d'\]: soft_decay"),
+    ],
+)
+def test_bad_method_options_explain(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ptq_keras.ternarize(_dense_model(), **kwargs)
+
+
+METHODS = {
+    "taylor": {"criterion": "taylor"},
+    "greg": {"regularizer": "greg", "greg_delta": 1e-2},
+    "psg": {"ste": "psg"},
+    "srfp": {"soft_decay": 0.9},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_exports_bit_exact_and_survives_h5(method, fashion_mnist, tmp_path):
+    from ptq_keras import tflite
+
+    x_train, y_train, x_test, _ = fashion_mnist
+    x, y = x_train[:1024], y_train[:1024]
+    q = ptq_keras.ternarize(small_cnn(), sparsity=0.7, overrides={"logits": {"sparsity": 0.5}}, **METHODS[method])
+    q.compile(keras.optimizers.Adam(2e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = q.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    plain = ptq_keras.strip(q, batchnorm_data=x)
+    for layer in plain.layers:
+        if hasattr(layer, "kernel"):
+            k = layer.kernel.numpy().reshape(-1, layer.kernel.shape[-1])
+            keep = ternary.keep_count(0.5 if layer.name == "logits" else 0.7, k.shape[0])
+            assert all(np.count_nonzero(k[:, c]) == keep for c in range(k.shape[1])), layer.name
+            assert all(len(np.unique(np.abs(k[:, c][k[:, c] != 0]))) == 1 for c in range(k.shape[1])), layer.name
+    result = tflite.export(plain, x[:128], str(tmp_path / "out"), targets=("int8", "micro"))
+    parity = tflite.verify(plain, result.files["micro"], x_test[:200], num_samples=200, min_top1=0.9)
+    assert parity.ok, str(parity)
+    path = str(tmp_path / "q.h5")
+    q.save(path)
+    again = ptq_keras.load_model(path)
+    assert again.get_layer("ptq_conv1").quantize_config.options["soft_decay"] == METHODS[method].get("soft_decay", 1.0)
+    np.testing.assert_allclose(again.predict(x[:16], verbose=0), q.predict(x[:16], verbose=0), atol=1e-5)
+    again.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0)  # training continues
+    steps = {int(v["step"].numpy()) for _, _, v in fitting.quantizer_states(again)}
+    assert steps == {36}
