@@ -65,9 +65,8 @@ def _variants():
         return build
 
     return {
-        "defaults": ("the four plain lines (defaults)", ternarize()),
+        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5)", ternarize()),
         "never_frozen": ("freeze_at=None (never frozen, the previous default)", ternarize(freeze_at=None)),
-        "selection_tensor": ("selection='tensor'", ternarize(selection="tensor")),
         "selection_channel": ("selection='channel'", ternarize(selection="channel")),
         "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp),
         "distill": ("ptq_keras.distill(q, float model) (defaults)", distill()),

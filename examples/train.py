@@ -59,7 +59,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum("ste", "identity", ["identity", "masked", "clipped"], "ptq / twn: straight-through estimator.")
 flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
-flags.DEFINE_enum("selection", "channel", ["channel", "tensor"], "ptq: top-k support per channel or per layer.")
+flags.DEFINE_enum("selection", "tensor", ["channel", "tensor"], "ptq: top-k support per layer or per channel.")
 flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
 flags.DEFINE_float("decay", 1e-3, "ptq / twn: strength of the discrepancy term lambda * (W - W_q) in the gradient.")
 flags.DEFINE_integer(
@@ -127,7 +127,7 @@ class Config:
     threshold: str = "sparsity"
     ste: str = "identity"
     granularity: str = "channel"
-    selection: str = "channel"
+    selection: str = "tensor"
     normalize: bool = False
     decay: float = 1e-3
     ramp_epochs: int = 0

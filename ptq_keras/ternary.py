@@ -8,6 +8,9 @@ A kernel is viewed as a matrix ``(n, C)``: column ``c`` holds the weights of out
   of the ``k`` largest scores (smallest ``k`` on ties).
 - ``"twn"``: ``|w| > 0.7 * mean|w|`` (Ternary Weight Networks).
 
+With ``selection="tensor"`` and ``"sparsity"``, each channel's largest weight is always kept (a layer-wide top-k
+could otherwise empty whole channels, e.g. classes of a classifier, at high sparsity).
+
 With ``normalize`` the scores are ``|w| / ||w_c||_2`` (per output channel), which equalizes channels when the
 support is selected over the whole tensor. For each *scale group* (a column, or the whole matrix) the scale is
 ``alpha = sum(|w| * M) / #{M and w != 0}``, the L2-optimal scale for that support, and the projection is
@@ -66,6 +69,16 @@ def _l2_keep_np(scores: np.ndarray) -> np.ndarray:
     return np.argmax(np.square(cums) / ks, axis=0) + 1
 
 
+def _keep_alive_np(scores: np.ndarray) -> np.ndarray:
+    """Scores where each channel's largest (first on ties) ranks above every other weight of the layer, so that a
+    layer-wide top-k keeps every channel alive whenever it keeps at least one weight per channel."""
+    colmax = scores.max(axis=0, keepdims=True)
+    is_max = scores == colmax
+    first = is_max & (np.cumsum(is_max, axis=0) == 1)
+    boost = np.float32(2.0) * scores.max() + np.float32(1.0)
+    return (scores + first.astype(np.float32) * boost).astype(np.float32)
+
+
 def support_np(
     w2d: np.ndarray,
     *,
@@ -80,6 +93,7 @@ def support_np(
     if selection == "tensor":
         flat = scores.reshape(-1, 1)
         if threshold == "sparsity":
+            flat = _keep_alive_np(scores).reshape(-1, 1)
             mask = _topk_mask_np(flat, [keep_count(sparsity, flat.shape[0])])
         elif threshold == "l2":
             mask = _topk_mask_np(flat, _l2_keep_np(flat))
@@ -180,6 +194,14 @@ def _l2_keep_tf(scores_cn: tf.Tensor) -> tf.Tensor:
     return tf.argmax(tf.square(cums) / ks, axis=-1, output_type=tf.int32) + 1
 
 
+def _keep_alive_tf(scores: tf.Tensor) -> tf.Tensor:
+    """TensorFlow twin of :func:`_keep_alive_np`."""
+    is_max = tf.equal(scores, tf.reduce_max(scores, axis=0, keepdims=True))
+    first = tf.logical_and(is_max, tf.equal(tf.cumsum(tf.cast(is_max, tf.int32), axis=0), 1))
+    boost = 2.0 * tf.reduce_max(scores) + 1.0
+    return scores + tf.cast(first, tf.float32) * boost
+
+
 def support_tf(
     w2d: tf.Tensor,
     *,
@@ -195,8 +217,12 @@ def support_tf(
         axis = None if selection == "tensor" else 0
         return scores > TWN_FACTOR * tf.reduce_mean(scores, axis=axis, keepdims=True)
     if selection == "tensor":
-        flat = tf.reshape(scores, (1, -1))
-        k = keep_count_tf(sparsity, n * channels) if threshold == "sparsity" else _l2_keep_tf(flat)
+        if threshold == "sparsity":
+            flat = tf.reshape(_keep_alive_tf(scores), (1, -1))
+            k = keep_count_tf(sparsity, n * channels)
+        else:
+            flat = tf.reshape(scores, (1, -1))
+            k = _l2_keep_tf(flat)
         return tf.reshape(_topk_mask_tf(flat, k), (n, channels))
     columns = tf.transpose(scores)
     k = keep_count_tf(sparsity, n) if threshold == "sparsity" else _l2_keep_tf(columns)
