@@ -70,6 +70,11 @@ def _variants():
         "selection_channel": ("selection='channel'", ternarize(selection="channel")),
         "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp),
         "distill": ("ptq_keras.distill(q, float model) (defaults)", distill()),
+        "taylor": ("criterion='taylor'", ternarize(criterion="taylor")),
+        "greg": ("regularizer='greg'", ternarize(regularizer="greg")),
+        "psg": ("ste='psg'", ternarize(ste="psg")),
+        "srfp": ("soft_decay=0.9 (SRFP)", ternarize(soft_decay=0.9)),
+        "int8_activations": ("activations='int8'", ternarize(activations="int8")),
     }
 
 

@@ -46,6 +46,7 @@ _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 # Settings that define a run: a checkpoint only resumes a run with the same values.
 _RUN_IDENTITY = (
     "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
+    "criterion", "regularizer", "soft_decay",
     "ramp_epochs", "freeze_at", "distill", "temperature", "alpha", "activations", "batch_size", "learning_rate",
     "init_from", "seed", "limit", "max_steps_per_epoch",
 )  # fmt: skip
@@ -57,7 +58,15 @@ flags.DEFINE_float("sparsity", 0.7, "ptq / tfmot_prune: target fraction of zero 
 flags.DEFINE_enum(
     "threshold", "sparsity", ["sparsity", "l2", "twn"], "ptq: support selection (exact top-k, L2 projection, TWN)."
 )
-flags.DEFINE_enum("ste", "identity", ["identity", "masked", "clipped"], "ptq / twn: straight-through estimator.")
+flags.DEFINE_enum(
+    "ste", "identity", ["identity", "masked", "clipped", "psg"], "ptq / twn: straight-through estimator."
+)
+flags.DEFINE_enum("criterion", "magnitude", ["magnitude", "taylor"], "ptq: rank weights by |w| or by a Taylor score.")
+flags.DEFINE_enum("regularizer", "none", ["none", "greg"], "ptq: 'greg' grows an L2 penalty on to-be-pruned weights.")
+flags.DEFINE_float(
+    "soft_decay", 1.0, "ptq: pruned latents are multiplied by this at each support update (SRFP; 1: off).",
+    lower_bound=0.0, upper_bound=1.0,
+)
 flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
 flags.DEFINE_enum("selection", "tensor", ["channel", "tensor"], "ptq: top-k support per layer or per channel.")
 flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
@@ -126,6 +135,9 @@ class Config:
     sparsity: float = 0.7
     threshold: str = "sparsity"
     ste: str = "identity"
+    criterion: str = "magnitude"
+    regularizer: str = "none"
+    soft_decay: float = 1.0
     granularity: str = "channel"
     selection: str = "tensor"
     normalize: bool = False
@@ -173,7 +185,11 @@ def validate(cfg: Config) -> None:
 
     choice("method", cfg.method, METHODS)
     choice("threshold", cfg.threshold, ("sparsity", "l2", "twn"))
-    choice("ste", cfg.ste, ("identity", "masked", "clipped"))
+    choice("ste", cfg.ste, ("identity", "masked", "clipped", "psg"))
+    choice("criterion", cfg.criterion, ("magnitude", "taylor"))
+    choice("regularizer", cfg.regularizer, ("none", "greg"))
+    if not 0.0 < cfg.soft_decay <= 1.0:
+        raise ValueError(f"--soft_decay={cfg.soft_decay} is outside (0, 1] (1: pruned weights keep their values).")
     choice("granularity", cfg.granularity, ("channel", "tensor"))
     choice("selection", cfg.selection, ("channel", "tensor"))
     choice("encoding", cfg.encoding, ("lut", "huffman", "prune", "auto"))
@@ -283,6 +299,9 @@ def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> ker
                 threshold=cfg.threshold,
                 selection=cfg.selection,
                 normalize=cfg.normalize,
+                criterion=cfg.criterion,
+                regularizer=None if cfg.regularizer == "none" else cfg.regularizer,
+                soft_decay=cfg.soft_decay,
                 **options,
             )
         # The script fits one epoch at a time: state the whole run's length for the fractional freeze.
