@@ -10,6 +10,7 @@ the steps of the first epoch and resolves then. Custom training loops call :func
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 from . import schedules
@@ -52,16 +53,33 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
     """Turn every unresolved fractional ``freeze_at`` of ``model`` into a step, for a training run of
     ``total_steps`` steps that starts now. Returns ``{layer name: freeze step}`` of what it resolved.
 
-    ``fit`` calls this by itself; call it from a custom training loop before the first step.
+    A sparsity schedule that would still be ramping at that step is compressed in time to end there (with a
+    warning): its final sparsity is reached before the support freezes, and the frozen half fine-tunes it.
+    ``fit`` calls this by itself (before it traces its training step); call it from a custom training loop before
+    the first step.
     """
-    if not isinstance(total_steps, int) or total_steps < 1:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int (the training steps to come), got {total_steps!r}.")
-    resolved = {}
+    resolved, compressed = {}, {}
     for name, quantizer, qvars in pending(model):
         start = int(qvars["step"].numpy())
-        step = schedules.resolve_freeze_step(quantizer.freeze_fraction, quantizer.schedule, start, total_steps)
+        step = schedules.fraction_step(quantizer.freeze_fraction, start, total_steps)
+        end = schedules.end_step(quantizer.schedule)
+        if end > step:
+            compressed[name] = end
+            _set_schedule(model, name, quantizer, schedules.ending_at(quantizer.schedule, step))
         qvars["freeze_step"].assign(step)
         resolved[name] = step
+    if compressed:
+        ends = sorted(set(compressed.values()))
+        warnings.warn(
+            f"ptq_keras: the sparsity schedule of {len(compressed)} layer(s) ends at step {ends[-1]}, after the "
+            f"support freezes (freeze_at={quantizer.freeze_fraction} of {total_steps} steps, step "
+            f"{max(resolved.values())}): it is compressed to end there, so the final sparsity is reached and then "
+            "fine-tuned. Pass freeze_at=None to keep the schedule as it is (it then freezes at its end_step).",
+            UserWarning,
+            stacklevel=3,
+        )
     if verbose and resolved:
         steps = sorted(set(resolved.values()))
         where = steps[0] if len(steps) == 1 else f"{steps[0]}..{steps[-1]}"
@@ -71,6 +89,15 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
             flush=True,
         )
     return resolved
+
+
+def _set_schedule(model, name, quantizer, schedule) -> None:
+    """Replace a quantizer's schedule, also in its layer's saved config."""
+    quantizer.schedule = schedule
+    quantizer.options["sparsity"] = schedule
+    for layer in _layers(model):
+        if getattr(getattr(layer, "layer", None), "name", None) == name:
+            layer.quantize_config.options["sparsity"] = schedules.serialize(schedule)
 
 
 class ResolveFreeze(keras.callbacks.Callback):

@@ -114,5 +114,17 @@ def initial_freeze_step(freeze_at, schedule: PruningSchedule) -> int:
 def resolve_freeze_step(fraction: float, schedule: PruningSchedule, start: int, total_steps: int) -> int:
     """The step where a fractional freeze happens for a ``fit`` of ``total_steps`` steps starting at ``start``:
     ``start + round(fraction * total_steps)``, never before a sparsity schedule has reached its target."""
-    step = start + int(round(fraction * total_steps))
-    return max(step, end_step(schedule))
+    return max(fraction_step(fraction, start, total_steps), end_step(schedule))
+
+
+def fraction_step(fraction: float, start: int, total_steps: int) -> int:
+    return start + int(round(fraction * total_steps))
+
+
+def ending_at(schedule: PruningSchedule, end: int) -> PruningSchedule:
+    """The same ramp compressed in time so that it ends at step ``end`` (its begin step scaled alike)."""
+    config = dict(schedule.get_config()["config"])
+    old_end = int(config["end_step"])
+    config["begin_step"] = int(round(int(config.get("begin_step", 0)) * end / max(old_end, 1)))
+    config["end_step"] = int(end)
+    return type(schedule).from_config(config)

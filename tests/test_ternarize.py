@@ -68,7 +68,7 @@ def test_polynomial_schedule_ramps_then_freezes_with_masked_ste():
     model = small_cnn()
     x, y = _data(model, n=96)
     schedule = ptq_keras.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=4, frequency=1)
-    qmodel = ptq_keras.ternarize(model, sparsity=schedule, decay=0.0)
+    qmodel = ptq_keras.ternarize(model, sparsity=schedule, decay=0.0, freeze_at=None)  # freeze at the ramp's end
     _fit(qmodel, x[:32], y[:32], batch_size=16)  # steps 0, 1: mid-ramp
     mid = ptq_keras.summary(qmodel, print_fn=None)
     assert all(0.0 < r.target_sparsity < 0.8 for r in mid.layers if r.ternary)
