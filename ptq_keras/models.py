@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from .compat import keras
 
-__all__ = ["MODELS", "build", "ds_cnn", "mlp", "resnet20", "small_cnn"]
+__all__ = ["MODELS", "build", "ds_cnn", "ds_resnet", "mlp", "resnet20", "small_cnn"]
 
 L = keras.layers
 
@@ -69,6 +69,27 @@ def ds_cnn(
     return keras.Model(inp, out, name="ds_cnn")
 
 
+def ds_resnet(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, filters: int = 32) -> keras.Model:
+    """A residual depthwise model: a strided Conv-BN-ReLU stem, two (DepthwiseConv3x3-BN-ReLU, Conv1x1-BN) blocks
+    with residual adds and ReLU, a strided SeparableConv2D (ReLU), global average pooling and a Dense head."""
+    x = inp = _input(input_shape)
+    x = L.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = _bn(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    for i in (1, 2):
+        y = L.DepthwiseConv2D(3, padding="same", use_bias=False, name=f"dw{i}")(x)
+        y = _bn(name=f"dw{i}_bn")(y)
+        y = L.ReLU(name=f"dw{i}_relu")(y)
+        y = L.Conv2D(filters, 1, use_bias=False, name=f"pw{i}")(y)
+        y = _bn(name=f"pw{i}_bn")(y)
+        x = L.Add(name=f"add{i}")([x, y])
+        x = L.ReLU(name=f"add{i}_relu")(x)
+    x = L.SeparableConv2D(2 * filters, 3, strides=2, padding="same", activation="relu", name="sep")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(_check_classes(num_classes), name="logits")(x)
+    return keras.Model(inp, out, name="ds_resnet")
+
+
 def resnet20(
     input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, depth: int = 20, width: int = 16
 ) -> keras.Model:
@@ -117,6 +138,7 @@ def mlp(
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "small_cnn": small_cnn,
     "ds_cnn": ds_cnn,
+    "ds_resnet": ds_resnet,
     "resnet20": resnet20,
     "mlp": mlp,
 }

@@ -83,9 +83,9 @@ def test_activations_option_saves_loads_and_is_validated(tmp_path):
         ptq_keras.ternarize(small_cnn(), activations="int4")
 
 
-@pytest.mark.parametrize("builder", ["ds_cnn", "residual_dw"])
+@pytest.mark.parametrize("builder", ["ds_cnn", "ds_resnet"])
 def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_path):
-    """The int8 (and micro) file computes what the Keras model computes: top-1 agreement >= 99.5%."""
+    """The int8 (and micro) file computes what the Keras model computes."""
     from ptq_keras import tflite
 
     x_train, y_train, x_test, _ = fashion_mnist
@@ -94,7 +94,7 @@ def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_pat
     if builder == "ds_cnn":
         model = models.ds_cnn((28, 28, 1), 10, filters=32, blocks=2)
     else:
-        model = residual_dw((28, 28, 1))
+        model = models.ds_resnet((28, 28, 1), 10, filters=24)  # residual adds, a separable conv
     _compile(model)
     model.fit(x, y, epochs=2, batch_size=128, verbose=0)
     q = ptq_keras.ternarize(model, sparsity=0.7, activations="int8")
@@ -103,5 +103,10 @@ def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_pat
     plain = ptq_keras.strip(q, batchnorm_data=x[:2048])
     result = tflite.export(plain, x[:256], str(tmp_path), targets=("int8", "micro"))
     for target in ("int8", "micro"):
-        parity = tflite.verify(plain, result.files[target], x_test[:2000], num_samples=2000, min_top1=0.995)
+        # Briefly trained test models have many near-ties between classes, where a 1-LSB difference flips the
+        # top-1: 99% here; benchmarks/activations.py measures trained models over the whole test set.
+        parity = tflite.verify(plain, result.files[target], x_test[:2000], num_samples=2000, min_top1=0.99)
         assert parity.ok, str(parity)
+        # Every int8 tensor of the file has the trained range: outputs within 2 LSB of the Keras model's (a
+        # misplaced or missing fake-quant gives tens of LSB, as calibration after training does).
+        assert parity.steps[0].max_lsb <= 2.0, str(parity)

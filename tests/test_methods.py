@@ -62,7 +62,7 @@ def test_taylor_score_equals_the_hand_computed_one_and_drives_the_support():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 6)).astype(np.float32)
     t = rng.normal(size=(8, 3)).astype(np.float32)
-    q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None)
+    q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None, selection="channel")
     q.compile(keras.optimizers.SGD(0.0), "mse")  # no weight update: the step's gradient is easy to write down
     quantizer, qvars = _state(q)
     w = q.get_layer("ptq_d").weights[0].numpy()

@@ -1,0 +1,127 @@
+"""Does the int8 file compute what the Keras model computes? Top-1 agreement with and without activations="int8".
+
+For each model (``ds_cnn`` and the residual depthwise ``ds_resnet``) a float model trains on Fashion-MNIST, then
+ternarizes with ``activations=None`` and with ``activations="int8"``, fine-tunes, strips (BatchNorm and activation
+ranges re-estimated), exports ``int8`` and ``micro``, and ``ptq_keras.tflite.verify`` compares the files with the
+Keras model over the whole test set.
+
+    .venv/bin/python benchmarks/activations.py                 # about 30 minutes on 2 cores
+    .venv/bin/python benchmarks/activations.py --quick         # smoke run, numbers meaningless
+
+Writes ``benchmarks/results/activations.md`` (``--quick``: into ``--work_dir``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["ds_cnn", "ds_resnet"], "Models of ptq_keras.models.")
+flags.DEFINE_integer("float_epochs", 3, "Epochs of the float model.", lower_bound=1)
+flags.DEFINE_integer("epochs", 2, "Fine-tuning epochs.", lower_bound=1)
+flags.DEFINE_float("sparsity", 0.7, "Target sparsity.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("quick", False, "Smoke run: 2048 training and test examples, one epoch each.")
+flags.DEFINE_string("work_dir", "out/bench/activations", "Where the exported files go.")
+flags.DEFINE_string("results_dir", "benchmarks/results", "Where activations.md goes (--quick: --work_dir).")
+
+
+def _run(name, x, y, x_test, y_test, work):
+    import ptq_keras
+    from ptq_keras import keras, models
+    from ptq_keras import tflite as ptq_tflite
+
+    def compile_(model):
+        model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    base = models.build(name, x.shape[1:], 10)
+    compile_(base)
+    epochs = 1 if FLAGS.quick else FLAGS.float_epochs
+    base.fit(x, y, epochs=epochs, batch_size=128, verbose=2)
+    float_acc = base.evaluate(x_test, y_test, verbose=0)[1]
+    rows = []
+    for activations in (None, "int8"):
+        keras.utils.set_random_seed(FLAGS.seed + 1)
+        q = ptq_keras.ternarize(base, sparsity=FLAGS.sparsity, activations=activations)
+        compile_(q)
+        q.fit(x, y, epochs=1 if FLAGS.quick else FLAGS.epochs, batch_size=128, verbose=2)
+        plain = ptq_keras.strip(q, batchnorm_data=x)
+        compile_(plain)
+        acc = plain.evaluate(x_test, y_test, verbose=0)[1]
+        out = os.path.join(work, f"{name}_{activations or 'float'}")
+        result = ptq_tflite.export(plain, x[:500], out, targets=("int8", "micro"), measure=False)
+        parity = ptq_tflite.verify(plain, result.files["int8"], x_test, num_samples=len(x_test), min_top1=0.995)
+        print(parity, flush=True)
+        keras_rung = parity.steps[0]
+        micro = ptq_tflite.verify(plain, result.files["micro"], x_test, num_samples=len(x_test), min_top1=0.995)
+        rows.append(
+            {
+                "model": name,
+                "activations": activations or "None (float, calibrated at export)",
+                "float": float_acc,
+                "keras": acc,
+                "top1": keras_rung.top1_agreement,
+                "max_lsb": keras_rung.max_lsb,
+                "mean_lsb": keras_rung.mean_lsb,
+                "micro_bit_exact": micro.steps[-1].max_lsb == 0,
+                "ok": parity.ok,
+            }
+        )
+    return rows
+
+
+def main(argv):
+    del argv
+    from ptq_keras import data
+
+    limit = 2048 if FLAGS.quick else None
+    x, y = data.load_numpy("fashion_mnist", "train", limit=limit)
+    x_test, y_test = data.load_numpy("fashion_mnist", "test", limit=limit)
+    x, x_test = (x / 255.0).astype("float32"), (x_test / 255.0).astype("float32")
+    work = FLAGS.work_dir
+    os.makedirs(work, exist_ok=True)
+    start = time.time()
+    rows = []
+    for name in FLAGS.models:
+        rows += _run(name, x, y, x_test, y_test, work)
+    lines = [
+        "# int8 file against the Keras model: activations=None vs activations=\"int8\"",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {platform.node()} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs; {int(time.time() - start)} s) by "
+        f"`python benchmarks/activations.py {' '.join(sys.argv[1:])}`"
+        + (" (**--quick smoke run: not meaningful**)" if FLAGS.quick else "")
+        + ".",
+        "",
+        f"Fashion-MNIST, {len(x)} training images; float {FLAGS.float_epochs} epochs, then ternarize(sparsity="
+        f"{FLAGS.sparsity:g}) and {FLAGS.epochs} epochs of `fit` (Adam 1e-3), `strip(q, batchnorm_data=x)`, export "
+        f"`int8` and `micro`, `verify` over the {len(x_test)} test images (LiteRT reference kernels).",
+        "",
+        "| model | activations in training | float acc | ternary Keras acc | int8 file top-1 agreement with Keras | "
+        "max / mean error (output LSB) | micro bit-exact with int8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['activations']} | {100 * r['float']:.2f}% | {100 * r['keras']:.2f}% "
+            f"| {100 * r['top1']:.2f}% | {r['max_lsb']:.2f} / {r['mean_lsb']:.3f} | {r['micro_bit_exact']} |"
+        )
+    out_dir = work if FLAGS.quick else FLAGS.results_dir
+    path = os.path.join(out_dir, "activations.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
