@@ -53,8 +53,8 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
     """Turn every unresolved fractional ``freeze_at`` of ``model`` into a step, for a training run of
     ``total_steps`` steps that starts now. Returns ``{layer name: freeze step}`` of what it resolved.
 
-    A sparsity schedule that would still be ramping at that step is compressed in time to end there (with a
-    warning): its final sparsity is reached before the support freezes, and the frozen half fine-tunes it.
+    A sparsity schedule that would still be ramping at that step is compressed in time (with a warning) to end
+    halfway between the start and the freeze: the support then explores at the final sparsity before it freezes.
     ``fit`` calls this by itself (before it traces its training step); call it from a custom training loop before
     the first step.
     """
@@ -66,8 +66,10 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
         step = schedules.fraction_step(quantizer.freeze_fraction, start, total_steps)
         end = schedules.end_step(quantizer.schedule)
         if end > step:
+            # The ramp ends halfway to the freeze: the support explores at the final sparsity before it freezes.
             compressed[name] = end
-            _set_schedule(model, name, quantizer, schedules.ending_at(quantizer.schedule, step))
+            ramp_end = start + (step - start) // 2
+            _set_schedule(model, name, quantizer, schedules.ending_at(quantizer.schedule, ramp_end))
         qvars["freeze_step"].assign(step)
         resolved[name] = step
     if compressed:
@@ -75,8 +77,8 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
         warnings.warn(
             f"ptq_keras: the sparsity schedule of {len(compressed)} layer(s) ends at step {ends[-1]}, after the "
             f"support freezes (freeze_at={quantizer.freeze_fraction} of {total_steps} steps, step "
-            f"{max(resolved.values())}): it is compressed to end there, so the final sparsity is reached and then "
-            "fine-tuned. Pass freeze_at=None to keep the schedule as it is (it then freezes at its end_step).",
+            f"{max(resolved.values())}): it is compressed to end halfway to the freeze, so that the support explores at "
+            "the final sparsity, then freezes and fine-tunes. Pass freeze_at=None to keep the schedule as it is (it then freezes at its end_step).",
             UserWarning,
             stacklevel=3,
         )

@@ -126,20 +126,20 @@ def test_a_tfmot_schedule_with_rare_reselection_is_adjusted_with_a_warning():
     assert next(fitting.quantizer_states(masked))[1].schedule.get_config()["config"]["frequency"] == 100
 
 
-def test_a_ramp_still_running_at_the_freeze_is_compressed_to_end_there(tmp_path):
+def test_a_ramp_still_running_at_the_freeze_is_compressed_to_end_before_it(tmp_path):
     model = conv1d_model()
     x, y = _data(model, n=64)
     qmodel = ptq_keras.ternarize(model, sparsity=ptq_keras.PolynomialDecay(0.0, 0.7, 0, 16, frequency=1))
     _compile(qmodel)
     with pytest.warns(UserWarning, match="ends at step 16.*compressed"):
-        qmodel.fit(x, y, epochs=4, batch_size=16, verbose=0)  # 16 steps: the freeze is at 8
+        qmodel.fit(x, y, epochs=4, batch_size=16, verbose=0)  # 16 steps: the freeze is at 8, the ramp ends at 4
     assert _freeze_steps(qmodel) == [8]
     report = ptq_keras.summary(qmodel, print_fn=None)
     assert all(r.target_sparsity == pytest.approx(0.7) for r in report.layers if r.ternary)  # target reached
     path = str(tmp_path / "q.h5")
     qmodel.save(path)
     quantizer = next(fitting.quantizer_states(ptq_keras.load_model(path)))[1]
-    assert quantizer.schedule.get_config()["config"]["end_step"] == 8
+    assert quantizer.schedule.get_config()["config"]["end_step"] == 4
 
 
 def test_a_ramp_that_ends_before_the_freeze_is_kept():
