@@ -40,7 +40,8 @@ def _run(name, x, y, x_test, y_test, work):
     from ptq_keras import tflite as ptq_tflite
 
     def compile_(model):
-        model.compile(keras.optimizers.Adam(), keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(keras.optimizers.Adam(), loss, ["accuracy"])
 
     keras.utils.set_random_seed(FLAGS.seed)
     base = models.build(name, x.shape[1:], 10)
@@ -96,7 +97,7 @@ def main(argv):
     lines = [
         "# int8 file against the Keras model: activations=None vs activations=\"int8\"",
         "",
-        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {platform.node()} "
+        f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} on {platform.node()} "
         f"({platform.machine()}, {os.cpu_count()} CPUs; {int(time.time() - start)} s) by "
         f"`python benchmarks/activations.py {' '.join(sys.argv[1:])}`"
         + (" (**--quick smoke run: not meaningful**)" if FLAGS.quick else "")

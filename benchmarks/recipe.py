@@ -205,7 +205,7 @@ def main(argv):
         "epochs": FLAGS.epochs,
         "float_epochs": FLAGS.float_epochs,
         "quick": FLAGS.quick,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; {int(time.time() - start)} s for the runs not cached)",
         "command": "python benchmarks/recipe.py " + " ".join(sys.argv[1:]),

@@ -88,7 +88,9 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool("distill", False, "ptq / twn: distill from the --init_from float model (ptq_keras.distill).")
 flags.DEFINE_float("temperature", 4.0, "--distill: softening temperature.", lower_bound=0.0)
-flags.DEFINE_float("alpha", 0.9, "--distill: weight of the soft-target loss in [0, 1].", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float(
+    "alpha", 0.9, "--distill: weight of the soft-target loss in [0, 1].", lower_bound=0.0, upper_bound=1.0
+)
 flags.DEFINE_enum(
     "activations", "none", ["none", "int8"], "ptq / twn: 'int8' trains with 8-bit activation fake-quantization."
 )

@@ -77,8 +77,9 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
         warnings.warn(
             f"ptq_keras: the sparsity schedule of {len(compressed)} layer(s) ends at step {ends[-1]}, after the "
             f"support freezes (freeze_at={quantizer.freeze_fraction} of {total_steps} steps, step "
-            f"{max(resolved.values())}): it is compressed to end halfway to the freeze, so that the support explores at "
-            "the final sparsity, then freezes and fine-tunes. Pass freeze_at=None to keep the schedule as it is (it then freezes at its end_step).",
+            f"{max(resolved.values())}): it is compressed to end halfway to the freeze, so that the support "
+            "explores at the final sparsity, then freezes and fine-tunes. Pass freeze_at=None to keep the schedule "
+            "as it is (it then freezes at its end_step).",
             UserWarning,
             stacklevel=3,
         )
