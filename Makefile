@@ -34,8 +34,11 @@ bench: setup data
 	$(PY) benchmarks/accuracy_size.py
 	$(PY) benchmarks/step_time.py
 
-# Everything in benchmarks/results/: also the export targets, the TFLM_DECODE encodings and the PTQ ablation.
+# Everything in benchmarks/results/: also the defaults over seeds (recipe.md, about 2 hours for every variant),
+# int8-file agreement (activations.md), the export targets, the TFLM_DECODE encodings and the PTQ ablation.
 bench-all: bench
+	$(PY) benchmarks/recipe.py
+	$(PY) benchmarks/activations.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/encodings.py
 	$(PY) benchmarks/ablation.py

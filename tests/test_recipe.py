@@ -244,3 +244,26 @@ def test_distill_needs_a_ternarized_student_and_a_float_teacher():
         ptq_keras.distill(teacher, teacher)
     with pytest.raises(ValueError, match="plain"):
         ptq_keras.distill(student, student)
+
+
+def test_after_a_ramp_the_support_is_reselected_every_step_until_the_freeze():
+    model = conv1d_model()
+    x, y = _data(model, n=128)
+    qmodel = ptq_keras.ternarize(
+        model, sparsity=ptq_keras.PolynomialDecay(0.0, 0.5, 0, 2, frequency=1), freeze_at=12, decay=0.0
+    )
+    _compile(qmodel, keras.optimizers.SGD(1.0))
+    masks = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            masks.append(_masks(qmodel))
+
+    qmodel.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[Record()])  # steps 0..15
+    changed = [
+        step for step in range(4, 12) if any(not np.array_equal(a, b) for a, b in zip(masks[step - 1], masks[step]))
+    ]
+    assert changed, "the support stayed fixed between the end of the ramp (step 2) and the freeze (step 12)"
+    for step in range(13, 16):  # frozen
+        for a, b in zip(masks[12], masks[step]):
+            np.testing.assert_array_equal(a, b)
