@@ -67,7 +67,9 @@ def test_zoo_builds_every_model_with_its_input_and_classes():
     assert {"DepthwiseConv2D", "Conv2D", "BatchNormalization"} <= layer_types
     resnet = models.resnet20()
     assert sum(isinstance(layer, keras.layers.Add) for layer in resnet.layers) == 9
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'; choose one of \['ds_cnn', 'mlp', 'resnet20'"):
+    ds_resnet_types = [type(layer).__name__ for layer in models.build("ds_resnet", (28, 28, 1), 10).layers]
+    assert ds_resnet_types.count("Add") == 2 and "SeparableConv2D" in ds_resnet_types
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; choose one of \['ds_cnn', 'ds_resnet', 'mlp'"):
         models.build("vgg", (28, 28, 1), 10)
     with pytest.raises(ValueError, match="input_shape must be"):
         models.build("mlp", (28, 28), 10)
