@@ -90,7 +90,6 @@ def _accuracy(model, x, y) -> float:
 
 
 def _float_model(seed: int, x, y, x_test, y_test, work: str):
-    import ptq_keras
     from ptq_keras import keras, models
 
     path = os.path.join(work, f"float_seed{seed}.h5")
@@ -106,7 +105,6 @@ def _float_model(seed: int, x, y, x_test, y_test, work: str):
     model.save(path)
     with open(meta_path, "w") as f:
         json.dump({"accuracy": accuracy}, f)
-    del ptq_keras
     return model, accuracy
 
 

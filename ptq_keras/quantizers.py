@@ -97,7 +97,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             ramp_end = schedules.end_step(self.schedule)
             if ramp_end >= 0:
                 # After a ramp, keep re-selecting every step until the freeze: a support left fixed under a
-                # pass-through STE lets pruned latents drift, then reshuffles at once (measured: -4.9 points).
+                # pass-through STE lets pruned latents drift, then reshuffles at once.
                 update = tf.logical_or(update, step > ramp_end)
             # Re-select at the freeze step itself (the last selection), never after it.
             update = tf.logical_or(update, tf.logical_and(freezes, tf.equal(step, freeze)))

@@ -213,8 +213,12 @@ def test_train_distill_and_int8_activations(tmp_path, mock_data):
     FLAGS.unparse_flags()
     out = tmp_path / "ptq"
     call_main(train, *QUICK, "--method=ptq", "--sparsity=0.5", "--epochs=2", "--distill", "--activations=int8",
-              f"--init_from={teacher}", "--export=int8,micro", "--freeze_at=0.25", f"--out_dir={out}")  # fmt: skip
+              f"--init_from={teacher}", "--export=int8,micro", "--freeze_at=0.25", "--criterion=taylor",
+              "--regularizer=greg", "--soft_decay=0.9", "--ste=psg", f"--out_dir={out}")  # fmt: skip
     res = results(out)
+    assert {k: res["config"][k] for k in ("criterion", "regularizer", "soft_decay", "ste")} == {
+        "criterion": "taylor", "regularizer": "greg", "soft_decay": 0.9, "ste": "psg"
+    }
     plain = load_h5(res["model"])
     assert any(type(layer).__name__ == "ActivationQuantizer" for layer in plain.layers)
     assert ternary_channels(plain.get_layer("fc1").kernel.numpy())
