@@ -55,18 +55,10 @@ def _validate_options(options: Mapping, where: str) -> dict:
         raise type(exc)(f"{where}: {exc}") from None
     if not isinstance(merged["normalize"], bool):
         raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
-    for name in ("clip", "psg_strength", "greg_ceiling"):
-        if isinstance(merged[name], bool) or not isinstance(merged[name], numbers.Real) or merged[name] <= 0:
-            raise ValueError(f"{where}: {name} must be a positive number, got {merged[name]!r}.")
-    for name in ("taylor_decay",):
-        if isinstance(merged[name], bool) or not isinstance(merged[name], numbers.Real) or not 0 <= merged[name] < 1:
-            raise ValueError(f"{where}: {name} must be a number in [0, 1), got {merged[name]!r}.")
-    r = merged["soft_decay"]
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r <= 1:
-        raise ValueError(f"{where}: soft_decay must be in (0, 1] (1: pruned weights keep their values), got {r!r}.")
-    if isinstance(merged["greg_delta"], bool) or not isinstance(merged["greg_delta"], numbers.Real) or \
-            merged["greg_delta"] < 0:
-        raise ValueError(f"{where}: greg_delta must be a number >= 0, got {merged['greg_delta']!r}.")
+    for name, (accepts, wanted) in _NUMBERS.items():
+        value = merged[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not accepts(value):
+            raise ValueError(f"{where}: {name} must be {wanted}, got {value!r}.")
     if not isinstance(merged["greg_interval"], numbers.Integral) or merged["greg_interval"] < 1:
         raise ValueError(f"{where}: greg_interval must be an integer >= 1, got {merged['greg_interval']!r}.")
     if merged["criterion"] == "taylor" and merged["threshold"] != "sparsity":
@@ -85,6 +77,17 @@ def _validate_options(options: Mapping, where: str) -> dict:
     if not isinstance(merged["frequency"], numbers.Integral) or merged["frequency"] < 1:
         raise ValueError(f"{where}: frequency must be an integer >= 1, got {merged['frequency']!r}.")
     return merged
+
+
+# Numeric options: name -> (accepts the value, what the error message asks for).
+_NUMBERS = {
+    "clip": (lambda v: v > 0, "a positive number"),
+    "psg_strength": (lambda v: v > 0, "a positive number"),
+    "greg_ceiling": (lambda v: v > 0, "a positive number"),
+    "greg_delta": (lambda v: v >= 0, "a number >= 0"),
+    "taylor_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "soft_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: pruned weights keep their values)"),
+}
 
 
 def _checked_freeze_at(freeze_at, where: str):
