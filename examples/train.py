@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 import numpy as np
 from absl import app, flags
+from ptq_keras.tflite.convert import needs_ternary
 from ptq_keras.tflite.flatbuffer import atomic_write
 
 import ptq_keras
@@ -40,7 +41,6 @@ from ptq_keras.compat import tf, tfmot
 METHODS = ("float", "ptq", "twn", "int8_ptq", "tfmot_qat", "tfmot_prune")
 TERNARY_METHODS = ("ptq", "twn")
 TARGETS = ("int8", "micro", "litert", "int4")
-PACKED_TARGETS = ("micro", "litert", "int4")
 DEFAULT_EXPORT = {"ptq": ("int8", "micro"), "twn": ("int8", "micro")}  # other methods: ("int8",)
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 # Settings that define a run: a checkpoint only resumes a run with the same values.
@@ -108,7 +108,8 @@ flags.DEFINE_list(
     "export",
     None,
     f"Export targets, a comma list of {list(TARGETS)} ('' for none). Default: int8,micro for ptq and twn, int8 for "
-    "the others. micro/litert/int4 store ternary kernels, so they need --method=ptq or twn.",
+    "the others. litert, int4 and micro with --encoding=lut store ternary kernels, so they need --method=ptq or "
+    "twn; micro with --encoding=huffman, prune or auto takes any int8 model (e.g. --method=tfmot_prune).",
 )
 flags.DEFINE_enum(
     "encoding",
@@ -223,11 +224,12 @@ def validate(cfg: Config) -> None:
         choice("export target", target, TARGETS)
     if len(set(targets)) != len(targets):
         raise ValueError(f"--export={','.join(targets)} names a target twice.")
-    packed = [t for t in targets if t in PACKED_TARGETS]
+    packed = [t for t in targets if needs_ternary(t, cfg.encoding)]
     if packed and cfg.method not in TERNARY_METHODS:
         raise ValueError(
-            f"--export target(s) {packed} store ternary kernels, which --method={cfg.method} does not produce; "
-            "export int8 only, or train with --method=ptq or --method=twn."
+            f"--export target(s) {packed} store ternary kernels (micro: with --encoding={cfg.encoding}), which "
+            f"--method={cfg.method} does not produce; export int8 (or micro with --encoding=huffman, prune or auto), "
+            "or train with --method=ptq or --method=twn."
         )
 
 

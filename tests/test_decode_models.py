@@ -48,8 +48,14 @@ def one_channel_depthwise() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def magnitude_pruned() -> bytes:
+def magnitude_pruned(magnitude_pruned_keras) -> bytes:
     """A tfmot magnitude-pruned (80%) Dense model, int8: many distinct values per channel, not ternary."""
+    return to_int8(magnitude_pruned_keras, np.random.default_rng(3))
+
+
+@pytest.fixture(scope="module")
+def magnitude_pruned_keras():
+    """The stripped tfmot magnitude-pruned (80%) Dense model."""
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)])
     schedule = tfmot.sparsity.keras.ConstantSparsity(0.8, begin_step=0, frequency=1)
@@ -58,7 +64,7 @@ def magnitude_pruned() -> bytes:
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(64, 32)).astype("float32"), rng.normal(size=(64, 4)).astype("float32")
     pruned.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
-    return to_int8(tfmot.sparsity.keras.strip_pruning(pruned), rng)
+    return tfmot.sparsity.keras.strip_pruning(pruned)
 
 
 def _assert_bit_exact(int8: bytes, compressed: bytes, seed: int = 0, **kwargs) -> None:
@@ -184,6 +190,26 @@ def test_magnitude_pruned_int8_model_prune_and_huffman_bit_exact_lut_refused(mag
         _assert_bit_exact(magnitude_pruned, decode.compress(magnitude_pruned, encoding=encoding), seed=3)
     with pytest.raises(ValueError, match=r"tensor '.*dense.*' \[16, 32\] cannot be encoded as 'lut'.*distinct values"):
         decode.compress(magnitude_pruned, encoding="lut")
+
+
+def test_micro_target_encodes_a_magnitude_pruned_keras_model(magnitude_pruned_keras, tmp_path):
+    """Target micro with huffman/prune/auto takes any int8 model (a pruning baseline gets entropy-coded bytes);
+    with the 2-bit LUT it still needs ternary kernels and names the layer."""
+    from ptq_keras import tflite as ptq_tflite
+
+    x = np.random.default_rng(4).normal(size=(32, 32)).astype("float32")
+    int8 = ptq_tflite.convert(magnitude_pruned_keras, x)
+    for encoding in ("prune", "huffman", "auto"):
+        micro = ptq_tflite.convert(magnitude_pruned_keras, x, target="micro", encoding=encoding)
+        assert len(micro) < len(int8)
+        assert {row["encoding"] for row in decode.describe(micro)} <= {"prune", "huffman"}
+        _assert_bit_exact(int8, micro, seed=4)
+    with pytest.raises(ptq_tflite.ExportError, match=r"layer 'dense.*': kernel channel \d+ is not ternary"):
+        ptq_tflite.convert(magnitude_pruned_keras, x, target="micro")
+    result = ptq_tflite.export(
+        magnitude_pruned_keras, x, tmp_path, targets=("int8", "micro"), encoding="auto", measure=False
+    )
+    assert result.report.targets["micro"].file_bytes < result.report.targets["int8"].file_bytes
 
 
 def test_bad_arguments_name_the_problem(ternary_cnn):

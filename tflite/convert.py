@@ -4,7 +4,9 @@ Targets (``TARGETS``):
 
 * ``int8``:   stock full-integer TFLite; ternary weights are int8 ``{-127, 0, 127}`` per output channel.
 * ``micro``:  the int8 file with its weights encoded for TFLM's ``TFLM_DECODE`` op (2-bit LUT by default),
-  without the quantization parameters no TFLM kernel reads (``trim_for_tflm``).
+  without the quantization parameters no TFLM kernel reads (``trim_for_tflm``). The LUT needs ternary kernels;
+  with encoding ``huffman``, ``prune`` or ``auto`` any int8 model (for example a magnitude-pruned one) is
+  encoded, each weight tensor by whatever encoding it allows.
 * ``litert``: INT2 FULLY_CONNECTED and INT4 CONV_2D / DEPTHWISE_CONV_2D weights (stock LiteRT only).
 * ``int4``:   INT4 weights everywhere, fully connected weights with one scale per tensor (LiteRT and TFLM).
 
@@ -33,6 +35,7 @@ __all__ = [
     "float_tflite",
     "int8_tflite",
     "check_layers",
+    "needs_ternary",
     "check_ternary",
     "pack",
     "unpack",
@@ -131,9 +134,15 @@ def _input_shape(model) -> tuple:
 
 
 # ----------------------------------------------------------------------------- the Keras side
-def check_layers(model, target: str) -> None:
+def needs_ternary(target: str, encoding: str = "lut") -> bool:
+    """Whether ``target`` (with ``encoding``) stores only ternary kernels: ``litert``, ``int4`` and ``micro`` with
+    the 2-bit LUT. ``micro`` with ``huffman``, ``prune`` or ``auto`` encodes any int8 weights."""
+    return target != "int8" and not (target == "micro" and encoding != "lut")
+
+
+def check_layers(model, target: str, encoding: str = "lut") -> None:
     """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values."""
-    if target == "int8":
+    if not needs_ternary(target, encoding):
         return
     from ptq_keras.activations import ActivationQuantizer
     from ptq_keras.compat import keras
@@ -410,7 +419,7 @@ def _prepare(model, representative_data, num_samples: int) -> _Prepared:
 
 
 def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, latency_budget) -> bytes:
-    check_layers(prep.plain, target)
+    check_layers(prep.plain, target, encoding)
     per_tensor = target == "int4"
     if per_tensor not in prep.int8:
         prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
@@ -418,7 +427,8 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if target == "micro":
         from . import decode
 
-        check_ternary(buf)
+        if needs_ternary(target, encoding):
+            check_ternary(buf)
         try:
             buf = trim_for_tflm(decode.compress(buf, encoding=encoding, latency_budget=latency_budget))
         except ValueError as exc:
@@ -510,7 +520,7 @@ def export(
     say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
     prep = _prepare(model, representative_data, num_samples)
     for target in targets:  # every layer error before any slow conversion
-        check_layers(prep.plain, target)
+        check_layers(prep.plain, target, encoding)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
     buffers = {}
