@@ -29,19 +29,22 @@ demo: setup data
 test: setup data
 	$(PY) -m pytest -q tests
 
-# The accuracy-vs-size table and plot (about an hour on 2 cores) and the training step-time ratio.
+# The accuracy-vs-size table and plot over 3 seeds on small_cnn and ds_cnn (several hours on 2 cores: see README;
+# interrupted runs continue where they stopped) and the training step-time ratio.
 bench: setup data
 	$(PY) benchmarks/accuracy_size.py
 	$(PY) benchmarks/step_time.py
 
-# Everything in benchmarks/results/: also the defaults over seeds (recipe.md, about 2 hours for every variant),
-# int8-file agreement (activations.md), the export targets, the TFLM_DECODE encodings and the PTQ ablation.
+# Everything in benchmarks/results/: also the ablation of the options over seeds (ablation.md), the related
+# methods at 0.7 and 0.85 on both models (methods.md), int8-file agreement (activations.md), the export targets
+# and the TFLM_DECODE encodings. Many hours on 2 cores; every training run is cached in out/bench/.
 bench-all: bench
-	$(PY) benchmarks/recipe.py
+	$(PY) benchmarks/ablation.py
+	$(PY) benchmarks/ablation.py --models=small_cnn,ds_cnn --sparsities=0.7,0.85 \
+		--variants=defaults,taylor,greg,psg,srfp --results_name=methods
 	$(PY) benchmarks/activations.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/encodings.py
-	$(PY) benchmarks/ablation.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

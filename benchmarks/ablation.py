@@ -1,15 +1,26 @@
-"""Ablation of the PTQ options at sparsity 0.7 on real Fashion-MNIST, to choose defaults by measurement.
+"""Ablation over several seeds: the plain four lines, each PTQ option and each related method against float.
 
-Every variant fine-tunes the same float ``small_cnn`` for the same epochs (``examples/train.py``'s ``run``) and
-changes one option against the baseline (threshold ``sparsity``, STE ``identity``, no normalization, no decay,
-per-channel selection and scale, sparsity ramped over the first epoch). BatchNorm re-estimation is measured in
-every run: the accuracy before and after it.
+This is the measurement behind ptq_keras' defaults. For each model and seed a float model trains
+(``--float_epochs``, Adam 1e-3), then every variant fine-tunes a copy of it for
+``--epochs`` epochs exactly as a user would write it::
 
-    .venv/bin/python benchmarks/ablation.py --float_model=out/bench/accuracy_size/float_base/model.h5
-    .venv/bin/python benchmarks/ablation.py --quick
+    q = ptq_keras.ternarize(model, sparsity=0.7)                 # + the variant's options
+    q.compile(keras.optimizers.Adam(), loss, ["accuracy"])       # Adam's default learning rate
+    q.fit(x, y, epochs=4, batch_size=128)
+    plain = ptq_keras.strip(q, batchnorm_data=x)
 
-Without ``--float_model`` a float model is trained first (``--float_epochs``). Writes
-``benchmarks/results/ablation.md`` (``--quick``: into ``--work_dir``).
+and reports the test accuracy of ``plain`` (and of ``strip(q)`` without BatchNorm re-estimation) against its float
+model: mean and standard deviation of the difference over the seeds, one table per model and sparsity.
+
+    .venv/bin/python benchmarks/ablation.py --variants=defaults,ramp        # small_cnn at 0.7, seeds 0 1 2
+    .venv/bin/python benchmarks/ablation.py --models=small_cnn,ds_cnn --sparsities=0.7,0.85 \
+        --variants=defaults,taylor,greg,psg,srfp                            # the related methods
+    .venv/bin/python benchmarks/ablation.py --quick                         # smoke run, numbers meaningless
+
+Each variant-seed run takes about 4-5 minutes for small_cnn on 2 cores. Every finished run is cached as JSON in
+``--work_dir`` (float models per model and seed, shared by the sparsities); a rerun only trains what is missing
+and rewrites the table from every cached run asked for. Writes ``benchmarks/results/ablation.md``
+(``--results_name``; ``--quick``: into ``--work_dir``).
 """
 
 from __future__ import annotations
@@ -19,145 +30,230 @@ import json
 import os
 import platform
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
-
-from examples import common, train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "Smoke run: 2048 examples per split, one epoch; numbers are not meaningful.")
-flags.DEFINE_string("float_model", None, "Float small_cnn .h5 to fine-tune (default: train one first).")
-flags.DEFINE_integer("float_epochs", 8, "Epochs of the float model when --float_model is not given.", lower_bound=1)
-flags.DEFINE_integer("finetune_epochs", 3, "Fine-tuning epochs of every variant.", lower_bound=1)
-flags.DEFINE_float("target_sparsity", 0.7, "Target sparsity of every variant.")
-flags.DEFINE_string("work_dir", "out/bench/ablation", "Where the runs go.")
-flags.DEFINE_string("results_dir", "benchmarks/results", "Where ablation.md goes (--quick: --work_dir).")
+flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. N-1).", lower_bound=1)
+flags.DEFINE_list("variants", None, "Variants to run (default: all).")
+flags.DEFINE_list("models", ["small_cnn"], "Models of ptq_keras.models.")
+flags.DEFINE_integer("float_epochs", 6, "Epochs of the float model.", lower_bound=1)
+flags.DEFINE_integer("epochs", 4, "Fine-tuning epochs of every variant.", lower_bound=1)
+flags.DEFINE_list("sparsities", ["0.7"], "Target sparsities.")
+flags.DEFINE_bool("quick", False, "Smoke run: 2048 training examples, one epoch each; numbers are not meaningful.")
+flags.DEFINE_string("work_dir", "out/bench/ablation", "Cache of float models and finished runs.")
+flags.DEFINE_string("results_dir", "benchmarks/results", "Where the table goes (--quick: --work_dir).")
+flags.DEFINE_string("results_name", "ablation", "File name of the table: <results_name>.md.")
 
-# (name, options changed against the baseline)
-VARIANTS = (
-    ("baseline", {}),
-    ("ste=masked", {"ste": "masked"}),
-    ("ste=clipped", {"ste": "clipped"}),
-    # Per-channel L2 normalization cannot change a per-channel top-k: it matters with a layer-wide selection.
-    ("normalize + selection=tensor", {"normalize": True, "selection": "tensor"}),
-    ("decay=0.01", {"decay": 0.01}),
-    ("decay=0.1", {"decay": 0.1}),
-    ("selection=tensor", {"selection": "tensor"}),
-    ("granularity=tensor", {"granularity": "tensor"}),
-    ("no ramp (target from step 0, never frozen)", {"ramp_epochs": 0}),
-    ("threshold=l2 (no sparsity target)", {"threshold": "l2"}),
-)
+BATCH = 128
 
 
-def _run(name: str, options: dict, init_from: str, work: str, limit) -> dict:
-    slug = "".join(c if c.isalnum() else "_" for c in name.split(" (")[0])
-    cfg = train.Config(
-        model="small_cnn",
-        method="ptq",
-        sparsity=FLAGS.target_sparsity,
-        epochs=FLAGS.finetune_epochs,
-        learning_rate=5e-4,
-        init_from=init_from,
-        export=(),
-        limit=limit,
-        out_dir=os.path.join(work, slug),
-        **{"ramp_epochs": 1, **options},
-    )
-    common.log(f"variant {name!r}: {options or 'baseline options'}")
-    res = train.run(cfg)
-    from ptq_keras import keras
+def _variants():
+    import ptq_keras
 
-    model = keras.models.load_model(res["model"], compile=False)
-    kernels = [model.get_layer(name).kernel.numpy() for name, stats in res["layers"].items() if stats["scale"]]
+    def ternarize(**options):
+        return lambda model, steps, sparsity: ptq_keras.ternarize(model, sparsity=sparsity, **options)
+
+    def ramp(model, steps, sparsity):
+        schedule = ptq_keras.PolynomialDecay(0.0, sparsity, 0, steps)  # tfmot's defaults otherwise
+        return ptq_keras.ternarize(model, sparsity=schedule)
+
+    def distill(**options):
+        def build(model, steps, sparsity):
+            return ptq_keras.distill(ptq_keras.ternarize(model, sparsity=sparsity), model, **options)
+
+        return build
+
     return {
-        "name": name,
-        "options": options,
-        "accuracy": res["keras_accuracy"],
-        "accuracy_before_bn": res["stripped_accuracy"],
-        "qat_accuracy": res["qat_accuracy"],
-        "sparsity": sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels),
-        "step_time_s": res["step_time_s"],
+        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5)", ternarize()),
+        "never_frozen": ("freeze_at=None (never frozen, the previous default)", ternarize(freeze_at=None)),
+        "selection_channel": ("selection='channel'", ternarize(selection="channel")),
+        "ste_masked": ("ste='masked' from the start", ternarize(ste="masked")),
+        "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0)),
+        "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor")),
+        "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp),
+        "distill": ("ptq_keras.distill(q, float model) (defaults: temperature=4, alpha=0.9)", distill()),
+        "distill_t2_a05": ("ptq_keras.distill(q, float model, temperature=2, alpha=0.5)",
+                           distill(temperature=2.0, alpha=0.5)),  # fmt: skip
+        "distill_t1_a05": ("ptq_keras.distill(q, float model, temperature=1, alpha=0.5)",
+                           distill(temperature=1.0, alpha=0.5)),  # fmt: skip
+        "taylor": ("criterion='taylor' (Yu et al. 2020)", ternarize(criterion="taylor")),
+        "greg": ("regularizer='greg' (GReg)", ternarize(regularizer="greg")),
+        "psg": ("ste='psg' (PSG)", ternarize(ste="psg")),
+        "srfp": ("soft_decay=0.9 (SRFP)", ternarize(soft_decay=0.9)),
+        "int8_activations": ("activations='int8'", ternarize(activations="int8")),
     }
 
 
-def _markdown(rows: list[dict], meta: dict) -> str:
-    base = rows[0]
+def _loss():
+    from ptq_keras import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _accuracy(model, x, y) -> float:
+    logits = model.predict(x, batch_size=512, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def _float_model(name: str, seed: int, x, y, x_test, y_test, work: str):
+    from ptq_keras import keras, models
+
+    path = os.path.join(work, f"float_seed{seed}.h5")
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return keras.models.load_model(path, compile=False), json.load(f)["accuracy"]
+    keras.utils.set_random_seed(seed)
+    model = models.build(name, x.shape[1:], 10)
+    model.compile(keras.optimizers.Adam(1e-3), _loss(), ["accuracy"])
+    model.fit(x, y, epochs=1 if FLAGS.quick else FLAGS.float_epochs, batch_size=BATCH, verbose=2)
+    accuracy = _accuracy(model, x_test, y_test)
+    model.save(path + ".tmp.h5")
+    os.replace(path + ".tmp.h5", path)
+    with open(meta_path, "w") as f:
+        json.dump({"accuracy": accuracy}, f)
+    return model, accuracy
+
+
+def _run_variant(key, build, name, sparsity, seed, data, work):
+    import ptq_keras
+    from ptq_keras import keras
+
+    x, y, x_test, y_test = data
+    run_dir = os.path.join(work, f"s{sparsity:g}")
+    cache = os.path.join(run_dir, f"{key}_seed{seed}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    float_model, float_acc = _float_model(name, seed, x, y, x_test, y_test, work)
+    keras.utils.set_random_seed(1000 + seed)
+    epochs = 1 if FLAGS.quick else FLAGS.epochs
+    steps = epochs * -(-len(x) // BATCH)
+    q = build(float_model, steps, sparsity)
+    q.compile(keras.optimizers.Adam(), _loss(), ["accuracy"])
+    start = time.time()
+    q.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=2)
+    seconds = time.time() - start
+    stripped = ptq_keras.strip(q)
+    before_bn = _accuracy(stripped, x_test, y_test)
+    plain = ptq_keras.strip(q, batchnorm_data=x)
+    result = {
+        "variant": key,
+        "seed": seed,
+        "float_accuracy": float_acc,
+        "accuracy": _accuracy(plain, x_test, y_test),
+        "accuracy_before_bn": before_bn,
+        "sparsity": float(np.mean([r.sparsity for r in ptq_keras.summary(plain, print_fn=None).layers if r.ternary])),
+        "train_seconds": seconds,
+    }
+    os.makedirs(run_dir, exist_ok=True)
+    with open(cache + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(cache + ".tmp", cache)
+    return result
+
+
+def _stats(runs) -> dict:
+    diff = np.array([100 * (r["accuracy"] - r["float_accuracy"]) for r in runs])
+    return {
+        "accuracy": float(np.mean([100 * r["accuracy"] for r in runs])),
+        "diff": float(diff.mean()),
+        "sd": float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan"),
+        "worst": float(diff.min()),
+        "raw": float(np.mean([100 * (r["accuracy_before_bn"] - r["float_accuracy"]) for r in runs])),
+    }
+
+
+def _markdown(sections, names, meta) -> str:
     lines = [
-        f"# PTQ ablation: Fashion-MNIST, small_cnn, sparsity {meta['sparsity']:g}",
+        "# Ablation over seeds: the plain four lines, the options and the related methods against float",
         "",
         f"Measured {meta['date']} on {meta['machine']} by `{meta['command']}`"
         + (" (**--quick smoke run: not meaningful**)" if meta["quick"] else "")
         + ".",
         "",
-        f"Every variant fine-tunes the same float model ({meta['init_from']}) for {meta['epochs']} epochs (Adam 5e-4, "
-        f"batch 128, {meta['train_examples']} training images) and changes one option against the baseline: "
-        "threshold `sparsity` (exact top-k per channel), STE `identity`, no normalization, no decay, per-channel "
-        "scale, sparsity ramped cubically over the first epoch, then the mask frozen and the STE `masked`. "
-        f"Accuracy of the stripped ternary Keras model over the {meta['test_examples']}-image test set, after and "
-        "before re-estimating BatchNorm statistics (200 training batches).",
-        "",
-        "| variant | accuracy | vs baseline | before BN re-estimation | BN re-estimation gain | QAT model | "
-        "achieved sparsity | step time vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        step = f"{r['step_time_s'] / base['step_time_s']:.2f}x" if r["step_time_s"] and base["step_time_s"] else "-"
-        lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.2f}% | {100 * (r['accuracy'] - base['accuracy']):+.2f} "
-            f"| {100 * r['accuracy_before_bn']:.2f}% | {100 * (r['accuracy'] - r['accuracy_before_bn']):+.2f} "
-            f"| {100 * r['qat_accuracy']:.2f}% | {r['sparsity']:.3f} | {step} |"
-        )
-    best = max(rows, key=lambda r: r["accuracy"])
-    lines += [
-        "",
-        f"Best variant in this run: **{best['name']}** ({100 * best['accuracy']:.2f}%). One seed per variant: "
-        "differences under about 0.3 points are within run-to-run noise.",
+        f"Fashion-MNIST. Per model and seed, a float model trains {meta['float_epochs']} epochs (Adam 1e-3, batch "
+        f"{BATCH}); every variant fine-tunes it {meta['epochs']} epochs with `fit` at Adam's default learning rate, "
+        "then `strip(q, batchnorm_data=x)`. Accuracy over the 10k test set; the difference to the float model of "
+        "the same seed, mean and standard deviation over the seeds. Differences under about one sd (or one point "
+        "for one seed) are noise.",
         "",
     ]
+    for (model, sparsity), rows in sections.items():
+        lines += [
+            f"## {model}, sparsity {sparsity:g}",
+            "",
+            "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs defaults "
+            "| without BN re-estimation: vs float |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        base = _stats(rows["defaults"])["diff"] if "defaults" in rows else None
+        for key, runs in rows.items():
+            st = _stats(runs)
+            vs = "-" if base is None or key == "defaults" else f"{st['diff'] - base:+.2f}"
+            lines.append(
+                f"| {names[key]} | {len(runs)} | {st['accuracy']:.2f}% | {st['diff']:+.2f} | {st['sd']:.2f} "
+                f"| {st['worst']:+.2f} | {vs} | {st['raw']:+.2f} |"
+            )
+        floats = sorted({(r["seed"], r["float_accuracy"]) for runs in rows.values() for r in runs})
+        lines += ["", "Float models: " + ", ".join(f"seed {s} {100 * a:.2f}%" for s, a in floats) + ".", ""]
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    common.quiet_logs()
-    if FLAGS.float_model is not None and not os.path.exists(FLAGS.float_model):
-        raise app.UsageError(f"--float_model {FLAGS.float_model!r} does not exist.")
-    if FLAGS.quick:
-        FLAGS.float_epochs, FLAGS.finetune_epochs = 1, 1
+def main(argv):
+    del argv
+    from ptq_keras import data, models
+
+    variants = _variants()
+    keys = FLAGS.variants or list(variants)
+    unknown = sorted(set(keys) - set(variants))
+    if unknown:
+        raise app.UsageError(f"unknown --variants {unknown}; known: {sorted(variants)}")
+    for name in FLAGS.models:
+        if name not in models.MODELS:
+            raise app.UsageError(f"--models: unknown model {name!r}; choose from {sorted(models.MODELS)}.")
+    sparsities = [float(s) for s in FLAGS.sparsities]
+    if not all(0.0 < s < 1.0 for s in sparsities):
+        raise app.UsageError(f"--sparsities {FLAGS.sparsities}: each must be in (0, 1).")
     limit = 2048 if FLAGS.quick else None
-    work = FLAGS.work_dir + ("_quick" if FLAGS.quick else "")
-    results_dir = work if FLAGS.quick else FLAGS.results_dir
-    os.makedirs(results_dir, exist_ok=True)
-    started = datetime.datetime.now(datetime.UTC)
-    init_from = FLAGS.float_model
-    if init_from is None:
-        float_dir = os.path.join(work, "float")
-        cfg = train.Config(method="float", epochs=FLAGS.float_epochs, export=(), limit=limit, out_dir=float_dir)
-        init_from = train.run(cfg)["model"]
-    rows = [_run(name, options, init_from, work, limit) for name, options in VARIANTS]
-    x_train, _ = common.load_split("fashion_mnist", "train", None, limit)
-    x_test, _ = common.load_split("fashion_mnist", "test", None, limit)
-    minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
+    x, y = data.load_numpy("fashion_mnist", "train", limit=limit)
+    x_test, y_test = data.load_numpy("fashion_mnist", "test", limit=limit)
+    x, x_test = (x / 255.0).astype("float32"), (x_test / 255.0).astype("float32")
+    start = time.time()
+    sections = {}
+    for name in FLAGS.models:
+        work = os.path.join(FLAGS.work_dir, "quick" if FLAGS.quick else "", name)
+        os.makedirs(work, exist_ok=True)
+        for sparsity in sparsities:
+            rows = sections.setdefault((name, sparsity), {})
+            for key in keys:
+                rows[key] = []
+                for seed in range(FLAGS.seeds):
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} s{sparsity:g} {key} seed {seed}", flush=True)
+                    r = _run_variant(key, variants[key][1], name, sparsity, seed, (x, y, x_test, y_test), work)
+                    print(f"  -> {100 * r['accuracy']:.2f}% (float {100 * r['float_accuracy']:.2f}%)", flush=True)
+                    rows[key].append(r)
     meta = {
-        "date": started.strftime("%Y-%m-%d %H:%M UTC") + f" ({minutes:.0f} min)",
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()})",
-        "command": "python benchmarks/ablation.py" + (" --quick" if FLAGS.quick else ""),
+        "epochs": FLAGS.epochs,
+        "float_epochs": FLAGS.float_epochs,
         "quick": FLAGS.quick,
-        "sparsity": FLAGS.target_sparsity,
-        "epochs": FLAGS.finetune_epochs,
-        "init_from": f"`{os.path.relpath(init_from)}`",
-        "train_examples": len(x_train),
-        "test_examples": len(x_test),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}; {int(time.time() - start)} s for the runs not cached)",
+        "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
     }
-    path = os.path.join(results_dir, "ablation.md")
-    atomic_write(path, _markdown(rows, meta).encode())
-    atomic_write(os.path.join(work, "rows.json"), json.dumps({"meta": meta, "rows": rows}, indent=1).encode())
-    common.log(f"wrote {path}")
+    names = {k: variants[k][0] for k in keys}
+    out_dir = os.path.join(FLAGS.work_dir, "quick") if FLAGS.quick else FLAGS.results_dir
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, FLAGS.results_name + ".md")
+    with open(path + ".tmp", "w") as f:
+        f.write(_markdown(sections, names, meta))
+    os.replace(path + ".tmp", path)
     print(open(path).read())
 
 

@@ -1,165 +1,188 @@
-"""Accuracy against file size on real Fashion-MNIST: float, int8, tfmot QAT, tfmot pruning, TWN and PTQ.
+"""Accuracy against file size on real Fashion-MNIST, over several seeds: float, int8, tfmot QAT, tfmot pruning
+(int8 and entropy-coded ``micro`` files), TWN and PTQ (defaults, with distillation, with int8 activations).
 
-One command, every row the same model (``small_cnn``) and the same epoch budget: a float model trains for
-``--float_epochs``; the float row continues it for ``--finetune_epochs`` more (``examples/train.py --resume``), and
-every compressed row fine-tunes that same ``--float_epochs`` model for ``--finetune_epochs``. Accuracy is over the
-whole 10k test set, in Keras and on the exported file (TFLM: the ``micro`` target for ternary rows, ``int8``
-otherwise; the float row's fp32 .tflite on TFLM too).
+Per model and seed a float model trains ``--float_epochs`` (``examples/train.py``'s ``run``, Adam 1e-3, batch
+128); it is the float row, and its post-training int8 file the int8 row. Every other row fine-tunes that float
+model for ``--finetune_epochs`` with the library's defaults (Adam 1e-3; tfmot pruning ramps its sparsity over the
+first epoch, as tfmot's guide does; PTQ uses plain ``fit`` with the defaults: ``freeze_at=0.5``, no ramp). Ternary
+models are stripped and their BatchNorm statistics re-estimated. Every file's accuracy is measured over the whole
+10k test set on the TFLM interpreter. The pruning rows export two files: the stock ``int8`` file and the ``micro``
+file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the baseline gets entropy-coded bytes too.
 
-    .venv/bin/python benchmarks/accuracy_size.py            # 30-60 minutes on 2 cores
-    .venv/bin/python benchmarks/accuracy_size.py --quick    # smoke run, minutes, not for the record
+    .venv/bin/python benchmarks/accuracy_size.py                                 # both models, seeds 0 1 2
+    .venv/bin/python benchmarks/accuracy_size.py --models=small_cnn --seeds=1
+    .venv/bin/python benchmarks/accuracy_size.py --quick                         # smoke run, minutes
 
-Writes ``benchmarks/results/accuracy_size.md`` and ``.png`` (``--results_dir``); the runs go to ``--work_dir``.
+Every finished run is cached (``--work_dir/<model>/seed<N>/<row>/``); a rerun trains only what is missing, so an
+interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md`` and ``.png``
+(``--quick``: into ``--work_dir``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import importlib
 import json
 import os
 import platform
-import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 from examples import common, train  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["small_cnn", "ds_cnn"], "Models of ptq_keras.models.")
+flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. N-1).", lower_bound=1)
 flags.DEFINE_bool("quick", False, "Smoke run: 2048 examples per split, one epoch each; numbers are not meaningful.")
-flags.DEFINE_integer("float_epochs", 8, "Epochs of the float model every row starts from.", lower_bound=1)
-flags.DEFINE_integer("finetune_epochs", 3, "Epochs every row trains after that (the float row too).", lower_bound=1)
-flags.DEFINE_float("finetune_learning_rate", 5e-4, "Adam learning rate of the fine-tuning rows.")
+flags.DEFINE_integer("float_epochs", 6, "Epochs of the float model every row starts from.", lower_bound=1)
+flags.DEFINE_integer("finetune_epochs", 4, "Epochs every compressed row fine-tunes.", lower_bound=1)
 flags.DEFINE_list("ptq_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the PTQ rows.")
-flags.DEFINE_float("prune_sparsity", 0.7, "Sparsity of the tfmot pruning row.")
-flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Where the runs (models, .tflite files, logs) go.")
+flags.DEFINE_list("prune_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the tfmot pruning rows.")
+flags.DEFINE_float("variant_sparsity", 0.7, "Sparsity of the PTQ + distillation and PTQ + int8 activation rows.")
+flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
+flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where accuracy_size.md and .png go (--quick: --work_dir).")
 
-TERNARY_TARGETS = ("int8", "micro", "litert")
+BASELINE_KINDS = ("float", "int8", "qat", "prune", "twn")
 
 
-@dataclasses.dataclass
-class Row:
-    name: str
-    keras_accuracy: float
-    file_target: str
-    tflm_accuracy: float
-    files: dict  # target -> bytes
-    encodings: list
-    bits_per_weight: float
-    arena_bytes: int | None
-    step_time_s: float | None
-    keras_accuracy_before_bn: float | None = None
+def _row_specs() -> list[tuple[str, str, str, dict, tuple]]:
+    """(key, label, kind, train.Config options, file targets) of every fine-tuned row."""
+    rows = [("qat", "tfmot int8 QAT", "qat", dict(method="tfmot_qat"), ("int8",))]
+    for s in map(float, FLAGS.prune_sparsities):
+        options = dict(method="tfmot_prune", sparsity=s, ramp_epochs=1)
+        rows.append((f"prune{s:g}", f"tfmot pruning {s:g}", "prune", options, ("int8", "micro")))
+    rows.append(("twn", "TWN", "twn", dict(method="twn"), ("micro",)))
+    for s in map(float, FLAGS.ptq_sparsities):
+        rows.append((f"ptq{s:g}", f"PTQ {s:g}", "ptq", dict(method="ptq", sparsity=s), ("micro",)))
+    v = FLAGS.variant_sparsity
+    rows.append((f"ptq{v:g}_distill", f"PTQ {v:g} + distill", "ptq", dict(method="ptq", sparsity=v, distill=True),
+                 ("micro",)))  # fmt: skip
+    rows.append((f"ptq{v:g}_act8", f"PTQ {v:g} + int8 activations", "ptq",
+                 dict(method="ptq", sparsity=v, activations="int8"), ("micro",)))  # fmt: skip
+    return rows
 
 
-def _config(**overrides) -> train.Config:
-    quick = FLAGS.quick
+def _config(model: str, seed: int, out_dir: str, **options) -> train.Config:
     values = dict(
-        model="small_cnn",
+        model=model,
         batch_size=128,
-        ramp_epochs=1,
-        limit=2048 if quick else None,
-        measure=True,
+        learning_rate=1e-3,
+        limit=2048 if FLAGS.quick else None,
+        measure=seed == 0,  # TFLM arena bisection once per row
         eval_tflite=False,
         encoding="auto",
-        seed=0,
+        seed=seed,
+        out_dir=out_dir,
     )
-    values.update(overrides)
+    values.update(options)
     return train.Config(**values)
 
 
-def _row_from_run(name: str, res: dict, file_target: str, x_test, y_test) -> Row:
-    export = res["export"]
-    main = export[file_target]
-    common.log(f"{name}: measuring {file_target} file accuracy on TFLM over {len(x_test)} test images")
-    return Row(
-        name=name,
-        keras_accuracy=res["keras_accuracy"],
-        file_target=file_target,
-        tflm_accuracy=common.tflite_accuracy(main["file"], x_test, y_test, "tflm"),
-        files={t: export[t]["file_bytes"] for t in export},
-        encodings=main["encodings"],
-        bits_per_weight=main["bits_per_weight"],
-        arena_bytes=main["arena_bytes"],
-        step_time_s=res["step_time_s"],
-        keras_accuracy_before_bn=res.get("stripped_accuracy"),
-    )
+def _cached(path: str, compute) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    atomic_write(path, json.dumps(result, indent=1).encode())
+    return result
 
 
-def _float_rows(work: str, x_test, y_test) -> tuple[list[Row], str]:
-    """Train the float base model; continue it to the full budget (float row) and export int8 (int8 row)."""
+def _files(res: dict, targets, x_test, y_test) -> dict:
+    """Per exported target: bytes, encodings, bits/weight, arena and TFLM accuracy over the test set."""
+    out = {}
+    for target in targets:
+        row = res["export"][target]
+        accuracy = common.tflite_accuracy(row["file"], x_test, y_test, "tflm")
+        out[target] = {k: row[k] for k in ("file_bytes", "encodings", "bits_per_weight", "arena_bytes")}
+        out[target]["accuracy"] = accuracy
+    return out
+
+
+def _float_run(model: str, seed: int, work: str, x_test, y_test) -> dict:
+    import importlib
+
     from ptq_keras import keras
 
     convert = importlib.import_module("ptq_keras.tflite.convert")  # the package re-exports a function `convert`
 
-    base_dir = os.path.join(work, "float_base")
-    full_dir = os.path.join(work, "float")
-    float_cfg = dict(method="float", learning_rate=1e-3)
-    train.run(_config(**float_cfg, epochs=FLAGS.float_epochs, out_dir=base_dir, export=()))
-    shutil.rmtree(full_dir, ignore_errors=True)
-    shutil.copytree(base_dir, full_dir)
-    epochs = FLAGS.float_epochs + FLAGS.finetune_epochs
-    res = train.run(_config(**float_cfg, epochs=epochs, out_dir=full_dir, resume=True, export=("int8",)))
-    rows = [_row_from_run("int8 post-training quantization", res, "int8", x_test, y_test)]
-    model = keras.models.load_model(res["model"], compile=False)
-    fp32 = convert.float_tflite(model)
-    fp32_path = os.path.join(full_dir, "tflite", "model_fp32.tflite")
-    atomic_write(fp32_path, fp32)
-    common.log("float32: measuring the fp32 .tflite on TFLM")
-    rows.insert(
-        0,
-        Row(
-            name="float32",
-            keras_accuracy=res["keras_accuracy"],
-            file_target="fp32",
-            tflm_accuracy=common.tflite_accuracy(fp32, x_test, y_test, "tflm"),
-            files={"fp32": len(fp32)},
-            encodings=[],
-            bits_per_weight=32.0,
-            arena_bytes=None,
-            step_time_s=res["step_time_s"],
-        ),
-    )
-    return rows, os.path.join(base_dir, "model.h5")
+    def compute():
+        epochs = 1 if FLAGS.quick else FLAGS.float_epochs
+        res = train.run(_config(model, seed, work, method="float", epochs=epochs, export=("int8",)))
+        fp32 = convert.float_tflite(keras.models.load_model(res["model"], compile=False))
+        path = os.path.join(work, "tflite", "model_fp32.tflite")
+        atomic_write(path, fp32)
+        res["export"]["fp32"] = {"file": path, "file_bytes": len(fp32), "encodings": [], "bits_per_weight": 32.0,
+                                 "arena_bytes": None}  # fmt: skip
+        return {"keras_accuracy": res["keras_accuracy"], "model": res["model"],
+                "files": _files(res, ("fp32", "int8"), x_test, y_test)}  # fmt: skip
+
+    return _cached(os.path.join(work, "bench.json"), compute)
 
 
-def _finetune_rows(work: str, init_from: str, x_test, y_test) -> list[Row]:
-    runs = [
-        ("tfmot int8 QAT", "int8", dict(method="tfmot_qat", export=("int8",))),
-        (
-            f"tfmot pruning {FLAGS.prune_sparsity:.0%} + int8",
-            "int8",
-            dict(method="tfmot_prune", sparsity=FLAGS.prune_sparsity, export=("int8",)),
-        ),
-        ("TWN ternary", "micro", dict(method="twn", export=TERNARY_TARGETS)),
-    ]
-    for s in FLAGS.ptq_sparsities:
-        ptq = dict(method="ptq", sparsity=float(s), export=TERNARY_TARGETS)
-        runs.append((f"PTQ sparsity {float(s):g}", "micro", ptq))
-    rows = []
-    for name, target, options in runs:
-        slug = name.split(" +")[0].lower().replace(" ", "_").replace("%", "")
-        cfg = _config(
-            **options,
-            epochs=FLAGS.finetune_epochs,
-            learning_rate=FLAGS.finetune_learning_rate,
-            init_from=init_from,
-            out_dir=os.path.join(work, slug),
-        )
-        common.log(f"row {name!r}: {cfg.method}, {cfg.epochs} epochs from {init_from}")
-        rows.append(_row_from_run(name, train.run(cfg), target, x_test, y_test))
-    return rows
+def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test, y_test) -> dict:
+    key, _, _, options, targets = spec
+
+    def compute():
+        epochs = 1 if FLAGS.quick else FLAGS.finetune_epochs
+        export = ("int8", "micro") if "micro" in targets else ("int8",)
+        cfg = _config(model, seed, work, **options, epochs=epochs, init_from=init_from, export=export)
+        res = train.run(cfg)
+        return {
+            "keras_accuracy": res["keras_accuracy"],
+            "keras_accuracy_before_bn": res.get("stripped_accuracy"),
+            "files": _files(res, targets, x_test, y_test),
+        }
+
+    return _cached(os.path.join(work, "bench.json"), compute)
 
 
-def _pareto(points: list[tuple[float, float]]) -> list[int]:
+def _mean_sd(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def _points(model: str, runs: dict) -> list[dict]:
+    """One point per (row, file target), aggregated over the seeds: runs = {(key, label, kind): [result, ...]}."""
+    points = []
+    for (key, label, kind), results in runs.items():
+        for target in results[0]["files"]:
+            files = [r["files"][target] for r in results]
+            acc, sd = _mean_sd([100 * f["accuracy"] for f in files])
+            keras_acc, keras_sd = _mean_sd([100 * r["keras_accuracy"] for r in results])
+            encodings = sorted({e for f in files for e in f["encodings"]})
+            points.append({
+                "model": model, "key": key, "label": label, "kind": kind, "target": target, "seeds": len(results),
+                "bytes": float(np.mean([f["file_bytes"] for f in files])), "accuracy": acc, "sd": sd,
+                "keras_accuracy": keras_acc, "keras_sd": keras_sd, "encodings": encodings,
+                "bits_per_weight": float(np.mean([f["bits_per_weight"] for f in files])),
+                "arena_bytes": files[0]["arena_bytes"],
+                "per_seed": [100 * f["accuracy"] for f in files],
+            })  # fmt: skip
+    return points
+
+
+def dominated(points: list[dict]) -> list[tuple[dict, dict]]:
+    """(PTQ point, baseline point) pairs where the baseline file is no larger and more accurate by more than one
+    standard deviation (the larger of the two)."""
+    out = []
+    for p in (p for p in points if p["kind"] == "ptq"):
+        for b in (b for b in points if b["kind"] in BASELINE_KINDS):
+            margin = np.nanmax([p["sd"], b["sd"], 0.0])
+            if b["bytes"] <= p["bytes"] and b["accuracy"] - p["accuracy"] > margin:
+                out.append((p, b))
+    return out
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats in both size (smaller) and accuracy (higher), by size."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -1.0
+    front, best = [], -np.inf
     for i in order:
         if points[i][1] > best:
             front.append(i)
@@ -167,29 +190,37 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _plot(rows: list[Row], path: str, title: str) -> None:
+_COLORS = {"float": "black", "int8": "tab:blue", "qat": "tab:cyan", "prune": "tab:green", "twn": "tab:orange",
+           "ptq": "tab:red"}  # fmt: skip
+
+
+def _plot(by_model: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(row.files[row.file_target] / 1024, 100 * row.tflm_accuracy) for row in rows]
-    front = _pareto(points)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row, (kb, acc) in zip(rows, points):
-        ax.scatter(kb, acc, s=40, color="tab:red" if row.file_target == "micro" else "tab:blue", zorder=3)
-        ax.annotate(row.name, (kb, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="gray", label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("file bytes of the deployed .tflite (KiB, log scale)")
-    ax.set_ylabel("test accuracy on TFLM (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(handles=[
-        plt.Line2D([], [], marker="o", ls="", color="tab:blue", label="int8 / fp32 file"),
-        plt.Line2D([], [], marker="o", ls="", color="tab:red", label="ternary micro file (TFLM_DECODE)"),
-        plt.Line2D([], [], ls="--", color="gray", label="Pareto front"),
-    ], fontsize=8, loc="best")  # fmt: skip
+    fig, axes = plt.subplots(1, len(by_model), figsize=(7.5 * len(by_model), 5.5), squeeze=False)
+    for ax, (model, points) in zip(axes[0], by_model.items()):
+        xy = [(p["bytes"] / 1024, p["accuracy"]) for p in points]
+        for p, (kb, acc) in zip(points, xy):
+            marker = "s" if p["target"] == "micro" else "o"
+            ax.errorbar(kb, acc, yerr=0 if np.isnan(p["sd"]) else p["sd"], fmt=marker, color=_COLORS[p["kind"]],
+                        capsize=3, zorder=3)  # fmt: skip
+            ax.annotate(f"{p['label']} ({p['target']})", (kb, acc), textcoords="offset points", xytext=(4, 3),
+                        fontsize=6)  # fmt: skip
+        front = pareto(xy)
+        ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="gray", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("file bytes (KiB, log scale)")
+        ax.set_ylabel("test accuracy on TFLM (%), mean +- sd over seeds")
+        ax.set_title(f"{model}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in _COLORS.items()]
+    handles += [plt.Line2D([], [], marker="s", ls="", color="gray", label="micro file (TFLM_DECODE)"),
+                plt.Line2D([], [], ls="--", color="gray", label="Pareto front (means)")]  # fmt: skip
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -197,57 +228,60 @@ def _plot(rows: list[Row], path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _markdown(rows: list[Row], meta: dict) -> str:
-    float_row = rows[0]
-    fp32_bytes = float_row.files["fp32"]
+def _fmt(mean: float, sd: float) -> str:
+    return f"{mean:.2f}" + ("" if np.isnan(sd) else f" ± {sd:.2f}")
+
+
+def _markdown(by_model: dict, meta: dict) -> str:
     lines = [
-        "# Accuracy vs size: Fashion-MNIST, small_cnn",
+        "# Accuracy vs size: Fashion-MNIST, mean and standard deviation over seeds",
         "",
         f"Measured {meta['date']} on {meta['machine']} by `{meta['command']}`"
         + (" (**--quick smoke run: not meaningful**)" if meta["quick"] else "")
         + ".",
         "",
-        f"Every row: `small_cnn` (225k parameters), Adam, batch 128, {meta['train_examples']} training images. "
-        f"A float model trains for {meta['float_epochs']} epochs; the float row continues it for "
-        f"{meta['finetune_epochs']} more, every other row fine-tunes it for {meta['finetune_epochs']} epochs "
-        f"(learning rate {meta['finetune_lr']:g}; PTQ and pruning ramp the sparsity cubically over the first epoch, "
-        "then the PTQ mask freezes and its STE becomes `masked`; ternary models are stripped and their BatchNorm "
-        "statistics re-estimated over 200 training batches). Accuracy over the whole "
-        f"{meta['test_examples']}-image test set.",
+        f"Per model and seed a float model trains {meta['float_epochs']} epochs (Adam 1e-3, batch 128, "
+        f"{meta['train_examples']} training images); every compressed row fine-tunes it {meta['finetune_epochs']} "
+        "epochs (Adam 1e-3; tfmot pruning ramps over the first epoch; PTQ with the library defaults; ternary models "
+        "stripped and BatchNorm re-estimated). File accuracy: TFLM interpreter over the "
+        f"{meta['test_examples']}-image test set. `micro` files use `encoding=\"auto\"` (per tensor the smallest of "
+        "2-bit LUT, PRUNE and Huffman; the pruning baseline's int8 weights get PRUNE or Huffman).",
         "",
-        "| row | Keras acc | file acc (TFLM) | deployed file | file bytes | x smaller than fp32 file | bits/weight "
-        "| TFLM arena bytes | train step time vs float | other targets (bytes) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        keras_acc = f"{100 * row.keras_accuracy:.2f}%"
-        if row.keras_accuracy_before_bn is not None:
-            keras_acc += f" ({100 * row.keras_accuracy_before_bn:.2f}% before BN re-estimation)"
-        size = row.files[row.file_target]
-        deployed = row.file_target + (f" ({', '.join(row.encodings)})" if row.encodings else "")
-        others = ", ".join(f"{t} {b:,}" for t, b in row.files.items() if t != row.file_target) or "-"
-        step = f"{row.step_time_s / float_row.step_time_s:.2f}x" if row.step_time_s and float_row.step_time_s else "-"
-        lines.append(
-            f"| {row.name} | {keras_acc} | {100 * row.tflm_accuracy:.2f}% | {deployed} | {size:,} "
-            f"| {fp32_bytes / size:.1f}x | {row.bits_per_weight:.2f} "
-            f"| {row.arena_bytes if row.arena_bytes is not None else '-'} | {step} | {others} |"
-        )
+    for model, points in by_model.items():
+        float_acc = next(p["accuracy"] for p in points if p["kind"] == "float")
+        fp32 = next(p["bytes"] for p in points if p["kind"] == "float")
+        lines += [
+            f"## {model}",
+            "",
+            "| row | file | seeds | file bytes | x smaller than fp32 | bits/weight | TFLM accuracy % | vs float "
+            "| Keras accuracy % | TFLM arena bytes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in sorted(points, key=lambda p: -p["bytes"]):
+            target = p["target"] + (f" ({', '.join(p['encodings'])})" if p["encodings"] else "")
+            lines.append(
+                f"| {p['label']} | {target} | {p['seeds']} | {p['bytes']:,.0f} | {fp32 / p['bytes']:.1f}x "
+                f"| {p['bits_per_weight']:.2f} | {_fmt(p['accuracy'], p['sd'])} | {p['accuracy'] - float_acc:+.2f} "
+                f"| {_fmt(p['keras_accuracy'], p['keras_sd'])} | {p['arena_bytes'] or '-'} |"
+            )
+        beaten = dominated(points)
+        lines.append("")
+        if beaten:
+            lines.append("Baseline files no larger than a PTQ file and more accurate beyond one standard deviation:")
+            lines += [
+                f"- {p['label']} ({p['target']}, {p['bytes']:,.0f} B, {_fmt(p['accuracy'], p['sd'])}%) is beaten by "
+                f"{b['label']} ({b['target']}, {b['bytes']:,.0f} B, {_fmt(b['accuracy'], b['sd'])}%)"
+                for p, b in beaten
+            ]
+        else:
+            lines.append("No baseline file is both no larger than a PTQ file and more accurate beyond one sd.")
+        lines.append("")
     lines += [
-        "",
-        "- Deployed file: `micro` = int8 graph whose ternary weights are TFLM_DECODE encoded (runs on the TFLM "
-        "interpreter only; encoding `auto`: per tensor the smallest of 2-bit LUT, Huffman and PRUNE, the chosen "
-        "ones in brackets); `int8` = stock full-integer TFLite; `fp32` = float TFLite. `litert` (other targets) "
-        "= INT2 fully connected + INT4 convolution weights, LiteRT only.",
-        "- Bits/weight: weight payload bits of the deployed file per weight (scales, biases and the flatbuffer "
-        "structure are in the file bytes, not here).",
-        "- TFLM arena: smallest tensor arena with which the TFLM interpreter allocates and invokes the file "
-        "(decoded TFLM_DECODE weights live in the arena).",
-        f"- Step time: median wall time of a training step of the row's training model over its run, divided by "
-        f"the float model's ({1000 * float_row.step_time_s:.1f} ms); measured on a machine shared with other jobs, "
-        "so expect +-20% noise."
-        if float_row.step_time_s
-        else "- Step time: not measured.",
-        "- Plot: `accuracy_size.png` (TFLM accuracy against deployed file bytes, Pareto front dashed).",
+        "- bits/weight: weight payload bits of the file per weight (scales, biases and the flatbuffer structure "
+        "are in the file bytes, not here). TFLM arena: seed 0's file (decoded TFLM_DECODE weights live in it).",
+        "- Plot: `accuracy_size.png` (TFLM accuracy against file bytes, error bars one sd, Pareto front of the means "
+        "dashed).",
         "",
     ]
     return "\n".join(lines)
@@ -256,44 +290,64 @@ def _markdown(rows: list[Row], meta: dict) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from ptq_keras import models
+
     common.quiet_logs()
-    if FLAGS.quick:
-        FLAGS.float_epochs, FLAGS.finetune_epochs = 1, 1
-    for s in FLAGS.ptq_sparsities:
+    for s in FLAGS.ptq_sparsities + FLAGS.prune_sparsities + [FLAGS.variant_sparsity]:
         if not 0.0 <= float(s) < 1.0:
-            raise app.UsageError(f"--ptq_sparsities: {s} is outside [0, 1).")
+            raise app.UsageError(f"sparsity {s} is outside [0, 1).")
+    for model in FLAGS.models:
+        if model not in models.MODELS:
+            raise app.UsageError(f"--models: unknown model {model!r}; choose from {sorted(models.MODELS)}.")
+    specs = _row_specs()
+    keys = ["float"] + [s[0] for s in specs]
+    if FLAGS.rows:
+        unknown = sorted(set(FLAGS.rows) - set(keys))
+        if unknown:
+            raise app.UsageError(f"--rows: unknown {unknown}; known: {keys}")
+        specs = [s for s in specs if s[0] in FLAGS.rows]
     work = FLAGS.work_dir + ("_quick" if FLAGS.quick else "")
-    os.makedirs(work, exist_ok=True)
     results_dir = work if FLAGS.quick else FLAGS.results_dir  # smoke results stay out of the record
     os.makedirs(results_dir, exist_ok=True)
     limit = 2048 if FLAGS.quick else None
     x_train, _ = common.load_split("fashion_mnist", "train", None, limit)
     x_test, y_test = common.load_split("fashion_mnist", "test", None, limit)
-    started = datetime.datetime.now(datetime.UTC)
-    rows, init_from = _float_rows(work, x_test, y_test)
-    rows += _finetune_rows(work, init_from, x_test, y_test)
-    minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
+    started = time.time()
+    by_model = {}
+    for model in FLAGS.models:
+        runs: dict = {}
+        for seed in range(FLAGS.seeds):
+            seed_dir = os.path.join(work, model, f"seed{seed}")
+            common.log(f"{model} seed {seed}: float model")
+            base = _float_run(model, seed, os.path.join(seed_dir, "float"), x_test, y_test)
+            float_files = base["files"]
+            runs.setdefault(("float", "float32", "float"), []).append({**base, "files": {"fp32": float_files["fp32"]}})
+            runs.setdefault(("int8", "int8 post-training", "int8"), []).append(
+                {**base, "files": {"int8": float_files["int8"]}}
+            )
+            for spec in specs:
+                common.log(f"{model} seed {seed}: {spec[1]}")
+                res = _finetune_run(model, seed, spec, base["model"], os.path.join(seed_dir, spec[0]), x_test, y_test)
+                runs.setdefault(spec[:3], []).append(res)
+        by_model[model] = _points(model, runs)
+    minutes = (time.time() - started) / 60
     meta = {
-        "date": started.strftime("%Y-%m-%d %H:%M UTC") + f" ({minutes:.0f} min)",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()})",
-        "command": "python benchmarks/accuracy_size.py" + (" --quick" if FLAGS.quick else ""),
+        f"{platform.python_version()}; {minutes:.0f} min for the runs not cached)",
+        "command": "python benchmarks/accuracy_size.py " + " ".join(sys.argv[1:]),
         "quick": FLAGS.quick,
-        "float_epochs": FLAGS.float_epochs,
-        "finetune_epochs": FLAGS.finetune_epochs,
-        "finetune_lr": FLAGS.finetune_learning_rate,
+        "float_epochs": 1 if FLAGS.quick else FLAGS.float_epochs,
+        "finetune_epochs": 1 if FLAGS.quick else FLAGS.finetune_epochs,
         "train_examples": len(x_train),
         "test_examples": len(x_test),
     }
-    stem = "accuracy_size"
-    md_path = os.path.join(results_dir, stem + ".md")
-    atomic_write(md_path, _markdown(rows, meta).encode())
-    atomic_write(
-        os.path.join(work, "rows.json"),
-        json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1).encode(),
-    )
-    _plot(rows, os.path.join(results_dir, stem + ".png"), f"Fashion-MNIST small_cnn, {meta['date']}")
-    common.log(f"wrote {md_path} and {stem}.png")
+    md_path = os.path.join(results_dir, "accuracy_size.md")
+    atomic_write(md_path, _markdown(by_model, meta).encode())
+    atomic_write(os.path.join(results_dir, "accuracy_size.json"),
+                 json.dumps({"meta": meta, "points": by_model}, indent=1).encode())  # fmt: skip
+    _plot(by_model, os.path.join(results_dir, "accuracy_size.png"), f"Fashion-MNIST, {meta['date']}")
+    common.log(f"wrote {md_path} and accuracy_size.png")
     print(open(md_path).read())
 
 

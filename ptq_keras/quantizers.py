@@ -14,7 +14,7 @@ DEFAULTS = {
     "sparsity": 0.7,
     "threshold": "sparsity",
     "granularity": "channel",
-    "selection": "tensor",  # layer-wide top-k, every channel kept alive (measured: benchmarks/results/recipe.md)
+    "selection": "tensor",  # layer-wide top-k, every channel kept alive (measured: benchmarks/results/ablation.md)
     "normalize": False,
     "ste": "identity",
     "clip": 2.0,
