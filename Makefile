@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench bench-all lint setup data clean
+.PHONY: demo test bench bench-all fuzz lint setup data clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ bench-all: bench
 	$(PY) benchmarks/activations.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/encodings.py
+
+# 10,000 damaged copies of exported files through every reader and, when they parse, the runtimes (in a child
+# process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/test_fuzz.py).
+fuzz: setup
+	$(PY) tests/fuzz.py --cases=10000
 
 lint: setup
 	$(VENV)/bin/ruff check .

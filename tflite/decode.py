@@ -90,18 +90,46 @@ def describe(tflite_bytes: bytes) -> list[dict]:
         for op in subgraph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) != DECODE_OP:
                 continue
-            for k, out_index in enumerate(op.outputs):
-                data_index, ancillary_index = int(op.inputs[2 * k]), int(op.inputs[2 * k + 1])
+            inputs = [int(i) for i in (op.inputs if op.inputs is not None else [])]
+            outputs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
+            if len(inputs) != 2 * len(outputs) or min(inputs + outputs, default=0) < 0:
+                raise flatbuffer.FlatbufferError(
+                    f"tflite_bytes: a {DECODE_OP} op in subgraph {s} has {len(inputs)} inputs for {len(outputs)} "
+                    "outputs; it needs an (encoded, ancillary) pair of constant tensors per output."
+                )
+            for k, out_index in enumerate(outputs):
+                data_index, ancillary_index = inputs[2 * k], inputs[2 * k + 1]
                 if (s, data_index) in seen:
                     continue
                 seen.add((s, data_index))
                 encoded, output = subgraph.tensors[data_index], subgraph.tensors[out_index]
-                data = flatbuffer.buffer_array(model, encoded).tobytes()
-                ancillary = flatbuffer.buffer_array(model, subgraph.tensors[ancillary_index]).tobytes()
-                shape = [int(d) for d in output.shape]
-                count = int(np.prod(shape))
-                encoder = encoders.for_ancillary(ancillary)
-                values = encoder.decode(data, ancillary, count, _layout(output, _name(encoded)))
+                arrays = [flatbuffer.buffer_array(model, t) for t in (encoded, subgraph.tensors[ancillary_index])]
+                if any(a is None for a in arrays):
+                    raise flatbuffer.FlatbufferError(
+                        f"tflite_bytes: {DECODE_OP} input {_name(encoded) or data_index!r} (subgraph {s}) or its "
+                        "ancillary tensor has no constant data."
+                    )
+                data, ancillary = (a.tobytes() for a in arrays)
+                shape = [int(d) for d in output.shape] if output.shape is not None else []
+                count = int(np.prod(shape)) if shape else 0
+                if count < 1:
+                    raise flatbuffer.FlatbufferError(
+                        f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} (subgraph {s}) has no "
+                        f"elements (shape {shape})."
+                    )
+                if count > 8 * len(data):  # every encoding spends at least one bit per element
+                    raise flatbuffer.FlatbufferError(
+                        f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} {shape} (subgraph {s}) has "
+                        f"more elements than its {len(data)}-byte encoded tensor can hold."
+                    )
+                try:
+                    encoder = encoders.for_ancillary(ancillary)
+                    values = encoder.decode(data, ancillary, count, _layout(output, _name(encoded)))
+                except (ValueError, IndexError, KeyError, RecursionError, OverflowError) as exc:
+                    raise flatbuffer.FlatbufferError(
+                        f"tflite_bytes: encoded tensor {_name(encoded) or data_index!r} (subgraph {s}): its data or "
+                        f"ancillary data is inconsistent ({exc})."
+                    ) from None
                 payload = len(data) + len(ancillary)
                 rows.append(
                     {

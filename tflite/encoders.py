@@ -377,6 +377,8 @@ class HuffmanEncoder:
         book: dict[tuple[int, int], int] = {}
 
         def walk(start: int, width: int, prefix: int, prefix_bits: int) -> None:
+            if prefix_bits + width > 32 or start + (1 << width) > len(table):
+                raise ValueError(f"a Huffman lookup table at entry {start} runs past the tables or past 32 bits.")
             for index in range(1 << width):
                 entry = int(table[start + index])
                 bits = (entry >> shift) & 0x0F

@@ -12,6 +12,7 @@ from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as sch
 __all__ = [
     "schema",
     "FlatbufferError",
+    "check",
     "read",
     "load",
     "write",
@@ -56,7 +57,99 @@ def read(buf: bytes, what: str = "buffer") -> schema.ModelT:
         raise FlatbufferError(f"{what}: the .tflite flatbuffer is corrupt or truncated ({exc}).") from exc
     if not model.subgraphs:
         raise FlatbufferError(f"{what}: the .tflite file has no subgraph.")
+    check(model, what, len(buf))
     return model
+
+
+_PACKED_BITS = {schema.TensorType.INT4: 4, schema.TensorType.INT2: 2}
+_MAX_TENSOR_BYTES = 2**31 - 1  # TFLite sizes tensors with 32-bit integers
+
+
+def _text(value, where: str, what: str) -> None:
+    if isinstance(value, bytes):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FlatbufferError(f"{what}: {where} is not valid UTF-8 ({value[:32]!r}).") from None
+
+
+def _index(value, size: int, where: str, what: str, optional: bool = False) -> None:
+    if not (0 <= int(value) < size or (optional and int(value) == -1)):
+        raise FlatbufferError(f"{what}: {where} is {int(value)}, outside 0..{size - 1}.")
+
+
+def check(model: schema.ModelT, what: str = "buffer", file_size: int | None = None) -> None:
+    """Raise ``FlatbufferError`` naming the first structural inconsistency: an index out of range (operator code,
+    tensor, buffer), a string that is not UTF-8, a buffer outside the file, a constant whose data does not match
+    its shape and type, or per-channel quantization that does not match the tensor's shape."""
+    buffers = model.buffers or []
+    codes = model.operatorCodes or []
+    for i, code in enumerate(codes):
+        _text(code.customCode, f"operator code {i}'s custom name", what)
+    for b, buffer in enumerate(buffers):
+        offset, size = int(getattr(buffer, "offset", 0) or 0), int(getattr(buffer, "size", 0) or 0)
+        if offset > 1 and file_size is not None and offset + size > file_size:
+            raise FlatbufferError(f"{what}: buffer {b} ({size} bytes at offset {offset}) lies outside the file.")
+    for s, graph in enumerate(model.subgraphs):
+        tensors = graph.tensors or []
+        for i, t in enumerate(tensors):
+            where = f"subgraph {s} tensor {i}"
+            _text(t.name, f"{where}'s name", what)
+            _index(t.buffer, max(len(buffers), 1), f"{where}'s buffer index", what)
+            shape = [int(d) for d in t.shape] if t.shape is not None else []
+            if any(d < 0 for d in shape):
+                raise FlatbufferError(f"{what}: {where} has a negative dimension in its shape {shape}.")
+            itemsize = np.dtype(_NUMPY_TYPES[t.type]).itemsize if t.type in _NUMPY_TYPES else 1
+            if int(np.prod(shape, dtype=np.float64)) * itemsize > _MAX_TENSOR_BYTES:
+                raise FlatbufferError(f"{what}: {where}'s shape {shape} needs more than 2 GiB.")
+            data = buffers[t.buffer].data if buffers else None
+            if data is not None and len(data):
+                count = int(np.prod(shape)) if shape else 1
+                if t.type in _NUMPY_TYPES:
+                    expected = count * np.dtype(_NUMPY_TYPES[t.type]).itemsize
+                elif t.type in _PACKED_BITS:
+                    expected = -(-count * _PACKED_BITS[t.type] // 8)
+                else:
+                    expected = len(data)
+                if len(data) != expected:
+                    raise FlatbufferError(
+                        f"{what}: {where} ({tensor_type_name(t.type)} {shape}) needs {expected} bytes of data, "
+                        f"its buffer {t.buffer} holds {len(data)}."
+                    )
+            q = t.quantization
+            if q is not None and q.scale is not None and len(q.scale):
+                scales = np.asarray(q.scale, dtype=np.float64)
+                if not np.all(np.isfinite(scales) & (scales > 0)):
+                    bad = scales[~(np.isfinite(scales) & (scales > 0))][0]
+                    raise FlatbufferError(f"{what}: {where} has a quantization scale {bad} (not a positive number).")
+            if q is not None and q.scale is not None and len(q.scale) > 1:
+                axis = int(q.quantizedDimension)
+                if not 0 <= axis < len(shape) or shape[axis] != len(q.scale):
+                    raise FlatbufferError(
+                        f"{what}: {where} has {len(q.scale)} per-channel scales on axis {axis}, which does not "
+                        f"match its shape {shape}."
+                    )
+                if q.zeroPoint is not None and len(q.zeroPoint) not in (0, 1, len(q.scale)):
+                    raise FlatbufferError(
+                        f"{what}: {where} has {len(q.zeroPoint)} zero points for {len(q.scale)} scales."
+                    )
+        for k, index in enumerate(list(graph.inputs if graph.inputs is not None else [])
+                                  + list(graph.outputs if graph.outputs is not None else [])):  # fmt: skip
+            _index(index, len(tensors), f"subgraph {s} input/output {k}", what)
+        for o, op in enumerate(graph.operators or []):
+            where = f"subgraph {s} operator {o}"
+            _index(op.opcodeIndex, max(len(codes), 1) if codes else 0, f"{where}'s operator code", what)
+            for role in ("inputs", "outputs", "intermediates"):
+                for index in getattr(op, role) if getattr(op, role) is not None else []:
+                    _index(index, len(tensors), f"{where}'s {role[:-1]}", what, optional=True)
+        _check_op_shapes(model, graph, s, what)
+    for d, sig in enumerate(model.signatureDefs or []):
+        _text(sig.signatureKey, f"signature {d}'s key", what)
+        _index(sig.subgraphIndex, len(model.subgraphs), f"signature {d}'s subgraph", what)
+        graph_tensors = model.subgraphs[sig.subgraphIndex].tensors or []
+        for m in list(sig.inputs or []) + list(sig.outputs or []):
+            _text(m.name, f"signature {d}'s tensor name", what)
+            _index(m.tensorIndex, len(graph_tensors), f"signature {d}'s tensor index", what)
 
 
 def load(tflite, what: str = "tflite") -> bytes:
@@ -140,3 +233,54 @@ def buffer_array(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray | N
         return np.frombuffer(raw, dtype=np.uint8)
     shape = [int(d) for d in tensor.shape] if tensor.shape is not None else []
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _broadcast(a: list[int], b: list[int]) -> list[int] | None:
+    out = []
+    for x, y in zip([1] * (len(b) - len(a)) + a, [1] * (len(a) - len(b)) + b):
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(max(x, y))
+    return out
+
+
+def _check_op_shapes(model: schema.ModelT, graph, s: int, what: str) -> None:
+    """The shape rules of the ops this tool writes and edits (weight ops, element-wise ops): a damaged shape is
+    named here instead of reaching a runtime's kernel."""
+
+    def shape(index: int) -> list[int]:
+        t = graph.tensors[index]
+        return [int(d) for d in t.shape] if t.shape is not None else []
+
+    for o, op in enumerate(graph.operators or []):
+        name = builtin_name(model, op.opcodeIndex)
+        ins = [int(i) for i in (op.inputs if op.inputs is not None else [])]
+        outs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
+        where = f"{what}: subgraph {s} operator {o} ({name})"
+        if name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+            if len(ins) < 2 or len(outs) != 1 or min(ins[:2]) < 0:
+                raise FlatbufferError(f"{where} needs an input, a weight and one output.")
+            x, w, y = shape(ins[0]), shape(ins[1]), shape(outs[0])
+            rank = 2 if name == "FULLY_CONNECTED" else 4
+            if len(w) != rank or not y or 0 in w:
+                raise FlatbufferError(f"{where}: weight shape {w} is not a rank-{rank} weight.")
+            channels = w[0] if name != "DEPTHWISE_CONV_2D" else w[3]
+            if y[-1] != channels:
+                raise FlatbufferError(f"{where}: output shape {y} does not end in the weight's {channels} channels.")
+            if name == "FULLY_CONNECTED" and x and int(np.prod(x)) % w[1]:
+                raise FlatbufferError(f"{where}: input shape {x} is not a whole number of {w[1]}-element rows.")
+            if name == "CONV_2D" and (len(x) != 4 or x[3] % w[3]):
+                raise FlatbufferError(f"{where}: input shape {x} does not match the filter's {w[3]} channels.")
+            if name == "DEPTHWISE_CONV_2D" and (len(x) != 4 or x[3] == 0 or w[3] % x[3]):
+                raise FlatbufferError(f"{where}: input shape {x} does not divide the filter's {w[3]} channels.")
+            if len(ins) > 2 and ins[2] >= 0 and int(np.prod(shape(ins[2]))) != channels:
+                raise FlatbufferError(f"{where}: bias shape {shape(ins[2])} does not match {channels} channels.")
+        elif name in ("ADD", "SUB", "MUL"):
+            if len(ins) != 2 or len(outs) != 1 or min(ins + outs) < 0:
+                raise FlatbufferError(f"{where} needs two inputs and one output.")
+            joined = _broadcast(shape(ins[0]), shape(ins[1]))
+            if joined is None or joined != shape(outs[0]):
+                raise FlatbufferError(
+                    f"{where}: input shapes {shape(ins[0])} and {shape(ins[1])} do not give its output shape "
+                    f"{shape(outs[0])}."
+                )
