@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,3 +54,82 @@ def test_cli_usage_errors_name_the_problem(args, message):
         cli.FLAGS(["ptq-convert", *args])
         with pytest.raises(app.UsageError, match=message):
             cli.main(["ptq-convert"])
+
+
+def _cli_error(args) -> str:
+    with flagsaver.flagsaver():
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["ptq-convert", *args])
+        with pytest.raises(app.UsageError) as info:
+            cli.main(["ptq-convert"])
+    return str(info.value)
+
+
+def test_damaged_or_wrong_inputs_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tm.build("mlp")
+    model.save("good.h5")
+    model.save("saved")
+    np.save("samples.npy", tm.inputs(model, 8))
+    data = open("good.h5", "rb").read()
+    open("damaged.h5", "wb").write(data[: len(data) // 2])
+    (tmp_path / "saved" / "saved_model.pb").write_bytes(b"not a protobuf")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"jpeg")
+    np.save("strings.npy", np.array(["a", "b"]))
+    open("broken.npy", "wb").write(b"\x93NUMPY garbage")
+    cases = {
+        ("--model", "damaged.h5", "--data", "samples.npy"): r"'damaged.h5': the .h5 file cannot be loaded",
+        ("--model", "saved", "--data", "samples.npy"): r"'saved': the SavedModel folder cannot be loaded",
+        ("--model", "photos", "--data", "samples.npy"): r"'photos' is a folder without saved_model.pb",
+        ("--model", "good.h5", "--data", "strings.npy"): r"'strings.npy' holds a <U1 array",
+        ("--model", "good.h5", "--data", "broken.npy"): r"'broken.npy' is not a readable .npy array",
+    }
+    for args, message in cases.items():
+        assert re.search(message, _cli_error(list(args))), args
+
+
+def test_samples_of_the_wrong_shape_are_an_error_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = tm.build("mlp")
+    model.save("good.h5")
+    np.save("wrong.npy", np.zeros((8, 3, 3), np.float32))
+    with flagsaver.flagsaver():
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["ptq-convert", "--model", "good.h5", "--data", "wrong.npy", "--out_dir", "out"])
+        assert cli.main(["ptq-convert"]) == 2
+    assert "does not fit the model input" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_killed_midway_leaves_only_complete_files(tmp_path):
+    """SIGKILL as soon as the first output file appears: every file under its final name is complete."""
+    import os
+    import signal
+    import time
+
+    from ptq_keras.tflite import flatbuffer
+
+    model = tm.build("residual")
+    model.save(tmp_path / "residual.h5")
+    np.save(tmp_path / "samples.npy", tm.inputs(model, 40))
+    command = [sys.executable, "-m", "ptq_keras.tflite.cli", "--model", "residual.h5", "--data", "samples.npy",
+               "--targets", "int8,micro,litert", "--c_array", "--out_dir", "out", "--verify_samples", "0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = [p for p in out.iterdir() if not p.name.startswith(".tmp_")]
+    assert finished, "nothing was written before the kill"
+    assert not (out / "model_report.json").exists()  # the report is written last
+    for path in finished:
+        if path.suffix == ".tflite":
+            flatbuffer.load(str(path))
+        else:
+            assert path.suffix in (".cc", ".h", ".json")
+            text = path.read_text()
+            assert text.rstrip().endswith("}") or text.rstrip().endswith("#endif") or path.suffix == ".h"

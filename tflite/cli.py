@@ -61,8 +61,24 @@ def load_model(path: str):
         raise app.UsageError(f"--model {path!r} does not exist (give a .h5 file or a SavedModel folder).")
     if os.path.isfile(path) and not path.endswith((".h5", ".hdf5")):
         raise app.UsageError(f"--model {path!r}: expected a .h5 file or a SavedModel folder.")
-    with ptq_keras.custom_object_scope():
-        return ptq_keras.keras.models.load_model(path, compile=False)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise app.UsageError(
+            f"--model {path!r} is a folder without saved_model.pb: not a SavedModel (give a .h5 file or the folder "
+            "that model.save() wrote)."
+        )
+    try:
+        with ptq_keras.custom_object_scope():
+            model = ptq_keras.keras.models.load_model(path, compile=False)
+    except Exception as exc:  # h5py, protobuf and Keras raise assorted errors on damaged files
+        kind = "SavedModel folder" if os.path.isdir(path) else ".h5 file"
+        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise app.UsageError(
+            f"--model {path!r}: the {kind} cannot be loaded as a tf_keras model ({type(exc).__name__}: {cause}). "
+            "Is it damaged or incomplete? Save it again with model.save()."
+        ) from exc
+    if not isinstance(model, ptq_keras.keras.Model):
+        raise app.UsageError(f"--model {path!r} holds a {type(model).__name__}, not a tf_keras model.")
+    return model
 
 
 def load_samples(spec: str, limit: int, uint8_scale: float) -> np.ndarray:
@@ -70,7 +86,16 @@ def load_samples(spec: str, limit: int, uint8_scale: float) -> np.ndarray:
     if spec.endswith(".npy"):
         if not os.path.isfile(spec):
             raise app.UsageError(f"--data {spec!r}: no such .npy file.")
-        x = np.load(spec, mmap_mode="r")[:limit]
+        try:
+            x = np.load(spec, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise app.UsageError(f"--data {spec!r} is not a readable .npy array ({exc}).") from exc
+        if x.dtype.kind not in "fiub" or x.ndim < 1 or len(x) == 0:
+            raise app.UsageError(
+                f"--data {spec!r} holds a {x.dtype} array of shape {x.shape}; give samples of the model input as a "
+                "numeric array, first axis the sample (uint8 images or float inputs)."
+            )
+        x = x[:limit]
     else:
         from ptq_keras import data
 
