@@ -172,3 +172,22 @@ def test_ternarized_model_is_stripped_before_conversion():
     report = ptq_tflite.verify(qmodel, micro, x[24:], representative_data=x[:24])
     assert report.ok, str(report)
     assert ptq_tflite.convert(ptq_keras.strip(qmodel), x[:24]) == ptq_tflite.convert(qmodel, x[:24])
+
+
+def test_the_export_modules_import_each_other_one_way():
+    """convert -> verify -> report -> export: no module of ptq_keras.tflite imports one later in that flow."""
+    import ast
+    import pathlib
+
+    import ptq_keras.tflite as package
+
+    order = ["flatbuffer", "encoders", "decode", "micro", "convert", "verify", "report", "export", "cli"]
+    root = pathlib.Path(package.__file__).parent
+    for module in order:
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+        later = [m for m in imported if m in order and order.index(m) >= order.index(module)]
+        assert not later, f"{module}.py imports {later}, which come later in the flow"

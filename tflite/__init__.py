@@ -4,7 +4,8 @@
 ``inspect`` (per-tensor table). Targets: ``int8``, ``micro`` (TFLM_DECODE), ``litert`` (INT2/INT4), ``int4``.
 """
 
-from .convert import ENCODINGS, TARGETS, ExportError, ExportResult, convert, export
+from .convert import ENCODINGS, TARGETS, ExportError, convert
+from .export import ExportResult, export
 from .flatbuffer import FlatbufferError
 from .report import ExportReport, TensorTable, inspect
 from .verify import ParityReport, predict, verify

@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"--targets: unknown {unknown}; choose from {list(TARGETS)}.")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would drown the progress lines
-    from .convert import export
+    from .export import export
     from .flatbuffer import FlatbufferError
     from .verify import verify
 

@@ -17,21 +17,17 @@ bias is rounded to ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q``
 from __future__ import annotations
 
 import collections.abc
-import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import flatbuffer
+from . import decode, flatbuffer
 
 __all__ = [
     "TARGETS",
     "ENCODINGS",
     "ExportError",
-    "ExportResult",
     "convert",
-    "export",
     "float_tflite",
     "int8_tflite",
     "check_layers",
@@ -56,7 +52,6 @@ _PACKED_TYPE = {
     "litert": {"FULLY_CONNECTED": "INT2", "CONV_2D": "INT4", "DEPTHWISE_CONV_2D": "INT4"},
     "int4": {"FULLY_CONNECTED": "INT4", "CONV_2D": "INT4", "DEPTHWISE_CONV_2D": "INT4"},
 }
-_FIRMWARE_ORDER = ("micro", "int4", "int8")
 DEFAULT_NUM_SAMPLES = 100
 
 S = flatbuffer.schema
@@ -425,8 +420,6 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
     buf = prep.int8[per_tensor]
     if target == "micro":
-        from . import decode
-
         if needs_ternary(target, encoding):
             check_ternary(buf)
         try:
@@ -458,113 +451,3 @@ def convert(
     _check_options(target, encoding, num_samples)
     prep = _prepare(model, representative_data, num_samples)
     return _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
-
-
-@dataclass
-class ExportResult:
-    """What ``export`` wrote: ``files`` (target -> path, plus ``report``/``c_source``/``c_header``), the
-    ``report`` object (``report.summary()``, ``report.to_dict()``) and ``int8``, the bytes of the int8 file
-    the packed targets came from (``verify(..., int8=result.int8)`` when target int8 was not written)."""
-
-    out_dir: str
-    files: dict
-    report: object
-    int8: bytes | None = None
-
-    def summary(self) -> str:
-        return self.report.summary()
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-def export(
-    model,
-    representative_data,
-    out_dir: str | os.PathLike,
-    *,
-    targets: collections.abc.Sequence[str] = ("int8", "micro", "litert"),
-    c_array: bool | str = False,
-    encoding: str = "lut",
-    strip_names: bool = False,
-    latency_budget: float | None = None,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    name: str = "model",
-    measure: bool = True,
-    progress=None,
-) -> ExportResult:
-    """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
-    (``<name>_report.json``) and, with ``c_array``, ``<name>_data.cc`` / ``.h`` for firmware.
-
-    ``c_array=True`` picks the first TFLM target exported among micro, int4, int8; a target name picks it.
-    ``measure=False`` skips the TFLM arena bisection and the timing. ``progress``: a callable taking one line
-    (e.g. ``print``) for long steps. Files are written atomically.
-    """
-    from . import micro, report
-
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = tuple(targets)
-    if not targets:
-        raise ValueError(f"targets is empty; choose from {list(TARGETS)}.")
-    for target in targets:
-        _check_options(target, encoding, num_samples)
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"targets {list(targets)} name a target twice.")
-    firmware = _firmware_target(c_array, targets)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name must be a C identifier-like file stem (e.g. 'model'), got {name!r}.")
-    say = progress or (lambda line: None)
-    out_dir = os.fspath(out_dir)
-    started = time.perf_counter()
-    say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
-    prep = _prepare(model, representative_data, num_samples)
-    for target in targets:  # every layer error before any slow conversion
-        check_layers(prep.plain, target, encoding)
-    say("converting fp32 reference ...")
-    fp32 = float_tflite(prep.plain)
-    buffers = {}
-    for target in targets:
-        say(f"converting target {target} ...")
-        buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
-    files = {}
-    for target, buf in buffers.items():
-        path = os.path.join(out_dir, f"{name}_{target}.tflite")
-        flatbuffer.atomic_write(path, buf)
-        files[target] = path
-    say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
-    reference = prep.int8.get(False, prep.int8.get(True))  # the int8 file the targets came from
-    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference)
-    if firmware is not None:
-        arena = rep.targets[firmware].arena_bytes
-        if arena is None:
-            arena = micro.measure_arena(buffers[firmware])
-        source, header = micro.c_array(buffers[firmware], f"{name}_data", arena_bytes=arena, target=firmware)
-        files["c_source"] = os.path.join(out_dir, f"{name}_data.cc")
-        files["c_header"] = os.path.join(out_dir, f"{name}_data.h")
-        flatbuffer.atomic_write(files["c_source"], source)
-        flatbuffer.atomic_write(files["c_header"], header)
-    files["report"] = os.path.join(out_dir, f"{name}_report.json")
-    rep.files = dict(files)
-    flatbuffer.atomic_write(files["report"], rep.to_json())
-    say(f"done in {time.perf_counter() - started:.1f} s: {len(buffers)} target(s) in {out_dir}")
-    return ExportResult(out_dir, files, rep, reference)
-
-
-def _firmware_target(c_array, targets: tuple) -> str | None:
-    if c_array is False or c_array is None:
-        return None
-    if c_array is True:
-        for target in _FIRMWARE_ORDER:
-            if target in targets:
-                return target
-        raise ValueError(
-            f"c_array=True needs a TFLM target (one of {list(_FIRMWARE_ORDER)}) in targets {list(targets)}."
-        )
-    if c_array not in _FIRMWARE_ORDER or c_array not in targets:
-        raise ValueError(
-            f"c_array={c_array!r}: name a TFLM target that is also exported "
-            f"({[t for t in _FIRMWARE_ORDER if t in targets]}), or pass True."
-        )
-    return c_array
-

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import flatbuffer, micro
+from .verify import invoke_ratio, runtimes_for
 
 __all__ = ["TargetReport", "ExportReport", "TensorTable", "build", "inspect", "weight_payload"]
 
@@ -166,7 +167,6 @@ class ExportReport:
 
 def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int8_reference: bytes | None = None):
     """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``."""
-    from .verify import invoke_ratio, runtimes_for
 
     params = int(plain.count_params())
     reference = buffers.get("int8", int8_reference)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import flatbuffer, micro
+from .convert import convert, plain_model, samples, unpack
 
 __all__ = [
     "RUNTIMES",
@@ -235,7 +236,6 @@ def _int8_reference(tflite, target: str, int8, model, data, representative_data)
             sibling = stem[: -len(target)] + "int8.tflite"
             if os.path.isfile(sibling):
                 return flatbuffer.load(sibling, sibling), sibling
-    from .convert import convert
 
     data_for_calibration = data if representative_data is None else representative_data
     buf = convert(model, data_for_calibration, target="int8")
@@ -274,7 +274,6 @@ def verify(
     ``DEFAULT_MAX_LSB``; ``micro`` is always bit-exact).
     ``model`` may be None to skip the Keras rung when ``int8`` is given.
     """
-    from .convert import plain_model, samples
 
     if not 0.0 <= float(min_top1) <= 1.0:
         raise ValueError(f"min_top1 must be in [0, 1], got {min_top1!r}.")
@@ -317,7 +316,6 @@ def verify(
         outputs[runtime] = _Runner(buf, runtime)(x)
         report.steps.append(_compare(ref, outputs[runtime], ("int8", target), runtime, tolerance))
     if target in ("litert", "int4"):
-        from .convert import unpack
 
         twin = unpack(buf)
         for runtime, out in outputs.items():
