@@ -25,19 +25,18 @@ _WORKER = r"""
 import os, sys, numpy as np
 from ptq_keras import tflite as ptq_tflite
 from ptq_keras.tflite import flatbuffer
+def inputs(buf):
+    graph = flatbuffer.read(buf).subgraphs[0]
+    shape = [min(max(int(d), 1), 4096) for d in graph.tensors[int(graph.inputs[0])].shape][1:]
+    return np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype(np.float32)
 for line in sys.stdin:
     path, runtimes = line.split()
     buf = open(path, "rb").read()
-    model = flatbuffer.read(buf)
-    graph = model.subgraphs[0]
-    shape = [max(int(d), 1) for d in graph.tensors[int(graph.inputs[0])].shape][1:] if graph.inputs is not None \
-        and len(graph.inputs) else [1]
-    x = np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype(np.float32)
     for runtime in runtimes.split(","):
         try:
-            ptq_tflite.predict(buf, x, runtime)
+            ptq_tflite.predict(buf, inputs(buf), runtime)
         except Exception:
-            pass  # a clean error from the runtime is fine; only a dead process is a crash
+            pass  # a clean error (from the runtime or the inputs) is fine; only a dead process is a crash
     print("done", flush=True)
 """
 

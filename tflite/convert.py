@@ -270,9 +270,25 @@ def channel_magnitudes(values: np.ndarray, axis: int, name: str, per_tensor: boo
     return q
 
 
+def _on_bytes(edit, what: str = "tflite"):
+    """The bytes -> bytes form of an in-place stage ``edit(model, *args)``: parse, edit, serialize."""
+
+    def run(tflite: bytes, *args, **kwargs) -> bytes:
+        model = flatbuffer.read(tflite, what)
+        edit(model, *args, **kwargs)
+        return flatbuffer.write(model)
+
+    run.__doc__ = f"{edit.__doc__.split(chr(10))[0]} (bytes in, 16-byte aligned bytes out)"
+    return run
+
+
 def check_ternary(int8_bytes: bytes) -> None:
     """``ExportError`` naming the first weight tensor of a weight op that is not ternary per channel."""
-    model = flatbuffer.read(int8_bytes, "int8 .tflite")
+    check_ternary_model(flatbuffer.read(int8_bytes, "int8 .tflite"))
+
+
+def check_ternary_model(model) -> None:
+    """``check_ternary`` on a parsed model."""
     for graph in model.subgraphs:
         for op in graph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) not in WEIGHT_OPS:
@@ -287,9 +303,8 @@ def check_ternary(int8_bytes: bytes) -> None:
             channel_magnitudes(values, axis, _name(weight), per_tensor=not per_channel)
 
 
-def pack(int8_bytes: bytes, target: str) -> bytes:
-    """Rewrite the int8 weights of ``int8_bytes`` as INT2 / INT4 for target ``litert`` or ``int4``."""
-    model = flatbuffer.read(int8_bytes, "int8 .tflite")
+def pack_model(model, target: str) -> None:
+    """Rewrite the int8 weights as INT2 / INT4 for target ``litert`` or ``int4``, in place."""
     types = _PACKED_TYPE[target]
     done: set[tuple[int, int]] = set()
     for s, graph in enumerate(model.subgraphs):
@@ -309,7 +324,9 @@ def pack(int8_bytes: bytes, target: str) -> bytes:
             done.add((s, int(op.inputs[1])))
             bias = graph.tensors[int(op.inputs[2])] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
             _pack_weight(model, graph, op, weight, values, bias, types[op_name])
-    return flatbuffer.write(model)
+
+
+pack = _on_bytes(pack_model, "int8 .tflite")
 
 
 def _pack_weight(model, graph, op, weight, values, bias, type_name: str) -> None:
@@ -363,11 +380,10 @@ def unpack(packed: bytes) -> bytes:
     return flatbuffer.write(model)
 
 
-def trim_for_tflm(tflite: bytes) -> bytes:
+def trim_model(model) -> None:
     """Drop quantization parameters no TFLM kernel reads (``micro`` target, TFLM only): the int32 biases' scales
     and zero points (TFLM derives the requantization from the input, weight and output scales) and the
     per-channel zero points of weights when all are 0 (a single 0 remains). ~20 bytes per output channel."""
-    model = flatbuffer.read(tflite, "tflite")
     for graph in model.subgraphs:
         for op in graph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) not in WEIGHT_OPS:
@@ -380,12 +396,13 @@ def trim_for_tflm(tflite: bytes) -> bytes:
                 bias = graph.tensors[int(op.inputs[2])]
                 if bias.type == S.TensorType.INT32:
                     bias.quantization = None
-    return flatbuffer.write(model)
 
 
-def strip_names(tflite: bytes) -> bytes:
+trim_for_tflm = _on_bytes(trim_model)
+
+
+def strip_names_model(model) -> None:
     """Drop what no kernel reads: tensor names, signatures, metadata and the description."""
-    model = flatbuffer.read(tflite, "tflite")
     for graph in model.subgraphs:
         graph.name = None
         for tensor in graph.tensors:
@@ -397,7 +414,9 @@ def strip_names(tflite: bytes) -> bytes:
         for i in dropped:
             model.buffers[i] = S.BufferT()
     model.metadata = None
-    return flatbuffer.write(model)
+
+
+strip_names = _on_bytes(strip_names_model)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -419,16 +438,22 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if per_tensor not in prep.int8:
         prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
     buf = prep.int8[per_tensor]
+    if target == "int8" and not strip:
+        return buf
+    model = flatbuffer.read(buf, "int8 .tflite")  # every stage edits this one parsed model; one serialization
     if target == "micro":
         if needs_ternary(target, encoding):
-            check_ternary(buf)
+            check_ternary_model(model)
         try:
-            buf = trim_for_tflm(decode.compress(buf, encoding=encoding, latency_budget=latency_budget))
+            decode.compress_model(model, encoding=encoding, latency_budget=latency_budget)
         except ValueError as exc:
             raise ExportError(f"target 'micro': {exc}") from exc
+        trim_model(model)
     elif target in _PACKED_TYPE:
-        buf = pack(buf, target)
-    return strip_names(buf) if strip else buf
+        pack_model(model, target)
+    if strip:
+        strip_names_model(model)
+    return flatbuffer.write(model)
 
 
 def convert(

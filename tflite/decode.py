@@ -52,6 +52,13 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
     weight once per invoke, so they end up LUT; convolutions reuse each weight per output pixel.
     Returns 16-byte aligned .tflite bytes.
     """
+    check_options(encoding, latency_budget)
+    model = flatbuffer.read(int8_tflite, "int8_tflite")
+    compress_model(model, encoding=encoding, latency_budget=latency_budget)
+    return flatbuffer.write(model)
+
+
+def check_options(encoding: str, latency_budget: float | None) -> None:
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {list(ENCODINGS)}.")
     if latency_budget is not None:
@@ -59,7 +66,13 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
             raise ValueError(f"latency_budget applies to encoding='auto' only, not {encoding!r}.")
         if not isinstance(latency_budget, (int, float)) or latency_budget < 0:
             raise ValueError(f"latency_budget must be a number >= 0 (e.g. 0.25 for +25%), got {latency_budget!r}.")
-    model = flatbuffer.read(int8_tflite, "int8_tflite")
+
+
+def compress_model(
+    model: flatbuffer.schema.ModelT, *, encoding: str = "lut", latency_budget: float | None = None
+) -> None:
+    """``compress`` on a parsed model, in place (the export path parses once and serializes once)."""
+    check_options(encoding, latency_budget)
     for weight in _weights(model):
         subgraph = model.subgraphs[weight.subgraph]
         tensor = subgraph.tensors[weight.tensor]
@@ -76,7 +89,6 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
             raise ValueError(f"tensor {name!r} {shape} cannot be encoded as {encoding!r}: {exc}") from None
         _insert_decode(model, weight, encoded)
     _drop_unreferenced_buffers(model)
-    return flatbuffer.write(model)
 
 
 def describe(tflite_bytes: bytes) -> list[dict]:

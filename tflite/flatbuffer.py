@@ -118,9 +118,11 @@ def check(model: schema.ModelT, what: str = "buffer", file_size: int | None = No
                     )
             q = t.quantization
             if q is not None and q.scale is not None and len(q.scale):
-                scales = np.asarray(q.scale, dtype=np.float64)
-                if not np.all(np.isfinite(scales) & (scales > 0)):
-                    bad = scales[~(np.isfinite(scales) & (scales > 0))][0]
+                with np.errstate(all="ignore"):
+                    scales = np.asarray(q.scale, dtype=np.float64)
+                    good = np.isfinite(scales) & (scales > 0)
+                if not np.all(good):
+                    bad = scales[~good][0]
                     raise FlatbufferError(f"{what}: {where} has a quantization scale {bad} (not a positive number).")
             if q is not None and q.scale is not None and len(q.scale) > 1:
                 axis = int(q.quantizedDimension)
@@ -267,7 +269,9 @@ def _check_op_shapes(model: schema.ModelT, graph, s: int, what: str) -> None:
             channels = w[0] if name != "DEPTHWISE_CONV_2D" else w[3]
             if y[-1] != channels:
                 raise FlatbufferError(f"{where}: output shape {y} does not end in the weight's {channels} channels.")
-            if name == "FULLY_CONNECTED" and x and int(np.prod(x)) % w[1]:
+            if not x:
+                raise FlatbufferError(f"{where}: its input has no shape.")
+            if name == "FULLY_CONNECTED" and int(np.prod(x)) % w[1]:
                 raise FlatbufferError(f"{where}: input shape {x} is not a whole number of {w[1]}-element rows.")
             if name == "CONV_2D" and (len(x) != 4 or x[3] % w[3]):
                 raise FlatbufferError(f"{where}: input shape {x} does not match the filter's {w[3]} channels.")
