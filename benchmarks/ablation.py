@@ -62,9 +62,10 @@ def _variants():
         schedule = ptq_keras.PolynomialDecay(0.0, sparsity, 0, steps)  # tfmot's defaults otherwise
         return ptq_keras.ternarize(model, sparsity=schedule)
 
-    def distill(**options):
+    def distill(ternarize_options=None, **options):
         def build(model, steps, sparsity):
-            return ptq_keras.distill(ptq_keras.ternarize(model, sparsity=sparsity), model, **options)
+            q = ptq_keras.ternarize(model, sparsity=sparsity, **(ternarize_options or {}))
+            return ptq_keras.distill(q, model, **options)
 
         return build
 
@@ -81,6 +82,9 @@ def _variants():
                            distill(temperature=2.0, alpha=0.5)),  # fmt: skip
         "distill_t1_a05": ("ptq_keras.distill(q, float model, temperature=1, alpha=0.5)",
                            distill(temperature=1.0, alpha=0.5)),  # fmt: skip
+        "distill_psg": ("ptq_keras.distill(q, float model) with ste='psg'", distill({"ste": "psg"})),
+        "sgd_defaults": ("the defaults, compiled with SGD(0.01, momentum=0.9)", ternarize()),
+        "sgd_psg": ("ste='psg', compiled with SGD(0.01, momentum=0.9)", ternarize(ste="psg")),
         "taylor": ("criterion='taylor' (Yu et al. 2020)", ternarize(criterion="taylor")),
         "greg": ("regularizer='greg' (GReg)", ternarize(regularizer="greg")),
         "psg": ("ste='psg' (PSG)", ternarize(ste="psg")),
@@ -135,7 +139,8 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     epochs = 1 if FLAGS.quick else FLAGS.epochs
     steps = epochs * -(-len(x) // BATCH)
     q = build(float_model, steps, sparsity)
-    q.compile(keras.optimizers.Adam(), _loss(), ["accuracy"])
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9) if key.startswith("sgd_") else keras.optimizers.Adam()
+    q.compile(optimizer, _loss(), ["accuracy"])
     start = time.time()
     q.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=2)
     seconds = time.time() - start
@@ -188,14 +193,17 @@ def _markdown(sections, names, meta) -> str:
         lines += [
             f"## {model}, sparsity {sparsity:g}",
             "",
-            "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs defaults "
-            "| without BN re-estimation: vs float |",
+            "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs defaults, same seed: mean "
+            "+- sd | without BN re-estimation: vs float |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        base = _stats(rows["defaults"])["diff"] if "defaults" in rows else None
+        base = {r["seed"]: r["accuracy"] for r in rows.get("defaults", [])}
         for key, runs in rows.items():
             st = _stats(runs)
-            vs = "-" if base is None or key == "defaults" else f"{st['diff'] - base:+.2f}"
+            paired = [100 * (r["accuracy"] - base[r["seed"]]) for r in runs if r["seed"] in base]
+            vs = "-" if not paired or key == "defaults" else f"{np.mean(paired):+.2f}" + (
+                f" +- {np.std(paired, ddof=1):.2f}" if len(paired) > 1 else ""
+            )
             lines.append(
                 f"| {names[key]} | {len(runs)} | {st['accuracy']:.2f}% | {st['diff']:+.2f} | {st['sd']:.2f} "
                 f"| {st['worst']:+.2f} | {vs} | {st['raw']:+.2f} |"
