@@ -57,9 +57,13 @@ class ActivationQuantizer(L.Layer):
         self.static = bool(static)
 
     def build(self, input_shape):
-        self.min = self.add_weight("min", shape=(), initializer="zeros", trainable=False)
-        self.max = self.add_weight("max", shape=(), initializer="zeros", trainable=False)
-        self.calibrated = self.add_weight("calibrated", shape=(), initializer="zeros", trainable=False)
+        # Under tf.distribute each replica sees its own part of the batch: the range is the replicas' mean.
+        mean = tf.VariableAggregation.MEAN
+        self.min = self.add_weight("min", shape=(), initializer="zeros", trainable=False, aggregation=mean)
+        self.max = self.add_weight("max", shape=(), initializer="zeros", trainable=False, aggregation=mean)
+        self.calibrated = self.add_weight(
+            "calibrated", shape=(), initializer="zeros", trainable=False, aggregation=mean
+        )
         super().build(input_shape)
 
     def _fake_quant(self, x):
@@ -73,8 +77,8 @@ class ActivationQuantizer(L.Layer):
             return self._fake_quant(x)
         if training is None:
             training = keras.backend.learning_phase()
-        if isinstance(training, bool) and not training:
-            return self._inference(x)
+        if isinstance(training, bool):  # fit passes a Python bool: no tf.cond (a replica merge inside a cond fails)
+            return self._train(x) if training else self._inference(x)
         return tf.cond(tf.cast(training, tf.bool), lambda: self._train(x), lambda: self._inference(x))
 
     def _inference(self, x):

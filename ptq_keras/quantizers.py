@@ -60,14 +60,21 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
     # -- tfmot Quantizer interface
     def build(self, tensor_shape, name, layer):
+        # Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
+        # weights; ONLY_FIRST_REPLICA makes that explicit (the first replica's value is written to all). The Taylor
+        # score comes from each replica's own gradients, so it is averaged over the replicas (MEAN): every
+        # replica then selects the same support, that of the global batch.
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
         step = layer.add_weight(
-            f"{name}_ptq_step", shape=(), dtype=tf.int64, initializer="zeros", trainable=False
+            f"{name}_ptq_step", shape=(), dtype=tf.int64, initializer="zeros", trainable=False, aggregation=first
         )
         mask = layer.add_weight(
-            f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False
+            f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False,
+            aggregation=first,
         )
         sparsity = layer.add_weight(
-            f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False
+            f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False,
+            aggregation=first,
         )
         # The step where the support freezes: -1 never (or, for a fractional freeze_at, not yet resolved: the
         # first ``fit`` writes it, see ptq_keras.fitting).
@@ -77,12 +84,13 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             dtype=tf.int64,
             initializer=keras.initializers.Constant(self.freeze_step),
             trainable=False,
+            aggregation=first,
         )
         variables = {"step": step, "mask": mask, "sparsity": sparsity, "freeze_step": freeze}
         if self.options["criterion"] == "taylor":
             variables["score"] = layer.add_weight(
                 f"{name}_ptq_taylor_score", shape=tensor_shape, dtype=tf.float32, initializer="zeros",
-                trainable=False,
+                trainable=False, aggregation=tf.VariableAggregation.MEAN,
             )
         return variables
 

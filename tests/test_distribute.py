@@ -1,0 +1,93 @@
+"""ptq_keras under tf.distribute.MirroredStrategy on 2 logical CPU devices (in a child process: logical devices
+must be set before TensorFlow starts): every replica holds the same step counters, masks and activation ranges,
+updated once per global step, and the result equals a single-device run with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import ptq_keras
+    from ptq_keras import fitting, keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 12)).astype("float32")
+    y = rng.integers(0, 4, 96)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((12,))
+        h = keras.layers.Dense(24, activation="relu", name="fc")(inp)
+        return keras.Model(inp, keras.layers.Dense(4, name="logits")(h))
+
+    def run(strategy, options):
+        with strategy.scope():
+            q = ptq_keras.ternarize(build(), sparsity=0.6, keep_float=(), **options)
+            q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        q.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        out = {"replicas": strategy.num_replicas_in_sync, "state": {}}
+        for layer, _, variables in fitting.quantizer_states(q):
+            for name, var in variables.items():
+                parts = [np.asarray(v.numpy()) for v in getattr(var, "values", [var])]
+                out["state"][f"{layer}/{name}"] = [p.tolist() for p in parts]
+        out["kernels"] = [w.tolist() for w in ptq_keras.strip(q).get_weights()]
+        ranges = [l for l in q.layers if type(l).__name__ == "ActivationQuantizer"]
+        out["ranges"] = [[[float(v.numpy()) for v in getattr(l.max, "values", [l.max])]] for l in ranges]
+        return out
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    for options in json.loads(sys.argv[1]):
+        print("RESULT", json.dumps({"mirrored": run(tf.distribute.MirroredStrategy(devices), options),
+                                   "single": run(tf.distribute.OneDeviceStrategy(devices[0]), options)}), flush=True)
+    """
+)
+OPTIONS = [{}, {"criterion": "taylor", "freeze_at": None}, {"activations": "int8"}]
+
+
+@pytest.fixture(scope="module")
+def results():
+    """One child process (one TensorFlow start) for every option set."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(OPTIONS)], capture_output=True, text=True, timeout=900
+    )
+    lines = [json.loads(out[len("RESULT ") :]) for out in run.stdout.splitlines() if out.startswith("RESULT ")]
+    assert len(lines) == len(OPTIONS), run.stderr[-3000:]
+    return lines
+
+
+@pytest.mark.parametrize("index", range(len(OPTIONS)), ids=[str(o) for o in OPTIONS])
+def test_mirrored_replicas_agree_and_match_one_device(results, index):
+    options = OPTIONS[index]
+    mirrored, single = results[index]["mirrored"], results[index]["single"]
+    assert mirrored["replicas"] == 2 and single["replicas"] == 1
+    steps = 2 * 96 // 16
+    for key, parts in mirrored["state"].items():
+        assert len(parts) == 2, key
+        np.testing.assert_array_equal(parts[0], parts[1], err_msg=f"{key} differs between the replicas")
+        if key.endswith("/step"):
+            assert parts[0] == steps, f"{key}: {parts[0]} steps, expected one per global step ({steps})"
+    if options.get("criterion") == "taylor":
+        # The score is each replica's |w * dL/dW_q| averaged over the replicas: the mean of absolute values of
+        # partial gradients, not the global batch's, so only the replicas' agreement is required.
+        return
+    for key, parts in mirrored["state"].items():
+        if key.endswith("/mask"):
+            np.testing.assert_array_equal(parts[0], single["state"][key][0], err_msg=key)
+    for a, b in zip(mirrored["kernels"], single["kernels"]):
+        if np.ndim(a) == 0:
+            continue  # an activation range: the replicas' mean of their shards' ranges, not the global batch's
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)  # float summation order; Adam steps of 1e-3
+    for replicas in mirrored["ranges"]:
+        assert replicas[0][0] == pytest.approx(replicas[0][-1])
