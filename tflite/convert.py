@@ -239,9 +239,7 @@ def unpack_signed(data: bytes, bits: int, count: int) -> np.ndarray:
     return np.where(fields >= 1 << (bits - 1), fields - (1 << bits), fields).astype(np.int8)
 
 
-def _name(tensor) -> str:
-    name = tensor.name
-    return name.decode() if isinstance(name, bytes) else str(name or "")
+_name = flatbuffer.tensor_name  # "" when names were stripped
 
 
 def channel_magnitudes(values: np.ndarray, axis: int, name: str, per_tensor: bool) -> np.ndarray:

@@ -165,10 +165,7 @@ def _entropy(values: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum() + 0.0)
 
 
-def _name(tensor: flatbuffer.schema.TensorT) -> str:
-    """The tensor's name ("" when names were stripped)."""
-    name = tensor.name or ""
-    return name.decode() if isinstance(name, bytes) else str(name)
+_name = flatbuffer.tensor_name  # "" when names were stripped
 
 
 def _weights(model: flatbuffer.schema.ModelT) -> list[_Weight]:

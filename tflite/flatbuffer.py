@@ -19,6 +19,7 @@ __all__ = [
     "align",
     "atomic_write",
     "builtin_name",
+    "tensor_name",
     "tensor_type_name",
     "buffer_array",
 ]
@@ -217,6 +218,12 @@ def builtin_name(model: schema.ModelT, opcode_index: int) -> str:
         return name.decode() if isinstance(name, bytes) else str(name)
     builtin = max(code.builtinCode or 0, code.deprecatedBuiltinCode or 0)
     return _BUILTIN_NAMES.get(builtin, str(builtin))
+
+
+def tensor_name(tensor: schema.TensorT) -> str:
+    """The tensor's name ("" when names were stripped)."""
+    name = tensor.name or ""
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def tensor_type_name(tensor_type: int) -> str:

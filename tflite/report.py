@@ -33,9 +33,7 @@ S = flatbuffer.schema
 _WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 
 
-def _name(tensor) -> str:
-    name = tensor.name
-    return name.decode() if isinstance(name, bytes) else str(name or "")
+_name = flatbuffer.tensor_name  # "" when names were stripped
 
 
 def _nbytes(model, tensor) -> int:
