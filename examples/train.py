@@ -37,6 +37,7 @@ import ptq_keras
 from examples import common
 from ptq_keras import keras, models
 from ptq_keras.compat import tf, tfmot
+from ptq_keras.quantizers import DEFAULTS
 
 METHODS = ("float", "ptq", "twn", "int8_ptq", "tfmot_qat", "tfmot_prune")
 TERNARY_METHODS = ("ptq", "twn")
@@ -59,7 +60,11 @@ flags.DEFINE_enum(
     "threshold", "sparsity", ["sparsity", "l2", "twn"], "ptq: support selection (exact top-k, L2 projection, TWN)."
 )
 flags.DEFINE_enum(
-    "ste", "identity", ["identity", "masked", "clipped", "psg"], "ptq / twn: straight-through estimator."
+    "ste",
+    "default",
+    ["default", "identity", "masked", "clipped", "psg"],
+    "ptq / twn: straight-through estimator ('default': ptq_keras' default for ptq, 'identity' for twn, the STE of "
+    "the TWN paper).",
 )
 flags.DEFINE_enum("criterion", "magnitude", ["magnitude", "taylor"], "ptq: rank weights by |w| or by a Taylor score.")
 flags.DEFINE_enum("regularizer", "none", ["none", "greg"], "ptq: 'greg' grows an L2 penalty on to-be-pruned weights.")
@@ -137,7 +142,7 @@ class Config:
     method: str = "ptq"
     sparsity: float = 0.7
     threshold: str = "sparsity"
-    ste: str = "identity"
+    ste: str = "default"
     criterion: str = "magnitude"
     regularizer: str = "none"
     soft_decay: float = 1.0
@@ -188,7 +193,7 @@ def validate(cfg: Config) -> None:
 
     choice("method", cfg.method, METHODS)
     choice("threshold", cfg.threshold, ("sparsity", "l2", "twn"))
-    choice("ste", cfg.ste, ("identity", "masked", "clipped", "psg"))
+    choice("ste", cfg.ste, ("default", "identity", "masked", "clipped", "psg"))
     choice("criterion", cfg.criterion, ("magnitude", "taylor"))
     choice("regularizer", cfg.regularizer, ("none", "greg"))
     if not 0.0 < cfg.soft_decay <= 1.0:
@@ -284,11 +289,17 @@ def _tfmot_qat(model: keras.Model) -> keras.Model:
         return quant.quantize_apply(annotated)
 
 
+def _ste(cfg: Config) -> str:
+    if cfg.ste != "default":
+        return cfg.ste
+    return "identity" if cfg.method == "twn" else DEFAULTS["ste"]
+
+
 def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> keras.Model:
     """The model that trains: ``model`` wrapped for the method (a new model; ``model`` is not changed)."""
     if cfg.method in TERNARY_METHODS:
         options = dict(
-            ste=cfg.ste,
+            ste=_ste(cfg),
             granularity=cfg.granularity,
             decay=cfg.decay,
             freeze_at=float(cfg.freeze_at) if cfg.freeze_at > 0 else None,
