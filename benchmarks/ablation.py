@@ -69,28 +69,29 @@ def _variants():
 
         return build
 
+    # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
-        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5)", ternarize()),
-        "never_frozen": ("freeze_at=None (never frozen, the previous default)", ternarize(freeze_at=None)),
-        "selection_channel": ("selection='channel'", ternarize(selection="channel")),
-        "ste_masked": ("ste='masked' from the start", ternarize(ste="masked")),
-        "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0)),
-        "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor")),
-        "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp),
-        "distill": ("ptq_keras.distill(q, float model) (defaults: temperature=4, alpha=0.9)", distill()),
+        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='identity')", ternarize(),
+                     None),
+        "psg": ("ste='psg' (PSG, Kim et al. 2020)", ternarize(ste="psg"), "defaults"),
+        "greg": ("regularizer='greg' (GReg, Wang et al. 2021)", ternarize(regularizer="greg"), "defaults"),
+        "srfp": ("soft_decay=0.9 (SRFP, Cai et al. 2020)", ternarize(soft_decay=0.9), "defaults"),
+        "taylor": ("criterion='taylor' (Yu et al. 2020)", ternarize(criterion="taylor"), "defaults"),
+        "sgd_defaults": ("the defaults, compiled with SGD(0.01, momentum=0.9)", ternarize(), None),
+        "sgd_psg": ("ste='psg', compiled with SGD(0.01, momentum=0.9)", ternarize(ste="psg"), "sgd_defaults"),
+        "distill": ("ptq_keras.distill(q, float model) (temperature=4, alpha=0.9)", distill(), "defaults"),
         "distill_t2_a05": ("ptq_keras.distill(q, float model, temperature=2, alpha=0.5)",
-                           distill(temperature=2.0, alpha=0.5)),  # fmt: skip
-        "distill_t1_a05": ("ptq_keras.distill(q, float model, temperature=1, alpha=0.5)",
-                           distill(temperature=1.0, alpha=0.5)),  # fmt: skip
-        "distill_psg": ("ptq_keras.distill(q, float model) with ste='psg'", distill({"ste": "psg"})),
-        "sgd_defaults": ("the defaults, compiled with SGD(0.01, momentum=0.9)", ternarize()),
-        "sgd_psg": ("ste='psg', compiled with SGD(0.01, momentum=0.9)", ternarize(ste="psg")),
-        "taylor": ("criterion='taylor' (Yu et al. 2020)", ternarize(criterion="taylor")),
-        "greg": ("regularizer='greg' (GReg)", ternarize(regularizer="greg")),
-        "psg": ("ste='psg' (PSG)", ternarize(ste="psg")),
-        "srfp": ("soft_decay=0.9 (SRFP)", ternarize(soft_decay=0.9)),
-        "int8_activations": ("activations='int8'", ternarize(activations="int8")),
-    }
+                           distill(temperature=2.0, alpha=0.5), "defaults"),
+        "distill_psg": ("ptq_keras.distill(q, float model) with ste='psg'", distill({"ste": "psg"}), "psg"),
+        "selection_channel": ("selection='channel'", ternarize(selection="channel"), "defaults"),
+        "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp, "defaults"),
+        "int8_activations": ("activations='int8'", ternarize(activations="int8"), "defaults"),
+        "never_frozen": ("freeze_at=None (never frozen)", ternarize(freeze_at=None), "defaults"),
+        "ste_masked": ("ste='masked' from the start", ternarize(ste="masked"), "defaults"),
+        "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0), "defaults"),
+        "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor"),
+                               "defaults"),
+    }  # fmt: skip
 
 
 def _loss():
@@ -174,7 +175,7 @@ def _stats(runs) -> dict:
     }
 
 
-def _markdown(sections, names, meta) -> str:
+def _markdown(sections, names, baselines, meta) -> str:
     lines = [
         "# Ablation over seeds: the plain four lines, the options and the related methods against float",
         "",
@@ -193,17 +194,17 @@ def _markdown(sections, names, meta) -> str:
         lines += [
             f"## {model}, sparsity {sparsity:g}",
             "",
-            "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs defaults, same seed: mean "
-            "+- sd | without BN re-estimation: vs float |",
+            "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs its baseline, same seed: "
+            "mean +- sd | without BN re-estimation: vs float |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        base = {r["seed"]: r["accuracy"] for r in rows.get("defaults", [])}
         for key, runs in rows.items():
             st = _stats(runs)
+            base = {r["seed"]: r["accuracy"] for r in rows.get(baselines[key], [])}
             paired = [100 * (r["accuracy"] - base[r["seed"]]) for r in runs if r["seed"] in base]
-            vs = "-" if not paired or key == "defaults" else f"{np.mean(paired):+.2f}" + (
+            vs = "-" if not paired else f"{np.mean(paired):+.2f}" + (
                 f" +- {np.std(paired, ddof=1):.2f}" if len(paired) > 1 else ""
-            )
+            ) + f" (vs {baselines[key]})"
             lines.append(
                 f"| {names[key]} | {len(runs)} | {st['accuracy']:.2f}% | {st['diff']:+.2f} | {st['sd']:.2f} "
                 f"| {st['worst']:+.2f} | {vs} | {st['raw']:+.2f} |"
@@ -243,7 +244,8 @@ def main(argv):
                 rows[key] = []
                 for seed in range(FLAGS.seeds):
                     print(f"[{time.strftime('%H:%M:%S')}] {name} s{sparsity:g} {key} seed {seed}", flush=True)
-                    r = _run_variant(key, variants[key][1], name, sparsity, seed, (x, y, x_test, y_test), work)
+                    build = variants[key][1]
+                    r = _run_variant(key, build, name, sparsity, seed, (x, y, x_test, y_test), work)
                     print(f"  -> {100 * r['accuracy']:.2f}% (float {100 * r['float_accuracy']:.2f}%)", flush=True)
                     rows[key].append(r)
     meta = {
@@ -256,11 +258,12 @@ def main(argv):
         "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
     }
     names = {k: variants[k][0] for k in keys}
+    baselines = {k: variants[k][2] for k in keys}
     out_dir = os.path.join(FLAGS.work_dir, "quick") if FLAGS.quick else FLAGS.results_dir
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, FLAGS.results_name + ".md")
     with open(path + ".tmp", "w") as f:
-        f.write(_markdown(sections, names, meta))
+        f.write(_markdown(sections, names, baselines, meta))
     os.replace(path + ".tmp", path)
     print(open(path).read())
 
