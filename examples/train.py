@@ -126,6 +126,17 @@ flags.DEFINE_bool("measure", True, "Measure the TFLM arena and invoke time of ex
 flags.DEFINE_bool("eval_tflite", True, "Measure the exported files' accuracy over the test split on their runtime.")
 flags.DEFINE_string("out_dir", "out/train", "Output directory (model, results, logs, checkpoints, .tflite files).")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, data order).")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker_mirrored", "tpu"],
+    "tf.distribute strategy; --batch_size is the global batch (split over the replicas). With N replicas keep the "
+    "learning rate of the same global batch on one device.",
+)
+flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into N logical devices (a multi-replica run on one machine; 0: no split).",
+    lower_bound=0,
+)
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (same flags).")
 flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Stop each epoch after N steps (a quick run); default: the whole split.", lower_bound=1
@@ -167,6 +178,8 @@ class Config:
     eval_tflite: bool = True
     out_dir: str = "out/train"
     seed: int = 0
+    strategy: str = "default"
+    cpu_devices: int = 0
     resume: bool = False
     max_steps_per_epoch: int | None = None
     limit: int | None = None
@@ -193,6 +206,7 @@ def validate(cfg: Config) -> None:
 
     choice("method", cfg.method, METHODS)
     choice("threshold", cfg.threshold, ("sparsity", "l2", "twn"))
+    choice("strategy", cfg.strategy, ("default", "mirrored", "multi_worker_mirrored", "tpu"))
     choice("ste", cfg.ste, ("default", "identity", "masked", "clipped", "psg"))
     choice("criterion", cfg.criterion, ("magnitude", "taylor"))
     choice("regularizer", cfg.regularizer, ("none", "greg"))
@@ -453,11 +467,45 @@ def _save_model(model: keras.Model, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
+def split_cpu(count: int) -> None:
+    """Split the CPU into ``count`` logical devices; only possible before TensorFlow has started its devices."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as exc:
+        if len(tf.config.list_logical_devices("CPU")) == count:
+            return  # split already, e.g. by an earlier run in this process
+        raise ValueError(
+            f"--cpu_devices={count}: TensorFlow's devices are already initialized in this process; pass the flag "
+            "on the command line (examples/train.py --cpu_devices=N) so it runs before any TensorFlow op."
+        ) from exc
+
+
+def make_strategy(cfg: Config) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy of ``--strategy`` (``default``: the current one, one device)."""
+    if cfg.cpu_devices:
+        split_cpu(cfg.cpu_devices)
+    if cfg.strategy == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or (
+            [d.name for d in tf.config.list_logical_devices("CPU")] if cfg.cpu_devices else None
+        )
+        return tf.distribute.MirroredStrategy(devices)
+    if cfg.strategy == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if cfg.strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    return tf.distribute.get_strategy()
+
+
 def run(cfg: Config, log=common.log) -> dict:
     """Train, evaluate, save and export as ``cfg`` says; returns the results (also in ``out_dir/results.json``)."""
     validate(cfg)
     from ptq_keras import data
 
+    strategy = make_strategy(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     input_shape, num_classes = data.describe(cfg.dataset, cfg.data_dir)
@@ -468,11 +516,14 @@ def run(cfg: Config, log=common.log) -> dict:
         steps = min(steps, cfg.max_steps_per_epoch)
     log(f"{cfg.dataset}: train {x_train.shape}, test {x_test.shape}; {steps} steps per epoch")
 
-    base = _initial_model(cfg, input_shape, num_classes)
-    model = training_model(cfg, base, steps)
-    optimizer = keras.optimizers.Adam(cfg.learning_rate)
-    model.compile(optimizer, _loss(), metrics=["accuracy"])
-    optimizer.build(model.trainable_variables)
+    if strategy.num_replicas_in_sync > 1 or cfg.strategy != "default":
+        log(f"strategy {cfg.strategy}: {strategy.num_replicas_in_sync} replica(s), global batch {cfg.batch_size}")
+    with strategy.scope():
+        base = _initial_model(cfg, input_shape, num_classes)
+        model = training_model(cfg, base, steps)
+        optimizer = keras.optimizers.Adam(cfg.learning_rate)
+        model.compile(optimizer, _loss(), metrics=["accuracy"])
+        optimizer.build(model.trainable_variables)
     checkpoints = Checkpoints(os.path.join(cfg.out_dir, "checkpoints"), model, optimizer)
     identity = {k: getattr(cfg, k) for k in _RUN_IDENTITY}
     timer = _StepTimer()

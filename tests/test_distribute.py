@@ -91,3 +91,23 @@ def test_mirrored_replicas_agree_and_match_one_device(results, index):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)  # float summation order; Adam steps of 1e-3
     for replicas in mirrored["ranges"]:
         assert replicas[0][0] == pytest.approx(replicas[0][-1])
+
+
+def test_train_script_runs_mirrored_on_two_cpu_devices_and_resumes(tmp_path):
+    """examples/train.py --strategy=mirrored --cpu_devices=2: two replicas, the global batch, exact sparsity,
+    and --resume continues the checkpoint under the strategy."""
+    import pathlib
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    common = [sys.executable, str(script), "--strategy=mirrored", "--cpu_devices=2", "--limit=512",
+              "--batch_size=64", "--export=", f"--out_dir={tmp_path}", "--sparsity=0.5"]  # fmt: skip
+    first = subprocess.run(common + ["--epochs=1"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "strategy mirrored: 2 replica(s), global batch 64" in first.stdout + first.stderr
+    second = subprocess.run(common + ["--epochs=2", "--resume"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["strategy"] == "mirrored" and results["config"]["epochs"] == 2
+    for name, layer in results["layers"].items():
+        assert layer["sparsity"] == pytest.approx(0.5, abs=0.02), name
