@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from .convert import ENCODINGS, TARGETS
+from .ethosu import ACCELERATORS, DEFAULT_ACCELERATOR, OPTIMISE
 
 # A FlagValues of its own: importing this module registers nothing in absl's global flags (scripts that define
 # --model or --out_dir themselves can be imported next to it); ``run`` adds these flags to the global ones.
@@ -47,23 +48,44 @@ flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from t
 flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.", flag_values=FLAGS)
 flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.", flag_values=FLAGS)
 flags.DEFINE_string("name", "model", "File stem of the outputs.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "accelerator",
+    DEFAULT_ACCELERATOR,
+    list(ACCELERATORS),
+    "Target ethos-u: the NPU Vela compiles for.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "system_config", None, "Target ethos-u: Vela system config (default per NPU family).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "memory_mode", None, "Target ethos-u: Vela memory mode (default per NPU family).", flag_values=FLAGS
+)
+flags.DEFINE_enum("optimise", "Performance", list(OPTIMISE), "Target ethos-u: Vela's optimisation.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "float_model",
+    None,
+    "Target ethos-u: the float model (.h5/SavedModel) the ternary one came from; its plain int8 file is compiled "
+    "too, for comparison in the report.",
+    flag_values=FLAGS,
+)
 
 
 def _say(line: str) -> None:
     print(f"[ptq-convert {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
-def load_model(path: str):
+def load_model(path: str, flag: str = "--model"):
     """A Keras model from ``.h5`` or a SavedModel folder, loaded inside ``ptq_keras.custom_object_scope()``."""
     import ptq_keras
 
     if not os.path.exists(path):
-        raise app.UsageError(f"--model {path!r} does not exist (give a .h5 file or a SavedModel folder).")
+        raise app.UsageError(f"{flag} {path!r} does not exist (give a .h5 file or a SavedModel folder).")
     if os.path.isfile(path) and not path.endswith((".h5", ".hdf5")):
-        raise app.UsageError(f"--model {path!r}: expected a .h5 file or a SavedModel folder.")
+        raise app.UsageError(f"{flag} {path!r}: expected a .h5 file or a SavedModel folder.")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise app.UsageError(
-            f"--model {path!r} is a folder without saved_model.pb: not a SavedModel (give a .h5 file or the folder "
+            f"{flag} {path!r} is a folder without saved_model.pb: not a SavedModel (give a .h5 file or the folder "
             "that model.save() wrote)."
         )
     try:
@@ -73,11 +95,11 @@ def load_model(path: str):
         kind = "SavedModel folder" if os.path.isdir(path) else ".h5 file"
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise app.UsageError(
-            f"--model {path!r}: the {kind} cannot be loaded as a tf_keras model ({type(exc).__name__}: {cause}). "
+            f"{flag} {path!r}: the {kind} cannot be loaded as a tf_keras model ({type(exc).__name__}: {cause}). "
             "Is it damaged or incomplete? Save it again with model.save()."
         ) from exc
     if not isinstance(model, ptq_keras.keras.Model):
-        raise app.UsageError(f"--model {path!r} holds a {type(model).__name__}, not a tf_keras model.")
+        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a tf_keras model.")
     return model
 
 
@@ -124,6 +146,10 @@ def main(argv: list[str]) -> int:
 
     _say(f"loading model {FLAGS.model}")
     model = load_model(FLAGS.model)
+    float_model = None
+    if FLAGS.float_model:
+        _say(f"loading float model {FLAGS.float_model}")
+        float_model = load_model(FLAGS.float_model, "--float_model")
     _say(f"loading data {FLAGS.data}")
     x = load_samples(FLAGS.data, FLAGS.num_samples + FLAGS.verify_samples, FLAGS.uint8_scale)
     calibration, check = x[: FLAGS.num_samples], x[FLAGS.num_samples :]
@@ -140,6 +166,11 @@ def main(argv: list[str]) -> int:
             name=FLAGS.name,
             measure=FLAGS.measure,
             progress=_say,
+            accelerator=FLAGS.accelerator,
+            system_config=FLAGS.system_config,
+            memory_mode=FLAGS.memory_mode,
+            optimise=FLAGS.optimise,
+            float_model=float_model,
         )
     except (ValueError, TypeError, FlatbufferError) as exc:
         print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)

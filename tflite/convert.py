@@ -9,6 +9,8 @@ Targets (``TARGETS``):
   encoded, each weight tensor by whatever encoding it allows.
 * ``litert``: INT2 FULLY_CONNECTED and INT4 CONV_2D / DEPTHWISE_CONV_2D weights (stock LiteRT only).
 * ``int4``:   INT4 weights everywhere, fully connected weights with one scale per tensor (LiteRT and TFLM).
+* ``ethos-u``: the ``int8`` file compiled by Arm's Vela for an Ethos-U NPU (``ethosu``; options ``accelerator``,
+  ``system_config``, ``memory_mode``, ``optimise``). Any int8 model compiles; ternary weights encode smallest.
 
 Packing int8 ``±q`` to ``±L`` keeps every weight product exact: the weight scale becomes ``s_w * q / L`` and the int32
 bias is rounded to ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q`` = 127 for converter output).
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import decode, flatbuffer
+from . import decode, ethosu, flatbuffer
 
 __all__ = [
     "TARGETS",
@@ -41,7 +43,7 @@ __all__ = [
     "strip_names",
 ]
 
-TARGETS = ("int8", "micro", "litert", "int4")
+TARGETS = ("int8", "micro", "litert", "int4", "ethos-u")
 ENCODINGS = ("lut", "huffman", "prune", "auto")
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 # Ops with a constant weight operand that no packed target knows how to store.
@@ -67,6 +69,8 @@ def _check_options(target: str, encoding: str, num_samples: int) -> None:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}.")
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose one of {list(ENCODINGS)} (used by target 'micro').")
+    if target == "ethos-u" and not ethosu.available():
+        raise ExportError(f"target 'ethos-u': {ethosu.missing_message()}")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
 
@@ -132,7 +136,7 @@ def _input_shape(model) -> tuple:
 def needs_ternary(target: str, encoding: str = "lut") -> bool:
     """Whether ``target`` (with ``encoding``) stores only ternary kernels: ``litert``, ``int4`` and ``micro`` with
     the 2-bit LUT. ``micro`` with ``huffman``, ``prune`` or ``auto`` encodes any int8 weights."""
-    return target != "int8" and not (target == "micro" and encoding != "lut")
+    return target not in ("int8", "ethos-u") and not (target == "micro" and encoding != "lut")
 
 
 def check_layers(model, target: str, encoding: str = "lut") -> None:
@@ -423,11 +427,32 @@ class _Prepared:
     plain: object
     calibration: np.ndarray
     int8: dict = field(default_factory=dict)
+    vela: ethosu.VelaOptions = field(default_factory=ethosu.VelaOptions)
+    vela_figures: ethosu.VelaFigures | None = None  # of the last ethos-u conversion
 
 
-def _prepare(model, representative_data, num_samples: int) -> _Prepared:
+def vela_options(accelerator=ethosu.DEFAULT_ACCELERATOR, system_config=None, memory_mode=None,
+                 optimise="Performance") -> ethosu.VelaOptions:  # fmt: skip
+    """The validated Vela options of target ``ethos-u`` (``ExportError`` naming a bad one)."""
+    try:
+        return ethosu.VelaOptions(accelerator, system_config, memory_mode, optimise)
+    except ethosu.VelaError as exc:
+        raise ExportError(f"target 'ethos-u': {exc}") from exc
+
+
+def _prepare(model, representative_data, num_samples: int, vela: ethosu.VelaOptions | None = None) -> _Prepared:
     plain = plain_model(model)
-    return _Prepared(plain, samples(representative_data, plain, num_samples))
+    return _Prepared(plain, samples(representative_data, plain, num_samples), vela=vela or ethosu.VelaOptions())
+
+
+def compile_ethos_u(int8: bytes, options: ethosu.VelaOptions):
+    """``(bytes, VelaFigures)`` of an int8 file compiled by Vela; ``ExportError`` with Vela's message."""
+    from .report import weight_payload
+
+    try:
+        return ethosu.compile(int8, options, weights=weight_payload(int8)["weights"])
+    except ethosu.VelaError as exc:
+        raise ExportError(f"target 'ethos-u': {exc}") from exc
 
 
 def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, latency_budget) -> bytes:
@@ -438,6 +463,11 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     buf = prep.int8[per_tensor]
     if target == "int8" and not strip:
         return buf
+    if target == "ethos-u":
+        if strip:
+            buf = _convert_prepared(prep, "int8", encoding, strip, latency_budget)
+        compiled, prep.vela_figures = compile_ethos_u(buf, prep.vela)
+        return compiled
     model = flatbuffer.read(buf, "int8 .tflite")  # every stage edits this one parsed model; one serialization
     if target == "micro":
         if needs_ternary(target, encoding):
@@ -463,6 +493,10 @@ def convert(
     strip_names: bool = False,
     latency_budget: float | None = None,
     num_samples: int = DEFAULT_NUM_SAMPLES,
+    accelerator: str = ethosu.DEFAULT_ACCELERATOR,
+    system_config: str | None = None,
+    memory_mode: str | None = None,
+    optimise: str = "Performance",
 ) -> bytes:
     """The .tflite bytes of ``model`` for one ``target`` (see ``TARGETS``); nothing is written.
 
@@ -470,7 +504,11 @@ def convert(
     (numpy array, tf.data.Dataset, generator) for activation calibration; the first ``num_samples`` are used.
     ``encoding`` (target ``micro``): ``lut`` (2-bit index), ``huffman``, ``prune`` or ``auto``
     (``latency_budget`` as in ``decode.compress``). ``strip_names`` drops tensor names and signatures.
+    Target ``ethos-u``: ``accelerator`` (``ethosu.ACCELERATORS``), ``system_config`` and ``memory_mode`` (sections
+    of Vela's ``Arm/vela.ini``; default per NPU family), ``optimise`` (``Performance`` or ``Size``); ``export``
+    also reports Vela's figures.
     """
     _check_options(target, encoding, num_samples)
-    prep = _prepare(model, representative_data, num_samples)
+    vela = vela_options(accelerator, system_config, memory_mode, optimise)
+    prep = _prepare(model, representative_data, num_samples, vela)
     return _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import flatbuffer, micro, report
+from . import ethosu, flatbuffer, micro, report
 from .convert import (
     DEFAULT_NUM_SAMPLES,
     TARGETS,
@@ -19,12 +19,16 @@ from .convert import (
     _convert_prepared,
     _prepare,
     check_layers,
+    compile_ethos_u,
     float_tflite,
+    int8_tflite,
+    plain_model,
+    vela_options,
 )
 
 __all__ = ["ExportResult", "export"]
 
-_FIRMWARE_ORDER = ("micro", "int4", "int8")  # the C array's target when c_array=True: the first one exported
+_FIRMWARE_ORDER = ("micro", "int4", "int8", "ethos-u")  # the C array's target when c_array=True: the first one exported
 
 
 @dataclass
@@ -59,6 +63,11 @@ def export(
     name: str = "model",
     measure: bool = True,
     progress=None,
+    accelerator: str = ethosu.DEFAULT_ACCELERATOR,
+    system_config: str | None = None,
+    memory_mode: str | None = None,
+    optimise: str = "Performance",
+    float_model=None,
 ) -> ExportResult:
     """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
     (``<name>_report.json``) and, with ``c_array``, ``<name>_data.cc`` / ``.h`` for firmware.
@@ -66,6 +75,9 @@ def export(
     ``c_array=True`` picks the first TFLM target exported among micro, int4, int8; a target name picks it.
     ``measure=False`` skips the TFLM arena bisection and the timing. ``progress``: a callable taking one line
     (e.g. ``print``) for long steps. Files are written atomically.
+    Target ``ethos-u``: ``accelerator``, ``system_config``, ``memory_mode``, ``optimise`` as in ``convert``; the
+    report carries Vela's figures and, given ``float_model`` (the float model the ternary one was trained from),
+    the same figures for that model's plain int8 file compiled alike, so the gain of ternary weights is visible.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -76,6 +88,7 @@ def export(
         _check_options(target, encoding, num_samples)
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets {list(targets)} name a target twice.")
+    vela = vela_options(accelerator, system_config, memory_mode, optimise)
     firmware = _firmware_target(c_array, targets)
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a C identifier-like file stem (e.g. 'model'), got {name!r}.")
@@ -83,15 +96,21 @@ def export(
     out_dir = os.fspath(out_dir)
     started = time.perf_counter()
     say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
-    prep = _prepare(model, representative_data, num_samples)
+    prep = _prepare(model, representative_data, num_samples, vela)
     for target in targets:  # every layer error before any slow conversion
         check_layers(prep.plain, target, encoding)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
-    buffers = {}
+    buffers, vela_figures = {}, {}
     for target in targets:
-        say(f"converting target {target} ...")
+        say(f"converting target {target} ..." + (f" (Vela, {vela.accelerator})" if target == "ethos-u" else ""))
         buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
+        if target == "ethos-u":
+            vela_figures["ethos-u"] = prep.vela_figures
+    if "ethos-u" in targets and float_model is not None:
+        say(f"compiling the float model's plain int8 file with Vela for comparison ({vela.accelerator}) ...")
+        plain_int8 = int8_tflite(plain_model(float_model), prep.calibration)
+        vela_figures["plain_int8"] = compile_ethos_u(plain_int8, vela)[1]
     files = {}
     for target, buf in buffers.items():
         path = os.path.join(out_dir, f"{name}_{target}.tflite")
@@ -99,12 +118,18 @@ def export(
         files[target] = path
     say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
     reference = prep.int8.get(False, prep.int8.get(True))  # the int8 file the targets came from
-    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference)
+    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference, vela=vela_figures)
     if firmware is not None:
-        arena = rep.targets[firmware].arena_bytes
-        if arena is None:
-            arena = micro.measure_arena(buffers[firmware])
-        source, header = micro.c_array(buffers[firmware], f"{name}_data", arena_bytes=arena, target=firmware)
+        arena = npu_scratch = None
+        if firmware == "ethos-u":
+            npu_scratch = vela_figures["ethos-u"].sram_bytes
+        else:
+            arena = rep.targets[firmware].arena_bytes
+            if arena is None:
+                arena = micro.measure_arena(buffers[firmware])
+        source, header = micro.c_array(
+            buffers[firmware], f"{name}_data", arena_bytes=arena, target=firmware, npu_scratch_bytes=npu_scratch
+        )
         files["c_source"] = os.path.join(out_dir, f"{name}_data.cc")
         files["c_header"] = os.path.join(out_dir, f"{name}_data.h")
         flatbuffer.atomic_write(files["c_source"], source)
@@ -124,12 +149,11 @@ def _firmware_target(c_array, targets: tuple) -> str | None:
             if target in targets:
                 return target
         raise ValueError(
-            f"c_array=True needs a TFLM target (one of {list(_FIRMWARE_ORDER)}) in targets {list(targets)}."
+            f"c_array=True needs a firmware target (one of {list(_FIRMWARE_ORDER)}) in targets {list(targets)}."
         )
     if c_array not in _FIRMWARE_ORDER or c_array not in targets:
         raise ValueError(
-            f"c_array={c_array!r}: name a TFLM target that is also exported "
+            f"c_array={c_array!r}: name a firmware target that is also exported "
             f"({[t for t in _FIRMWARE_ORDER if t in targets]}), or pass True."
         )
     return c_array
-

@@ -142,11 +142,17 @@ def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
         return hi
 
 
-def c_array(tflite: bytes, symbol: str = "model_data", *, arena_bytes: int | None = None, target: str = "") -> tuple[
-    str, str
-]:
+def c_array(
+    tflite: bytes,
+    symbol: str = "model_data",
+    *,
+    arena_bytes: int | None = None,
+    target: str = "",
+    npu_scratch_bytes: int | None = None,
+) -> tuple[str, str]:
     """C++ source and header text: ``alignas(16) const unsigned char <symbol>[]``, ``<symbol>_len`` and, when
-    known, ``<symbol>_arena_size`` (the measured TFLM arena). Returns ``(source, header)``."""
+    known, ``<symbol>_arena_size`` (the measured TFLM arena) or, for an Ethos-U file, ``<symbol>_npu_scratch_size``
+    (Vela's SRAM figure: the arena holds it plus TFLM's own allocations). Returns ``(source, header)``."""
     if not symbol.isidentifier():
         raise ValueError(f"symbol must be a C identifier, got {symbol!r}.")
     data = np.frombuffer(bytes(tflite), dtype=np.uint8)
@@ -169,10 +175,16 @@ def c_array(tflite: bytes, symbol: str = "model_data", *, arena_bytes: int | Non
             "// Smallest tensor arena measured with the TFLM interpreter (includes decoded weights).",
             f"constexpr size_t {symbol}_arena_size = {int(arena_bytes)};",
         ]
+    if npu_scratch_bytes is not None:
+        header_lines += [
+            "// Ethos-U scratch (feature maps) Vela planned; the TFLM arena needs it plus the interpreter's own",
+            "// allocations (a few KB; the arena may also hold the input and output tensors): see docs/FIRMWARE.md.",
+            f"constexpr size_t {symbol}_npu_scratch_size = {int(npu_scratch_bytes)};",
+        ]
     header = "\n".join(header_lines) + "\n"
     source = (
         f'#include "{symbol}.h"\n\n'
         f"alignas(16) const unsigned char {symbol}[] = {{\n" + "\n".join(lines) + "\n};\n"
-        f"static_assert(sizeof({symbol}) == {symbol}_len, \"model size mismatch\");\n"
+        f'static_assert(sizeof({symbol}) == {symbol}_len, "model size mismatch");\n'
     )
     return source, header

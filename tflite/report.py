@@ -13,6 +13,9 @@ Fields of one target (``TargetReport``):
   ``alt_decompression_bytes`` memory (``alt_decompression_memory_size`` of the interpreter, firmware likewise).
 * ``invoke_ratio``: per runtime, best invoke time of this file / that of the int8 file on the same interpreter.
 * ``encodings``: ``decode.describe`` rows (``micro`` only).
+* ``ethos_u`` (``ethos-u`` only): Vela's figures (``ethosu.VelaFigures``); weights, payload and bits per weight are
+  Vela's encoded weights. ``ExportReport.ethos_u_plain_int8``: the same figures for the plain int8 file of the
+  float model (``export(..., float_model=)``), compiled with the same options.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class TargetReport:
     alt_decompression_bytes: int | None = None
     invoke_ratio: dict = field(default_factory=dict)
     encodings: list = field(default_factory=list)
+    ethos_u: dict | None = None
 
 
 @dataclass
@@ -120,6 +124,7 @@ class ExportReport:
     targets: dict
     created: str = ""
     files: dict = field(default_factory=dict)
+    ethos_u_plain_int8: dict | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -157,14 +162,40 @@ class ExportReport:
                     f"bits/w (entropy bound {row['entropy_bound_bits']:.2f}), decode scratch "
                     f"{row['decode_scratch_bytes']:,} B"
                 )
+            if t.ethos_u is not None:
+                lines.append(f"  {t.target}: {_vela_line(t.ethos_u)}")
+                plain = self.ethos_u_plain_int8
+                if plain is not None:
+                    ratio = t.ethos_u["encoded_weight_bytes"] / max(plain["encoded_weight_bytes"], 1)
+                    speed = plain["inference_time_s"] / max(t.ethos_u["inference_time_s"], 1e-12)
+                    lines.append(
+                        f"  {t.target}: plain int8 model of the same architecture: {_vela_line(plain)}; ternary "
+                        f"encoded weights {ratio:.3f}x, {speed:.2f}x faster"
+                    )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int8_reference: bytes | None = None):
-    """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``."""
+def _vela_line(figures: dict) -> str:
+    from .ethosu import VelaFigures
+
+    return VelaFigures(**figures).line()
+
+
+def build(
+    plain,
+    fp32_tflite: bytes,
+    buffers: dict,
+    *,
+    measure: bool = True,
+    int8_reference: bytes | None = None,
+    vela: dict | None = None,
+):
+    """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``; ``vela``: Vela's figures
+    of the ``ethos-u`` target (key ``ethos-u``) and of the float model's plain int8 file (key ``plain_int8``)."""
+    vela = vela or {}
 
     params = int(plain.count_params())
     reference = buffers.get("int8", int8_reference)
@@ -188,6 +219,13 @@ def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int
         )
         if "tflm" in runtimes:
             rep.decoded_weight_bytes = payload["decoded_weight_bytes"]
+        figures = vela.get(target) if target == "ethos-u" else None
+        if figures is not None:
+            rep.ethos_u = figures.to_dict()
+            rep.weights = figures.weights
+            rep.weight_payload_bytes = figures.encoded_weight_bytes
+            rep.bits_per_weight = figures.bits_per_weight
+            rep.weight_types = ["ethos-u"]
         if target == "micro":
             from . import decode
 
@@ -212,6 +250,7 @@ def build(plain, fp32_tflite: bytes, buffers: dict, *, measure: bool = True, int
         weight_sparsity=sparsity,
         targets=targets,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        ethos_u_plain_int8=vela["plain_int8"].to_dict() if "plain_int8" in vela else None,
     )
 
 

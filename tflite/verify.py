@@ -4,6 +4,9 @@
 2. ``int8`` vs the packed file on each runtime that runs it, same runtime for both: ``micro`` on TFLM
    (bit-exact); ``litert`` on LiteRT XNNPACK and reference kernels; ``int4`` on LiteRT (both) and TFLM;
    ``int8`` itself: TFLM vs LiteRT reference kernels (``DEFAULT_MAX_LSB["int8"]``).
+``ethos-u`` (compiled by Vela; its ``ethos-u`` op runs only on the NPU): rung 1 for the int8 file Vela compiled,
+that file on TFLM vs LiteRT's reference kernels as for ``int8``, and a check that the compiled file keeps the int8
+file's input and output quantization (a note in the report says that no host runtime runs the NPU part).
 3. ``litert`` / ``int4`` only: the file's int8 twin (``convert.unpack``: the same ``±L`` values stored as INT8)
    vs the file: bit-exact on the reference kernels and TFLM. This checks the bit packing exactly.
 
@@ -50,10 +53,13 @@ S = flatbuffer.schema
 
 
 def detect_target(tflite: bytes) -> str:
-    """Which export target a file is: ``micro`` (TFLM_DECODE), ``litert`` (INT2), ``int4`` or ``int8``."""
+    """Which export target a file is: ``ethos-u`` (Vela's custom op), ``micro`` (TFLM_DECODE), ``litert`` (INT2),
+    ``int4`` or ``int8``."""
     model = flatbuffer.read(tflite, "tflite")
     types = {int(t.type) for g in model.subgraphs for t in g.tensors}
     ops = {flatbuffer.builtin_name(model, op.opcodeIndex) for g in model.subgraphs for op in g.operators or []}
+    if "ethos-u" in ops:
+        return "ethos-u"
     if "TFLM_DECODE" in ops:
         return "micro"
     if S.TensorType.INT2 in types:
@@ -66,8 +72,11 @@ def detect_target(tflite: bytes) -> str:
 
 
 def runtimes_for(tflite: bytes) -> tuple[str, ...]:
-    """The runtimes that load ``tflite``: LiteRT lacks TFLM_DECODE, TFLM lacks INT2 (and per-channel INT4 FC)."""
+    """The runtimes that load ``tflite``: LiteRT lacks TFLM_DECODE, TFLM lacks INT2 (and per-channel INT4 FC);
+    none runs an ``ethos-u`` file on a host (its op needs the NPU and its driver)."""
     target = detect_target(tflite)
+    if target == "ethos-u":
+        return ()
     out = [] if target == "micro" else ["litert", "litert_ref"]
     if micro.tflm_supported(tflite)[0] and target != "float":
         out.append("tflm")
@@ -189,6 +198,7 @@ class ParityReport:
     target: str
     int8_reference: str
     steps: list[ParityStep] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -200,7 +210,7 @@ class ParityReport:
     def __str__(self) -> str:
         head = f"parity of {self.file} (target {self.target}; int8 reference: {self.int8_reference}): "
         head += "OK" if self.ok else "FAILED"
-        return "\n".join([head, *("  " + step.line() for step in self.steps)])
+        return "\n".join([head, *("  " + step.line() for step in self.steps), *("  note: " + n for n in self.notes)])
 
     def to_dict(self) -> dict:
         return {
@@ -209,6 +219,7 @@ class ParityReport:
             "int8_reference": self.int8_reference,
             "ok": self.ok,
             "steps": [vars(step) for step in self.steps],
+            "notes": list(self.notes),
         }
 
 
@@ -304,10 +315,15 @@ def verify(
         keras_lsb = keras_out / scale + zero
         report.steps.append(_compare(keras_lsb, int8_litert(x), ("keras", "int8"), "litert_ref", None, min_top1))
 
-    if target == "int8":
+    if target in ("int8", "ethos-u"):
         tolerance = DEFAULT_MAX_LSB["int8"] if max_lsb is None else float(max_lsb)
-        tflm = _Runner(buf, "tflm")(x)
+        tflm = _Runner(int8_buf, "tflm")(x)
         report.steps.append(_compare(int8_litert(x), tflm, ("litert", "tflm"), "litert_ref/tflm", tolerance))
+        if target == "ethos-u":
+            report.notes.append(
+                "the ethos-u op runs only on the NPU: the int8 file Vela compiled was checked on LiteRT and TFLM, "
+                "and the compiled file keeps its input/output quantization (Vela compiles it without loss)"
+            )
         return report
     tolerance = 0.0 if target == "micro" else DEFAULT_MAX_LSB["packed"] if max_lsb is None else float(max_lsb)
     outputs = {}
@@ -316,7 +332,6 @@ def verify(
         outputs[runtime] = _Runner(buf, runtime)(x)
         report.steps.append(_compare(ref, outputs[runtime], ("int8", target), runtime, tolerance))
     if target in ("litert", "int4"):
-
         twin = unpack(buf)
         for runtime, out in outputs.items():
             exact = 0.0 if runtime != "litert" else DEFAULT_MAX_LSB["twin_xnnpack"]
