@@ -31,7 +31,11 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("limit", None, "Use only the first N training examples (a quick run).")
 flags.DEFINE_string("out_dir", "out/demo", "Where the models, .tflite files and reports go.")
-flags.DEFINE_list("targets", ["int8", "micro", "litert"], "Export targets (int8, micro, litert, int4).")
+flags.DEFINE_list(
+    "targets",
+    ["int8", "micro", "litert", "ethos-u"],
+    "Export targets (int8, micro, litert, int4, ethos-u; ethos-u is skipped with a note when Vela is not installed).",
+)
 flags.DEFINE_string("encoding", "lut", "Weight encoding of the micro target: lut, huffman, prune or auto.")
 flags.DEFINE_float("decay", 1e-3, "Strength of the discrepancy term of PTQ.")
 flags.DEFINE_bool("export", True, "Export .tflite files and verify them on the interpreters.")
@@ -119,15 +123,27 @@ def main(argv):
 
     if FLAGS.export:
         from ptq_keras import tflite as ptq_tflite
+        from ptq_keras.tflite import ethosu
 
-        _log(f"exporting {FLAGS.targets} (micro encoding {FLAGS.encoding}) to {FLAGS.out_dir}")
+        targets = list(FLAGS.targets)
+        if "ethos-u" in targets and not ethosu.available():
+            _log(f"skipping target ethos-u: {ethosu.missing_message()}")
+            targets.remove("ethos-u")
+        _log(f"exporting {targets} (micro encoding {FLAGS.encoding}) to {FLAGS.out_dir}")
         exported = ptq_tflite.export(
-            plain, x_train[:500], FLAGS.out_dir, targets=tuple(FLAGS.targets), encoding=FLAGS.encoding, c_array=True
+            plain,
+            x_train[:500],
+            FLAGS.out_dir,
+            targets=tuple(targets),
+            encoding=FLAGS.encoding,
+            c_array=True,
+            float_model=model,  # the ethos-u line compares with the float model's plain int8 file on the same NPU
+            progress=_log,
         )
         print(exported.summary(), flush=True)
         results["export"] = exported.report.to_dict()
         results["verify"] = {}
-        for target in FLAGS.targets:
+        for target in targets:
             _log(f"verifying {exported.files[target]} on the full test set ({len(x_test)} images)")
             parity = ptq_tflite.verify(plain, exported.files[target], x_test, num_samples=len(x_test), min_top1=0.99)
             print(parity, flush=True)

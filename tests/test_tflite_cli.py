@@ -40,6 +40,27 @@ def test_cli_exports_verifies_and_writes_the_c_array(tmp_path):
     assert "model_data_arena_size" in (out / "model_data.h").read_text()
 
 
+def test_cli_ethos_u_target_passes_vela_options(tmp_path):
+    model = tm.build("depthwise")
+    model.save(tmp_path / "dw.h5")
+    tm.depthwise(seed=1).save(tmp_path / "float.h5")
+    np.save(tmp_path / "samples.npy", tm.inputs(model, 40))
+    run = _run(
+        "--model", "dw.h5", "--float_model", "float.h5", "--data", "samples.npy", "--targets", "int8,ethos-u",
+        "--accelerator", "ethos-u65-256", "--optimise", "Size", "--out_dir", "out", "--c_array",
+        "--num_samples", "20", "--verify_samples", "20", "--nomeasure", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "converting target ethos-u ... (Vela, ethos-u65-256)" in run.stdout
+    assert "ethos-u: ethos-u65-256 (Ethos_U65_High_End, Dedicated_Sram)" in run.stdout
+    assert "plain int8 model of the same architecture" in run.stdout
+    assert "parity of out/model_ethos-u.tflite" in run.stdout and "FAIL" not in run.stdout
+    report = json.loads((tmp_path / "out" / "model_report.json").read_text())
+    figures = report["targets"]["ethos-u"]["ethos_u"]
+    assert (figures["accelerator"], figures["optimise"]) == ("ethos-u65-256", "Size")
+    assert "model_data_npu_scratch_size" in (tmp_path / "out" / "model_data.h").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

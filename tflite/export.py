@@ -28,7 +28,7 @@ from .convert import (
 
 __all__ = ["ExportResult", "export"]
 
-_FIRMWARE_ORDER = ("micro", "int4", "int8", "ethos-u")  # the C array's target when c_array=True: the first one exported
+_FIRMWARE_ORDER = ("micro", "int4", "ethos-u", "int8")  # the C array's target when c_array=True: the first one exported
 
 
 @dataclass
