@@ -122,8 +122,9 @@ def main(argv):
     }
 
     if FLAGS.export:
-        from ptq_keras import tflite as ptq_tflite
         from ptq_keras.tflite import ethosu
+
+        from ptq_keras import tflite as ptq_tflite
 
         targets = list(FLAGS.targets)
         if "ethos-u" in targets and not ethosu.available():
