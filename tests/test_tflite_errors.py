@@ -96,7 +96,7 @@ def test_export_rejects_bad_target_lists(tmp_path):
     model, x = tm.mlp(), np.zeros((2, 20), np.float32)
     with pytest.raises(ValueError, match="twice"):
         ptq_tflite.export(model, x, tmp_path, targets=("int8", "int8"))
-    with pytest.raises(ValueError, match="c_array=True needs a TFLM target"):
+    with pytest.raises(ValueError, match="c_array=True needs a firmware target"):
         ptq_tflite.export(model, x, tmp_path, targets=("litert",), c_array=True)
     assert not os.listdir(tmp_path)
 

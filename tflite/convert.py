@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 TARGETS = ("int8", "micro", "litert", "int4", "ethos-u")
-ENCODINGS = ("lut", "huffman", "prune", "auto")
+ENCODINGS = ("lut", "huffman", "prune", "huffman_group", "auto")
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 # Ops with a constant weight operand that no packed target knows how to store.
 _UNPACKABLE_OPS = ("TRANSPOSE_CONV", "BATCH_MATMUL", "CONV_3D", "EMBEDDING_LOOKUP", "UNIDIRECTIONAL_SEQUENCE_LSTM")
@@ -447,10 +447,15 @@ def _prepare(model, representative_data, num_samples: int, vela: ethosu.VelaOpti
 
 def compile_ethos_u(int8: bytes, options: ethosu.VelaOptions):
     """``(bytes, VelaFigures)`` of an int8 file compiled by Vela; ``ExportError`` with Vela's message."""
-    from .report import weight_payload
-
+    model = flatbuffer.read(int8, "int8 .tflite")
+    weights = {
+        (s, int(op.inputs[1])): int(np.prod([int(d) for d in graph.tensors[int(op.inputs[1])].shape]))
+        for s, graph in enumerate(model.subgraphs)
+        for op in graph.operators or []
+        if flatbuffer.builtin_name(model, op.opcodeIndex) in WEIGHT_OPS and len(op.inputs) > 1
+    }
     try:
-        return ethosu.compile(int8, options, weights=weight_payload(int8)["weights"])
+        return ethosu.compile(int8, options, weights=sum(weights.values()))
     except ethosu.VelaError as exc:
         raise ExportError(f"target 'ethos-u': {exc}") from exc
 

@@ -16,21 +16,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import encoders, flatbuffer
+from . import encoders, flatbuffer, groups
 from .encoders import ChannelLayout, Encoded
 
 __all__ = ["DECODE_OP", "ENCODINGS", "DECODE_NS_PER_WEIGHT", "INT8_NS_PER_MAC", "compress", "describe"]
 
 DECODE_OP = "TFLM_DECODE"
-ENCODINGS = ("auto", *encoders.ENCODERS)
+ENCODINGS = ("auto", *encoders.ENCODERS, groups.ENCODING)
 _WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 # Cost model of ``encoding="auto"`` with a latency budget: decode time per weight and int8 time per MAC,
 # from benchmarks/encodings.py on x86 (FC 1024x1024: int8 0.57 ns/MAC; LUT 1.7-1.9x, PRUNE 3-12x,
 # HUFFMAN 7-20x the int8 invoke). Only the ratios matter; a microcontroller shifts them all alike.
-DECODE_NS_PER_WEIGHT = {"lut": 0.45, "prune": 4.0, "huffman": 8.0}
+DECODE_NS_PER_WEIGHT = {"lut": 0.45, "prune": 4.0, "huffman": 8.0, groups.ENCODING: 3.0}
 INT8_NS_PER_MAC = 0.57
 # Among equally small encodings, prefer the faster decode.
-_SPEED_ORDER = ("lut", "prune", "huffman")
+_SPEED_ORDER = ("lut", "prune", groups.ENCODING, "huffman")
 
 
 @dataclass
@@ -45,8 +45,9 @@ class _Weight:
 def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float | None = None) -> bytes:
     """Encode every constant INT8 weight (input 1) of FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D.
 
-    ``encoding``: ``"lut"`` (2-bit index, fastest decode), ``"huffman"``, ``"prune"``, or ``"auto"``
-    (per tensor the smallest payload, never larger than LUT). ``latency_budget`` (only with ``"auto"``):
+    ``encoding``: ``"lut"`` (2-bit index, fastest decode), ``"huffman"``, ``"prune"``, ``"huffman_group"``
+    (Huffman over groups of four weights rebuilt by CAST/GATHER/RESHAPE, ``groups``; below one bit per weight),
+    or ``"auto"`` (per tensor the smallest payload, never larger than LUT). ``latency_budget`` (only with ``"auto"``):
     the estimated decode time a layer may add, as a fraction of its int8 compute time (0.25 = +25%);
     layers over budget take the fastest encoding that fits, else LUT. Fully connected layers use each
     weight once per invoke, so they end up LUT; convolutions reuse each weight per output pixel.
@@ -82,12 +83,17 @@ def compress_model(
         try:
             if encoding == "auto":
                 encoded = _choose(values, layout, weight.macs, latency_budget)
+            elif encoding == groups.ENCODING:
+                encoded = groups.encode(values)
             else:
                 encoded = encoders.get(encoding).encode(values, layout)
         except encoders.EncodingError as exc:
             shape = [int(d) for d in tensor.shape]
             raise ValueError(f"tensor {name!r} {shape} cannot be encoded as {encoding!r}: {exc}") from None
-        _insert_decode(model, weight, encoded)
+        if isinstance(encoded, groups.GroupEncoded):
+            groups.insert(model, weight.subgraph, weight.tensor, encoded, _decode_opcode(model))
+        else:
+            _insert_decode(model, weight, encoded)
     _drop_unreferenced_buffers(model)
 
 
@@ -99,6 +105,10 @@ def describe(tflite_bytes: bytes) -> list[dict]:
     model = flatbuffer.read(tflite_bytes, "tflite_bytes")
     rows, seen = [], set()
     for s, subgraph in enumerate(model.subgraphs):
+        consumers: dict[int, list] = {}
+        for op in subgraph.operators or []:
+            for i in op.inputs if op.inputs is not None else []:
+                consumers.setdefault(int(i), []).append(op)
         for op in subgraph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) != DECODE_OP:
                 continue
@@ -142,20 +152,55 @@ def describe(tflite_bytes: bytes) -> list[dict]:
                         f"tflite_bytes: encoded tensor {_name(encoded) or data_index!r} (subgraph {s}): its data or "
                         f"ancillary data is inconsistent ({exc})."
                     ) from None
-                payload = len(data) + len(ancillary)
+                payload, scratch, encoding = (
+                    len(data) + len(ancillary),
+                    count * np.dtype(np.int8).itemsize,
+                    encoder.name,
+                )
+                end = groups.end_of(model, subgraph, out_index, consumers)
+                if end is not None:
+                    values, shape, extra, scratch = _grouped(model, subgraph, s, end, data, ancillary, values)
+                    count, payload, encoding = values.size, payload + extra, groups.ENCODING
                 rows.append(
                     {
                         "name": _name(encoded),
-                        "encoding": encoder.name,
+                        "encoding": encoding,
                         "shape": shape,
                         "elements": count,
                         "payload_bytes": payload,
                         "bits_per_weight": 8.0 * payload / count,
                         "entropy_bound_bits": _entropy(values),
-                        "decode_scratch_bytes": count * np.dtype(np.int8).itemsize,
+                        "decode_scratch_bytes": scratch,
                     }
                 )
     return rows
+
+
+def _grouped(model, subgraph, s: int, end: int, data: bytes, ancillary: bytes, indices: np.ndarray):
+    """(weights, shape, table bytes, chain arena bytes) of a grouped chain ending at tensor ``end``."""
+    producers = {int(o): op for op in subgraph.operators or [] for o in op.outputs}
+    found = groups.chain(model, subgraph, end, producers)
+    table_tensor = subgraph.tensors[found["table"]] if found else None
+    table = flatbuffer.buffer_array(model, table_tensor) if table_tensor is not None else None
+    if table is None or table.ndim != 2 or table.shape[1] != groups.GROUP:
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: the grouped chain ending at tensor {end} (subgraph {s}) has no constant [G, 4] group table."
+        )
+    count = found["count"]
+    if not 0 < count <= groups.GROUP * len(indices) or int(indices.min()) < 0 or int(indices.max()) >= len(table):
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: the grouped chain ending at tensor {end} (subgraph {s}): {len(indices)} group indices "
+            f"do not fit {count} weights or the {len(table)}-row group table."
+        )
+    weights = table[indices.astype(np.int64)].reshape(-1)[:count]
+    shape = [int(d) for d in subgraph.tensors[end].shape]
+    arena = sum(_tensor_bytes(subgraph.tensors[int(o)]) for op in found["ops"] for o in op.outputs)
+    return weights, shape, table.size, arena + len(indices)
+
+
+def _tensor_bytes(tensor) -> int:
+    size = {flatbuffer.schema.TensorType.INT32: 4}.get(tensor.type, 1)
+    return size * int(np.prod([int(d) for d in tensor.shape]))
 
 
 def _entropy(values: np.ndarray) -> float:
@@ -216,7 +261,8 @@ def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget
     errors = []
     for name in _SPEED_ORDER:
         try:
-            candidates.append(encoders.get(name).encode(values, layout))
+            encoder = groups if name == groups.ENCODING else encoders.get(name)
+            candidates.append(encoder.encode(values) if name == groups.ENCODING else encoder.encode(values, layout))
         except encoders.EncodingError as exc:
             errors.append(f"{name}: {exc}")
     if not candidates:
@@ -225,7 +271,7 @@ def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget
         allowed = latency_budget * macs * INT8_NS_PER_MAC
         fitting = [c for c in candidates if DECODE_NS_PER_WEIGHT[c.encoding] * values.size <= allowed]
         candidates = fitting or [min(candidates, key=lambda c: DECODE_NS_PER_WEIGHT[c.encoding])]
-    return min(candidates, key=lambda c: c.payload_bytes)
+    return min(candidates, key=lambda c: c.payload_bytes + getattr(c, "structure_bytes", 0))
 
 
 def _decode_opcode(model: flatbuffer.schema.ModelT) -> int:

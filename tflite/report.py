@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import flatbuffer, micro
+from . import flatbuffer, groups, micro
 from .verify import invoke_ratio, runtimes_for
 
 __all__ = ["TargetReport", "ExportReport", "TensorTable", "build", "inspect", "weight_payload"]
@@ -62,7 +62,12 @@ def weight_payload(tflite: bytes) -> dict:
             index = int(op.inputs[1])
             weight = graph.tensors[index]
             producer = producers.get(index)
-            if producer is not None and flatbuffer.builtin_name(model, producer.opcodeIndex) == "TFLM_DECODE":
+            grouped = groups.chain(model, graph, index, producers) if producer is not None else None
+            if grouped is not None:
+                stored = [graph.tensors[grouped[k]] for k in ("encoded", "ancillary", "table")]
+                key = grouped["encoded"]
+                kind = "TFLM_DECODE"
+            elif producer is not None and flatbuffer.builtin_name(model, producer.opcodeIndex) == "TFLM_DECODE":
                 k = list(producer.outputs).index(index)
                 stored = [graph.tensors[int(producer.inputs[2 * k])], graph.tensors[int(producer.inputs[2 * k + 1])]]
                 key = int(producer.inputs[2 * k])
