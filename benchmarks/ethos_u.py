@@ -66,10 +66,12 @@ def _row(label: str, sparsity, run: dict, x_test, y_test, accelerator: str) -> d
         int8 = f.read()
     _, figures = ethosu.compile(int8, ethosu.VelaOptions(accelerator), weights=_weights(int8))
     micro = run["files"].get("micro")
+    if "int8_accuracy" not in run:  # once per run, not per accelerator
+        run["int8_accuracy"] = common.tflite_accuracy(int8, x_test, y_test, "tflm")
     return {
         "label": label,
         "sparsity": sparsity,
-        "accuracy": common.tflite_accuracy(int8, x_test, y_test, "tflm"),
+        "accuracy": run["int8_accuracy"],
         "vela": figures.to_dict(),
         "micro_bytes": micro["file_bytes"] if micro else None,
         "micro_bits": micro["bits_per_weight"] if micro else None,
