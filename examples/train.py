@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 import numpy as np
 from absl import app, flags
-from ptq_keras.tflite.convert import needs_ternary
+from ptq_keras.tflite.convert import ENCODINGS, needs_ternary
 from ptq_keras.tflite.flatbuffer import atomic_write
 
 import ptq_keras
@@ -114,13 +114,14 @@ flags.DEFINE_list(
     None,
     f"Export targets, a comma list of {list(TARGETS)} ('' for none). Default: int8,micro for ptq and twn, int8 for "
     "the others. litert, int4 and micro with --encoding=lut store ternary kernels, so they need --method=ptq or "
-    "twn; micro with --encoding=huffman, prune or auto takes any int8 model (e.g. --method=tfmot_prune).",
+    "twn; micro with any other --encoding takes any int8 model (e.g. --method=tfmot_prune).",
 )
 flags.DEFINE_enum(
     "encoding",
     "lut",
-    ["lut", "huffman", "prune", "auto"],
-    "Weight encoding of the micro target (TFLM_DECODE): 2-bit LUT, Huffman, PRUNE, or auto (smallest per tensor).",
+    list(ENCODINGS),
+    "Weight encoding of the micro target (TFLM_DECODE): 2-bit LUT, Huffman, PRUNE, Huffman over groups of four "
+    "weights (huffman_group), or auto (smallest per tensor).",
 )
 flags.DEFINE_bool("measure", True, "Measure the TFLM arena and invoke time of exported files (slower).")
 flags.DEFINE_bool("eval_tflite", True, "Measure the exported files' accuracy over the test split on their runtime.")
@@ -214,7 +215,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--soft_decay={cfg.soft_decay} is outside (0, 1] (1: pruned weights keep their values).")
     choice("granularity", cfg.granularity, ("channel", "tensor"))
     choice("selection", cfg.selection, ("channel", "tensor"))
-    choice("encoding", cfg.encoding, ("lut", "huffman", "prune", "auto"))
+    choice("encoding", cfg.encoding, ENCODINGS)
     choice("activations", cfg.activations, ("none", "int8"))
     if not 0.0 <= cfg.freeze_at <= 1.0:
         raise ValueError(f"--freeze_at={cfg.freeze_at} is outside [0, 1]: a fraction of the training steps (0: never).")
