@@ -40,6 +40,14 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).", flag_values=FLAGS
 )
+flags.DEFINE_integer(
+    "max_decode_bytes",
+    None,
+    "Target micro: split weight tensors larger than this many bytes along output channels, so TFLM decodes at most "
+    "that much at a time (bounds the arena).",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("num_samples", 100, "Calibration samples taken from --data.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer(
     "verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0, flag_values=FLAGS
@@ -171,6 +179,7 @@ def main(argv: list[str]) -> int:
             memory_mode=FLAGS.memory_mode,
             optimise=FLAGS.optimise,
             float_model=float_model,
+            max_decode_bytes=FLAGS.max_decode_bytes,
         )
     except (ValueError, TypeError, FlatbufferError) as exc:
         print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import decode, ethosu, flatbuffer
+from . import decode, ethosu, flatbuffer, split
 
 __all__ = [
     "TARGETS",
@@ -64,6 +64,21 @@ class ExportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- options and inputs
+def check_max_decode_bytes(max_decode_bytes) -> int | None:
+    """``max_decode_bytes`` validated: None or a positive int."""
+    if max_decode_bytes is None:
+        return None
+    if (
+        not isinstance(max_decode_bytes, (int, np.integer))
+        or isinstance(max_decode_bytes, bool)
+        or max_decode_bytes < 1
+    ):
+        raise ValueError(
+            f"max_decode_bytes must be a positive number of bytes (e.g. 16384) or None, got {max_decode_bytes!r}."
+        )
+    return int(max_decode_bytes)
+
+
 def _check_options(target: str, encoding: str, num_samples: int) -> None:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}.")
@@ -429,6 +444,8 @@ class _Prepared:
     int8: dict = field(default_factory=dict)
     vela: ethosu.VelaOptions = field(default_factory=ethosu.VelaOptions)
     vela_figures: ethosu.VelaFigures | None = None  # of the last ethos-u conversion
+    max_decode_bytes: int | None = None  # target micro: split weights larger than this (``split``)
+    split_rows: list = field(default_factory=list)  # of the last micro conversion
 
 
 def vela_options(accelerator=ethosu.DEFAULT_ACCELERATOR, system_config=None, memory_mode=None,
@@ -477,6 +494,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if target == "micro":
         if needs_ternary(target, encoding):
             check_ternary_model(model)
+        prep.split_rows = split.split_model(model, prep.max_decode_bytes) if prep.max_decode_bytes else []
         try:
             decode.compress_model(model, encoding=encoding, latency_budget=latency_budget)
         except ValueError as exc:
@@ -502,6 +520,7 @@ def convert(
     system_config: str | None = None,
     memory_mode: str | None = None,
     optimise: str = "Performance",
+    max_decode_bytes: int | None = None,
 ) -> bytes:
     """The .tflite bytes of ``model`` for one ``target`` (see ``TARGETS``); nothing is written.
 
@@ -511,9 +530,11 @@ def convert(
     (``latency_budget`` as in ``decode.compress``). ``strip_names`` drops tensor names and signatures.
     Target ``ethos-u``: ``accelerator`` (``ethosu.ACCELERATORS``), ``system_config`` and ``memory_mode`` (sections
     of Vela's ``Arm/vela.ini``; default per NPU family), ``optimise`` (``Performance`` or ``Size``); ``export``
-    also reports Vela's figures.
+    also reports Vela's figures. ``max_decode_bytes`` (target ``micro``): split every weight tensor larger than
+    that many bytes along its output channels (``split``), so TFLM decodes at most that much at a time.
     """
     _check_options(target, encoding, num_samples)
     vela = vela_options(accelerator, system_config, memory_mode, optimise)
     prep = _prepare(model, representative_data, num_samples, vela)
+    prep.max_decode_bytes = check_max_decode_bytes(max_decode_bytes)
     return _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)

@@ -19,6 +19,7 @@ from .convert import (
     _convert_prepared,
     _prepare,
     check_layers,
+    check_max_decode_bytes,
     compile_ethos_u,
     float_tflite,
     int8_tflite,
@@ -68,6 +69,7 @@ def export(
     memory_mode: str | None = None,
     optimise: str = "Performance",
     float_model=None,
+    max_decode_bytes: int | None = None,
 ) -> ExportResult:
     """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
     (``<name>_report.json``) and, with ``c_array``, ``<name>_data.cc`` / ``.h`` for firmware.
@@ -78,6 +80,8 @@ def export(
     Target ``ethos-u``: ``accelerator``, ``system_config``, ``memory_mode``, ``optimise`` as in ``convert``; the
     report carries Vela's figures and, given ``float_model`` (the float model the ternary one was trained from),
     the same figures for that model's plain int8 file compiled alike, so the gain of ternary weights is visible.
+    ``max_decode_bytes`` (target ``micro``): as in ``convert``; the report also gives the split layers and, with
+    ``measure``, the arena of the unsplit file.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -89,6 +93,7 @@ def export(
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets {list(targets)} name a target twice.")
     vela = vela_options(accelerator, system_config, memory_mode, optimise)
+    max_decode_bytes = check_max_decode_bytes(max_decode_bytes)
     firmware = _firmware_target(c_array, targets)
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a C identifier-like file stem (e.g. 'model'), got {name!r}.")
@@ -97,16 +102,20 @@ def export(
     started = time.perf_counter()
     say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
     prep = _prepare(model, representative_data, num_samples, vela)
+    prep.max_decode_bytes = max_decode_bytes
     for target in targets:  # every layer error before any slow conversion
         check_layers(prep.plain, target, encoding)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
-    buffers, vela_figures = {}, {}
+    buffers, vela_figures, split_rows, unsplit_arena = {}, {}, [], None
     for target in targets:
         say(f"converting target {target} ..." + (f" (Vela, {vela.accelerator})" if target == "ethos-u" else ""))
         buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
         if target == "ethos-u":
             vela_figures["ethos-u"] = prep.vela_figures
+        if target == "micro" and prep.split_rows:
+            split_rows = list(prep.split_rows)
+            say(f"  split {len(split_rows)} weight tensor(s) larger than {max_decode_bytes:,} B along output channels")
     if "ethos-u" in targets and float_model is not None:
         say(f"compiling the float model's plain int8 file with Vela for comparison ({vela.accelerator}) ...")
         plain_int8 = int8_tflite(plain_model(float_model), prep.calibration)
@@ -116,9 +125,19 @@ def export(
         path = os.path.join(out_dir, f"{name}_{target}.tflite")
         flatbuffer.atomic_write(path, buf)
         files[target] = path
+    if split_rows and measure:
+        say("measuring the arena of the unsplit micro file for comparison ...")
+        prep.max_decode_bytes = None
+        unsplit_arena = micro.measure_arena(
+            _convert_prepared(prep, "micro", encoding, bool(strip_names), latency_budget)
+        )
     say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
     reference = prep.int8.get(False, prep.int8.get(True))  # the int8 file the targets came from
     rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference, vela=vela_figures)
+    if "micro" in rep.targets and split_rows:
+        rep.targets["micro"].split = split_rows
+        rep.targets["micro"].max_decode_bytes = max_decode_bytes
+        rep.targets["micro"].arena_bytes_unsplit = unsplit_arena
     if firmware is not None:
         arena = npu_scratch = None
         if firmware == "ethos-u":

@@ -49,9 +49,7 @@ def read(buf: bytes, what: str = "buffer") -> schema.ModelT:
     if len(buf) < 8:
         raise FlatbufferError(f"{what}: {len(buf)} bytes is too short to be a .tflite file.")
     if buf[4:8] != _TFLITE_IDENTIFIER:
-        raise FlatbufferError(
-            f"{what}: not a TensorFlow Lite file (file identifier {buf[4:8]!r}, expected b'TFL3')."
-        )
+        raise FlatbufferError(f"{what}: not a TensorFlow Lite file (file identifier {buf[4:8]!r}, expected b'TFL3').")
     try:
         model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(buf, 0))
     except Exception as exc:  # flatbuffers raises assorted errors on truncated input

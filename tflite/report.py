@@ -13,6 +13,8 @@ Fields of one target (``TargetReport``):
   ``alt_decompression_bytes`` memory (``alt_decompression_memory_size`` of the interpreter, firmware likewise).
 * ``invoke_ratio``: per runtime, best invoke time of this file / that of the int8 file on the same interpreter.
 * ``encodings``: ``decode.describe`` rows (``micro`` only).
+* ``max_decode_bytes``, ``split`` and ``arena_bytes_unsplit`` (``micro`` with ``max_decode_bytes``): the bound, one
+  row per split layer (name, op, weight bytes, parts, largest part) and the arena of the same file unsplit.
 * ``ethos_u`` (``ethos-u`` only): Vela's figures (``ethosu.VelaFigures``); weights, payload and bits per weight are
   Vela's encoded weights. ``ExportReport.ethos_u_plain_int8``: the same figures for the plain int8 file of the
   float model (``export(..., float_model=)``), compiled with the same options.
@@ -115,6 +117,9 @@ class TargetReport:
     invoke_ratio: dict = field(default_factory=dict)
     encodings: list = field(default_factory=list)
     ethos_u: dict | None = None
+    max_decode_bytes: int | None = None
+    split: list = field(default_factory=list)
+    arena_bytes_unsplit: int | None = None
 
 
 @dataclass
@@ -166,6 +171,14 @@ class ExportReport:
                     f"  {t.target}: {row['name'] or '(unnamed)'} {row['encoding']} {row['bits_per_weight']:.2f} "
                     f"bits/w (entropy bound {row['entropy_bound_bits']:.2f}), decode scratch "
                     f"{row['decode_scratch_bytes']:,} B"
+                )
+            if t.split:
+                largest = max(row["largest_part_bytes"] for row in t.split)
+                before = "" if t.arena_bytes_unsplit is None else f"; arena {t.arena_bytes_unsplit:,} B unsplit"
+                after = "" if t.arena_bytes is None else f" -> {t.arena_bytes:,} B"
+                lines.append(
+                    f"  {t.target}: max_decode_bytes={t.max_decode_bytes:,}: {len(t.split)} layer(s) split into "
+                    f"{sum(row['parts'] for row in t.split)} parts (largest {largest:,} B){before}{after}"
                 )
             if t.ethos_u is not None:
                 lines.append(f"  {t.target}: {_vela_line(t.ethos_u)}")
