@@ -1,0 +1,125 @@
+"""``max_decode_bytes``: large weights split along output channels, bit-exact with ``int8`` on TFLM, with a smaller
+arena (one decode buffer of at most the bound)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import tflite_models as tm
+from ptq_keras.tflite import decode, flatbuffer, micro, split
+
+from ptq_keras import keras
+from ptq_keras import tflite as ptq_tflite
+
+verify_mod = importlib.import_module("ptq_keras.tflite.verify")
+L = keras.layers
+
+
+def _ops(buf: bytes) -> list[str]:
+    return ptq_tflite.inspect(buf).ops
+
+
+def _wide(seed: int = 0) -> keras.Model:
+    """Conv 16 channels, depthwise x2 (32 channels), Dense 24 x 40: every weight op can be split."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3), name="image"),
+            L.Conv2D(16, 3, padding="same", activation="relu", name="conv"),
+            L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw"),
+            L.BatchNormalization(name="dw_bn"),
+            L.ReLU(name="dw_relu"),
+            L.GlobalAveragePooling2D(name="gap"),
+            L.Dense(40, activation="relu", name="fc"),
+            L.Dense(6, name="logits"),
+        ],
+        name="wide",
+    )
+
+
+@pytest.mark.parametrize("encoding", ["lut", "huffman", "huffman_group"])
+@pytest.mark.parametrize("max_bytes", [200, 64])
+def test_split_layers_are_bit_exact_with_int8(encoding, max_bytes, tmp_path):
+    model = tm.ternarize_kernels(_wide())
+    x = tm.inputs(model, 60)
+    result = ptq_tflite.export(model, x[:30], tmp_path, targets=("int8", "micro"), encoding=encoding,
+                               max_decode_bytes=max_bytes)  # fmt: skip
+    parity = ptq_tflite.verify(model, result.files["micro"], x[30:])
+    assert parity.ok and parity.steps[-1].max_lsb == 0, str(parity)
+    rep = result.report.targets["micro"]
+    # conv 16 x 27 = 432 B, depthwise 9 x 32 = 288 B, fc 40 x 16 = 640 B, logits 6 x 40 = 240 B: all over the bound
+    assert sorted(row["op"] for row in rep.split) == [
+        "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "FULLY_CONNECTED"
+    ]  # fmt: skip
+    for row in rep.split:
+        per_channel = row["weight_bytes"] // {"CONV_2D": 16, "DEPTHWISE_CONV_2D": 32}.get(row["op"], 1)
+        assert row["parts"] >= 2 and row["largest_part_bytes"] <= max(max_bytes, 2 * per_channel)
+    ops = _ops(open(result.files["micro"], "rb").read())
+    assert "CONCATENATION" in ops and "SPLIT_V" in ops  # the depthwise input is split with its channels
+    assert rep.arena_bytes_unsplit > 0  # measured (on a model this small the part activations outweigh it)
+    assert f"max_decode_bytes={max_bytes:,}" in result.summary()
+
+
+def test_one_channel_per_part_and_a_concatenation_tree():
+    """A bound below one channel's bytes gives one channel per part; 40 parts need a tree of CONCATENATIONs."""
+    model = tm.ternarize_kernels(tm.mlp())
+    model = keras.Sequential([keras.Input((20,)), L.Dense(40, name="fc"), L.Dense(6, name="logits")])
+    tm.ternarize_kernels(model)
+    x = tm.inputs(model, 40)
+    int8 = ptq_tflite.convert(model, x[:20])
+    parsed = flatbuffer.read(int8)
+    rows = split.split_model(parsed, 1)
+    assert [r["parts"] for r in rows] == [40, 6]
+    buf = flatbuffer.write(parsed)
+    assert _ops(buf).count("CONCATENATION") == 1 + 4 + 1  # 40 -> 4 groups of 10 -> 1; logits: 6 -> 1
+    for encoding in ("lut", "prune"):
+        encoded = decode.compress(buf, encoding=encoding)
+        np.testing.assert_array_equal(
+            verify_mod.predict(encoded, x[20:], "tflm"), verify_mod.predict(int8, x[20:], "tflm")
+        )
+
+
+def test_parts_are_even_and_cover_every_channel():
+    assert split.parts_of(10, 100, 250) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert split.parts_of(7, 100, 10) == [(k, k + 1) for k in range(7)]
+    parts = split.parts_of(128, 1600, 16384)
+    assert parts[0][0] == 0 and parts[-1][1] == 128 and all(b - a <= 10 for a, b in parts)
+    assert all(a1 == b0 for (_, b0), (a1, _) in zip(parts, parts[1:]))
+
+
+def test_small_weights_and_shared_weights_stay_whole(tmp_path):
+    model = tm.build("residual")
+    x = tm.inputs(model, 40)
+    int8 = ptq_tflite.convert(model, x[:20])
+    parsed = flatbuffer.read(int8)
+    assert split.split_model(parsed, 10**6) == []
+    assert flatbuffer.write(parsed) == flatbuffer.write(flatbuffer.read(int8))
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "16k", True])
+def test_bad_max_decode_bytes_is_a_clear_error(bad, tmp_path):
+    model = tm.build("mlp")
+    x = tm.inputs(model, 20)
+    with pytest.raises(ValueError, match="max_decode_bytes must be a positive number of bytes"):
+        ptq_tflite.convert(model, x, target="micro", max_decode_bytes=bad)
+    with pytest.raises(ValueError, match="max_decode_bytes"):
+        ptq_tflite.export(model, x, tmp_path / "out", targets=("micro",), max_decode_bytes=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_arena_is_bounded_by_the_largest_part():
+    """A 200 x 256 Dense (51,200 B): unsplit the arena holds the whole decoded weight, split at 8 KiB at most
+    about one part more than the int8 file's arena."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((256,)), L.Dense(200, activation="relu"), L.Dense(10)])
+    tm.ternarize_kernels(model, sparsity=0.7)
+    x = tm.inputs(model, 20)
+    int8 = ptq_tflite.convert(model, x)
+    whole = ptq_tflite.convert(model, x, target="micro")
+    parted = ptq_tflite.convert(model, x, target="micro", max_decode_bytes=8192)
+    base = micro.measure_arena(int8)
+    assert micro.measure_arena(whole) >= base + 51_200 - 2048  # the planner overlaps the small activations
+    assert micro.measure_arena(parted) <= base + 8192 + 4096
+    np.testing.assert_array_equal(verify_mod.predict(parted, x, "tflm"), verify_mod.predict(int8, x, "tflm"))
