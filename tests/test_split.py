@@ -64,7 +64,6 @@ def test_split_layers_are_bit_exact_with_int8(encoding, max_bytes, tmp_path):
 
 def test_one_channel_per_part_and_a_concatenation_tree():
     """A bound below one channel's bytes gives one channel per part; 40 parts need a tree of CONCATENATIONs."""
-    model = tm.ternarize_kernels(tm.mlp())
     model = keras.Sequential([keras.Input((20,)), L.Dense(40, name="fc"), L.Dense(6, name="logits")])
     tm.ternarize_kernels(model)
     x = tm.inputs(model, 40)
