@@ -29,6 +29,8 @@ _WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
 # HUFFMAN 7-20x the int8 invoke). Only the ratios matter; a microcontroller shifts them all alike.
 DECODE_NS_PER_WEIGHT = {"lut": 0.45, "prune": 4.0, "huffman": 8.0, groups.ENCODING: 3.0}
 INT8_NS_PER_MAC = 0.57
+# ``auto`` takes huffman_group only when it is at least this much smaller than the best other encoding.
+GROUP_MIN_SAVING = 0.10
 # Among equally small encodings, prefer the faster decode.
 _SPEED_ORDER = ("lut", "prune", groups.ENCODING, "huffman")
 
@@ -47,8 +49,10 @@ def compress(int8_tflite: bytes, *, encoding: str = "lut", latency_budget: float
 
     ``encoding``: ``"lut"`` (2-bit index, fastest decode), ``"huffman"``, ``"prune"``, ``"huffman_group"``
     (Huffman over groups of four weights rebuilt by CAST/GATHER/RESHAPE, ``groups``; below one bit per weight),
-    or ``"auto"`` (per tensor the smallest payload, never larger than LUT). ``latency_budget`` (only with ``"auto"``):
-    the estimated decode time a layer may add, as a fraction of its int8 compute time (0.25 = +25%);
+    or ``"auto"`` (per tensor the smallest payload, never larger than LUT; ``huffman_group`` only where it saves
+    at least ``GROUP_MIN_SAVING`` of the tensor's bytes, since its op chain also costs arena).
+    ``latency_budget`` (only with ``"auto"``): the estimated decode time a layer may add, as a fraction of its
+    int8 compute time (0.25 = +25%);
     layers over budget take the fastest encoding that fits, else LUT. Fully connected layers use each
     weight once per invoke, so they end up LUT; convolutions reuse each weight per output pixel.
     Returns 16-byte aligned .tflite bytes.
@@ -271,7 +275,16 @@ def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget
         allowed = latency_budget * macs * INT8_NS_PER_MAC
         fitting = [c for c in candidates if DECODE_NS_PER_WEIGHT[c.encoding] * values.size <= allowed]
         candidates = fitting or [min(candidates, key=lambda c: DECODE_NS_PER_WEIGHT[c.encoding])]
-    return min(candidates, key=lambda c: c.payload_bytes + getattr(c, "structure_bytes", 0))
+    best = min(candidates, key=lambda c: c.payload_bytes + getattr(c, "structure_bytes", 0))
+    if best.encoding == groups.ENCODING:
+        # The group chain costs about one more decoded tensor of arena while it runs: take it only where it
+        # saves a real share of the file (high sparsity), not a few percent.
+        others = [c for c in candidates if c.encoding != groups.ENCODING]
+        if others:
+            runner_up = min(others, key=lambda c: c.payload_bytes)
+            if best.payload_bytes + best.structure_bytes > (1.0 - GROUP_MIN_SAVING) * runner_up.payload_bytes:
+                return runner_up
+    return best
 
 
 def _decode_opcode(model: flatbuffer.schema.ModelT) -> int:
