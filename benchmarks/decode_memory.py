@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import os
 import platform
@@ -24,6 +25,7 @@ from tflite_micro import runtime
 from ptq_keras.compat import keras
 
 BOUNDS = (None, 65536, 16384, 4096)
+_trim = importlib.import_module("ptq_keras.tflite.convert").trim_for_tflm
 ENCODINGS = ("lut", "huffman")
 
 
@@ -76,7 +78,7 @@ def bench(label: str, int8: bytes, repeats: int) -> list[str]:
         for bound in BOUNDS:
             model = flatbuffer.read(int8)
             rows = split.split_model(model, bound) if bound else []
-            buf = decode.compress(flatbuffer.write(model), encoding=encoding)
+            buf = _trim(decode.compress(flatbuffer.write(model), encoding=encoding))  # what target micro writes
             it = runtime.Interpreter.from_bytes(buf, arena_size=arena)
             exact = all(np.array_equal(_output(it, x), e) for x, e in zip(inputs, expected))
             base, mine = _fastest((ref, it), inputs[0], repeats)
