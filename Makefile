@@ -36,8 +36,9 @@ bench: setup data
 	$(PY) benchmarks/step_time.py
 
 # Everything in benchmarks/results/: also the ablation of the options over seeds (ablation.md), the related
-# methods at 0.7 and 0.85 on both models (methods.md), int8-file agreement (activations.md), the export targets
-# and the TFLM_DECODE encodings. Many hours on 2 cores; every training run is cached in out/bench/.
+# methods at 0.7 and 0.85 on both models (methods.md), int8-file agreement (activations.md), the export targets,
+# the TFLM_DECODE encodings, bounded decode memory and the Ethos-U (Vela) figures. Many hours on 2 cores; every
+# training run is cached in out/bench/.
 bench-all: bench
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/ablation.py --models=small_cnn,ds_cnn --sparsities=0.7,0.85 \
@@ -45,6 +46,8 @@ bench-all: bench
 	$(PY) benchmarks/activations.py
 	$(PY) benchmarks/export_size.py
 	$(PY) benchmarks/encodings.py
+	$(PY) benchmarks/decode_memory.py
+	$(PY) benchmarks/ethos_u.py
 
 # 10,000 damaged copies of exported files through every reader and, when they parse, the runtimes (in a child
 # process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/test_fuzz.py).
