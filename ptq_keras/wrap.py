@@ -68,9 +68,7 @@ def _validate_options(options: Mapping, where: str) -> dict:
         )
     decay = merged["decay"]
     if not callable(decay) and (not isinstance(decay, numbers.Real) or decay < 0):
-        raise ValueError(
-            f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}."
-        )
+        raise ValueError(f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}.")
     merged["freeze_at"] = _checked_freeze_at(merged["freeze_at"], where)
     if isinstance(merged["sparsity"], schedules.PruningSchedule):
         merged["sparsity"] = schedules.checked_frequency(merged["sparsity"], merged["ste"], where)
@@ -127,9 +125,7 @@ def _check_graph_model(model) -> None:
             "(it rebuilds the graph layer by layer). Rebuild it with the functional API."
         )
     if not model.built:
-        raise ValueError(
-            f"Model {model.name!r} is not built; call model.build(input_shape) or give it an Input first."
-        )
+        raise ValueError(f"Model {model.name!r} is not built; call model.build(input_shape) or give it an Input first.")
 
 
 def _fresh_copy(layer):
@@ -142,6 +138,8 @@ def ternarize(
     keep_float: Iterable[str] = (),
     overrides: Mapping[str, Mapping] | None = None,
     activations: str | None = None,
+    flash_budget: int | None = None,
+    budget_data=None,
     **options,
 ) -> keras.Model:
     """Return a new tf_keras model whose quantizable kernels train as sparse ternary weights.
@@ -152,6 +150,10 @@ def ternarize(
       model: a built Sequential or Functional tf_keras model.
       keep_float: names of layers left in float.
       overrides: ``{layer name: {option: value}}`` per-layer options.
+      flash_budget: bytes the ``micro`` file (TFLM, ``encoding="auto"``) may take: the per-layer sparsities are
+        chosen to fit it, sparsifying where the measured output error grows least (:mod:`ptq_keras.budget`; the
+        choice is in ``qmodel.ptq_allocation`` and in each layer's options). Needs ``budget_data`` (a few hundred
+        model inputs); excludes ``sparsity``; layers with a ``sparsity`` in ``overrides`` keep it.
       activations: ``None`` (activations stay float in training; the int8 export calibrates them) or ``"int8"``
         (8-bit activation fake-quantization where the int8 converter quantizes, with ranges learned in training
         and used by the export; see :mod:`ptq_keras.activations`).
@@ -193,11 +195,7 @@ def ternarize(
             raise TypeError(f"overrides[{name!r}] must be a dict of options, got {layer_options!r}.")
         per_layer[name] = _validate_options({**options, **layer_options}, f"overrides[{name!r}]")
 
-    targets = {
-        layer.name
-        for layer in model.layers
-        if kernel_attributes(layer) and layer.name not in keep_float
-    }
+    targets = {layer.name for layer in model.layers if kernel_attributes(layer) and layer.name not in keep_float}
     if not targets:
         raise ValueError(
             f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes Dense, Conv1D, Conv2D, "
@@ -205,6 +203,32 @@ def ternarize(
             + (f" (all of them are in keep_float={keep_float})" if keep_float else "")
             + "."
         )
+
+    allocation = None
+    if flash_budget is not None:
+        if "sparsity" in options:
+            raise ValueError(
+                "ternarize: pass either sparsity= or flash_budget= (which chooses the sparsity of every layer), "
+                "not both."
+            )
+        if budget_data is None:
+            raise ValueError(
+                "ternarize: flash_budget needs budget_data= (a few hundred model inputs, e.g. x_train[:256]) to "
+                "measure how much each layer's output suffers at each sparsity."
+            )
+        from . import budget
+
+        free = {
+            name: per_layer.get(name, base) for name in sorted(targets) if "sparsity" not in overrides.get(name, {})
+        }
+        allocation = budget.allocate(model, flash_budget, budget_data, free, log=lambda line: print(
+            f"ptq_keras: {line}"))  # fmt: skip
+        for name, sparsity in allocation.sparsities.items():
+            per_layer[name] = _validate_options(
+                {**options, **overrides.get(name, {}), "sparsity": sparsity}, f"flash_budget ({name})"
+            )
+    elif budget_data is not None:
+        raise ValueError("ternarize: budget_data is only used with flash_budget=.")
 
     if activations == "int8":
         model, aliases = act.insert(model)
@@ -218,9 +242,7 @@ def ternarize(
         copies[layer.name] = (layer, fresh)
         if layer.name not in targets:
             return fresh
-        config = TernaryQuantizeConfig(
-            kernel_attributes(layer), _stored_options(per_layer.get(layer.name, base))
-        )
+        config = TernaryQuantizeConfig(kernel_attributes(layer), _stored_options(per_layer.get(layer.name, base)))
         return tfmot.quantization.keras.quantize_annotate_layer(fresh, config)
 
     with custom_object_scope():
@@ -231,6 +253,7 @@ def ternarize(
             annotated, scheme=TernaryScheme(), quantized_layer_name_prefix="ptq_"
         )
     attach(qmodel)
+    qmodel.ptq_allocation = allocation
     return qmodel
 
 

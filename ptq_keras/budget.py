@@ -1,0 +1,227 @@
+"""``ternarize(model, flash_budget=N, budget_data=x)``: per-layer sparsities that fit a flash budget.
+
+Users think in bytes of flash, not in sparsities. :func:`allocate` chooses one sparsity per ternarized layer from
+``CANDIDATES`` so that the ``micro`` file (TFLM, ``encoding="auto"``) is at most ``flash_budget`` bytes, spending
+zeros where they cost least:
+
+* **Size**: each layer's encoded bytes at each candidate come from the real encoders
+  (``ptq_keras.tflite.decode``, what ``encoding="auto"`` picks) run on the layer's own float kernel projected to
+  that sparsity, in the file's layout; the rest of the file (biases, scales, graph) from one real conversion of the
+  model, calibrated on ``budget_data``. The chosen allocation is converted once more and checked against the budget
+  (tightened and chosen again when the estimate was short).
+* **Sensitivity**: for each layer and candidate, the float model with only that layer's kernels projected to that
+  sparsity runs on ``budget_data``; the cost is the output's squared error relative to the float output's energy.
+* **Allocation**: every layer starts at the least sparse candidate; while the estimated file is over budget, the
+  layer whose next candidate saves the most bytes per unit of added cost moves up (a greedy knapsack); then the
+  bytes left (less a 1% margin) go back to the layers where they lower the cost most.
+
+An impossible budget (over budget even with every layer at the sparsest candidate) raises ``ValueError`` with the
+smallest reachable size. The chosen sparsities go into the layers' options (per-layer ``sparsity``: ``summary``
+shows them, ``save`` keeps them) and ``qmodel.ptq_allocation`` describes the choice.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ternary
+from .compat import keras
+from .configs import kernel_attributes
+
+__all__ = ["CANDIDATES", "Allocation", "allocate"]
+
+CANDIDATES = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+MAX_SAMPLES = 256
+MARGIN = 0.01  # of the budget, left free when bytes are given back (training moves the support a little)
+_MAX_ROUNDS = 4
+
+
+@dataclass
+class Allocation:
+    """The chosen per-layer sparsities and what the choice was based on."""
+
+    flash_budget: int
+    sparsities: dict
+    estimated_bytes: int
+    file_bytes: int
+    layer_bytes: dict = field(default_factory=dict)  # layer -> {sparsity: encoded bytes}
+    sensitivity: dict = field(default_factory=dict)  # layer -> {sparsity: relative output error}
+    overhead_bytes: int = 0
+
+    def table(self) -> str:
+        lines = [f"flash budget {self.flash_budget:,} B: micro file {self.file_bytes:,} B (estimate "
+                 f"{self.estimated_bytes:,} B, of which {self.overhead_bytes:,} B outside the weights)"]  # fmt: skip
+        for name, s in self.sparsities.items():
+            lines.append(
+                f"  {name:<24} sparsity {s:.2f}  {self.layer_bytes[name][s]:>10,} B  "
+                f"output error {self.sensitivity[name][s]:.2e}"
+            )
+        return "\n".join(lines)
+
+
+def _tflite_layout(kernel: np.ndarray, attr: str, layer) -> tuple[np.ndarray, int]:
+    """The kernel as the int8 file stores it, and its channel axis there."""
+    if attr == "depthwise_kernel":  # (kh, kw, in, mult) -> (1, kh, kw, in * mult), channels last
+        return kernel.reshape(1, *kernel.shape[:2], -1), 3
+    if isinstance(layer, keras.layers.Dense):  # (in, out) -> (out, in)
+        return kernel.T, 0
+    return np.moveaxis(kernel, -1, 0), 0  # convolutions: (..., in, out) -> (out, ..., in)
+
+
+def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> np.ndarray:
+    return ternary.ternarize_np(
+        kernel,
+        dims,
+        threshold="sparsity",
+        sparsity=sparsity,
+        selection=options.get("selection", "tensor"),
+        granularity=options.get("granularity", "channel"),
+        normalize=options.get("normalize", False),
+    )
+
+
+def _encoded_bytes(projected: np.ndarray, attr: str, layer) -> int:
+    from .tflite import decode, encoders
+
+    stored, axis = _tflite_layout(projected, attr, layer)
+    codes = (np.sign(stored) * 127).astype(np.int8)
+    channels = stored.shape[axis]
+    layout = (
+        encoders.ChannelLayout(channels, axis, (0,) * channels) if channels > 1 else encoders.ChannelLayout(1, 0, (0,))
+    )
+    chosen = decode._choose(codes, layout, macs=codes.size, latency_budget=None)
+    return int(chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
+
+
+def _plain_copy(model, kernels: dict) -> keras.Model:
+    """A copy of ``model`` with ``kernels`` ({(layer, attr): array}) in place of its own."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for (name, attr), value in kernels.items():
+        getattr(copy.get_layer(name), attr).assign(value)
+    return copy
+
+
+def _output(model, x) -> np.ndarray:
+    out = model(x, training=False)
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return np.asarray(out, np.float64)
+
+
+def _micro_bytes(model, kernels: dict, data) -> tuple[int, int]:
+    """(file bytes, encoded weight payload bytes) of the ``micro`` file (auto) of ``model`` with ``kernels``."""
+    from .tflite import convert, decode
+
+    buf = convert(_plain_copy(model, kernels), data, target="micro", encoding="auto")
+    return len(buf), sum(row["payload_bytes"] for row in decode.describe(buf))
+
+
+def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log=print) -> Allocation:
+    """Per-layer sparsities for ``layers`` ({layer name: its options}) of the float ``model`` so that the micro
+    file fits ``flash_budget`` bytes (module docstring). ``data``: model inputs (a few hundred are used)."""
+    if isinstance(flash_budget, bool) or not isinstance(flash_budget, numbers.Integral) or flash_budget < 1:
+        raise ValueError(f"flash_budget must be a positive number of bytes (e.g. 40_000), got {flash_budget!r}.")
+    x = np.asarray(data, np.float32)[:MAX_SAMPLES]
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError("budget_data must be an array of model inputs (first axis the sample), e.g. x_train[:256].")
+    candidates = sorted(set(float(c) for c in candidates))
+    kernels = {}
+    for name in layers:
+        layer = model.get_layer(name)
+        kernels[name] = [(attr, dims, np.asarray(getattr(layer, attr).numpy(), np.float32))
+                         for attr, dims in kernel_attributes(layer)]  # fmt: skip
+    reference = _output(model, x)
+    energy = float(np.mean(reference**2)) or 1.0
+    layer_bytes, sensitivity = {}, {}
+    log(f"flash budget {int(flash_budget):,} B: measuring {len(layers)} layer(s) at {len(candidates)} sparsities ...")
+    for name, parts in kernels.items():
+        layer = model.get_layer(name)
+        layer_bytes[name], sensitivity[name] = {}, {}
+        for s in candidates:
+            projected = {(name, attr): _project(w, dims, s, layers[name]) for attr, dims, w in parts}
+            layer_bytes[name][s] = sum(_encoded_bytes(p, attr, layer) for (_, attr), p in projected.items())
+            error = np.mean((_output(_plain_copy(model, projected), x) - reference) ** 2) / energy
+            sensitivity[name][s] = float(error)
+
+    # Training makes every bias nonzero; the converter drops all-zero ones, so size the file with them present.
+    biases = {}
+    for name in layers:
+        bias = getattr(model.get_layer(name), "bias", None)
+        if bias is not None and not np.any(bias.numpy()):
+            biases[(name, "bias")] = np.full(bias.shape, 1e-3, np.float32)
+
+    def kernels_at(choice: dict) -> dict:
+        projected = {(name, attr): _project(w, dims, choice[name], layers[name])
+                     for name, parts in kernels.items() for attr, dims, w in parts}  # fmt: skip
+        return {**projected, **biases}
+
+    # What is not weights: one real conversion at the middle candidate.
+    middle = {name: candidates[len(candidates) // 2] for name in layers}
+    file_bytes, payload = _micro_bytes(model, kernels_at(middle), x)
+    overhead = file_bytes - payload
+    smallest = overhead + sum(min(b.values()) for b in layer_bytes.values())
+    if smallest > flash_budget:
+        raise ValueError(
+            f"flash_budget={int(flash_budget):,} B cannot be met: the smallest micro file these layers reach is about "
+            f"{smallest:,} B (every layer at sparsity {candidates[-1]:g}; {overhead:,} B of it are biases, scales "
+            "and graph). Raise the budget, keep fewer layers in float, or use a smaller model."
+        )
+    target = int(flash_budget)
+    for _ in range(_MAX_ROUNDS):
+        choice = _greedy(layer_bytes, sensitivity, candidates, target - overhead, int(MARGIN * flash_budget))
+        estimate = overhead + sum(layer_bytes[n][s] for n, s in choice.items())
+        file_bytes, _ = _micro_bytes(model, kernels_at(choice), x)
+        if file_bytes <= flash_budget or estimate <= smallest:
+            break
+        target -= file_bytes - int(flash_budget)  # the estimate was short: tighten and choose again
+    if file_bytes > flash_budget:
+        raise ValueError(
+            f"flash_budget={int(flash_budget):,} B: the closest allocation found gives a {file_bytes:,} B micro file; "
+            f"raise the budget a little (the smallest estimate is {smallest:,} B)."
+        )
+    result = Allocation(int(flash_budget), choice, estimate, file_bytes, layer_bytes, sensitivity, overhead)
+    log(result.table())
+    return result
+
+
+def _greedy(layer_bytes: dict, sensitivity: dict, candidates: list, weight_budget: int, margin: int = 0) -> dict:
+    choice = {name: candidates[0] for name in layer_bytes}
+
+    def total() -> int:
+        return sum(layer_bytes[n][s] for n, s in choice.items())
+
+    while total() > weight_budget:
+        best, best_ratio = None, -1.0
+        for name, s in choice.items():
+            k = candidates.index(s)
+            if k + 1 == len(candidates):
+                continue
+            nxt = candidates[k + 1]
+            saved = layer_bytes[name][s] - layer_bytes[name][nxt]
+            cost = max(sensitivity[name][nxt] - sensitivity[name][s], 0.0)
+            ratio = saved / (cost + 1e-12)
+            if saved > 0 and ratio > best_ratio:
+                best, best_ratio = name, ratio
+        if best is None:
+            break
+        choice[best] = candidates[candidates.index(choice[best]) + 1]
+    # Steps are coarse: give bytes back where they buy the most, keeping a margin for training to move the support.
+    refill_budget = weight_budget - margin
+    while True:
+        best, best_ratio = None, 0.0
+        for name, s in choice.items():
+            k = candidates.index(s)
+            if k == 0:
+                continue
+            prev = candidates[k - 1]
+            added = layer_bytes[name][prev] - layer_bytes[name][s]
+            gain = sensitivity[name][s] - sensitivity[name][prev]
+            if gain > 0 and total() + max(added, 0) <= refill_budget and gain / max(added, 1) > best_ratio:
+                best, best_ratio = name, gain / max(added, 1)
+        if best is None:
+            return choice
+        choice[best] = candidates[candidates.index(choice[best]) - 1]

@@ -1,0 +1,115 @@
+"""``ternarize(..., flash_budget=N, budget_data=x)``: per-layer sparsities that fit the micro file into N bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ptq_keras.tflite import decode
+
+import ptq_keras
+from ptq_keras import budget, keras
+from ptq_keras import tflite as ptq_tflite
+
+L = keras.layers
+
+
+def _model(seed: int = 0) -> keras.Model:
+    """A small conv layer and a large dense layer: the dense layer is where zeros are cheap in bytes."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            L.Conv2D(8, 3, activation="relu", name="conv"),
+            L.Flatten(name="flatten"),
+            L.Dense(64, activation="relu", name="fc"),
+            L.Dense(10, name="logits"),
+        ],
+        name="budget_model",
+    )
+
+
+def _data(n: int = 128) -> np.ndarray:
+    return np.random.default_rng(1).uniform(0, 1, (n, 12, 12, 1)).astype(np.float32)
+
+
+def _micro_bytes(qmodel, x) -> int:
+    return len(ptq_tflite.convert(qmodel, x, target="micro", encoding="auto"))
+
+
+def test_budget_is_met_by_the_trained_and_exported_model(capsys):
+    model, x = _model(), _data()
+    y = np.random.default_rng(2).integers(0, 10, len(x))
+    q = ptq_keras.ternarize(model, flash_budget=9_000, budget_data=x)
+    allocation = q.ptq_allocation
+    assert "flash budget 9,000 B" in capsys.readouterr().out
+    assert set(allocation.sparsities) == {"conv", "fc", "logits"}
+    assert allocation.file_bytes <= 9_000
+    # the large layer pays: its sparsity is the highest
+    assert allocation.sparsities["fc"] == max(allocation.sparsities.values())
+    assert allocation.sparsities["fc"] > allocation.sparsities["conv"]
+    # every layer trains at its chosen sparsity, and the exported micro file keeps the budget
+    q.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    report = ptq_keras.summary(q)
+    for row in report.layers:
+        if row.ternary:
+            assert row.sparsity == pytest.approx(allocation.sparsities[row.name], abs=0.02)
+    assert _micro_bytes(q, x) <= 9_000
+    assert {r["encoding"] for r in decode.describe(ptq_tflite.convert(q, x, target="micro", encoding="auto"))}
+
+
+def test_a_looser_budget_gives_lower_sparsities_and_a_larger_file():
+    model, x = _model(), _data()
+    tight = ptq_keras.ternarize(model, flash_budget=9_000, budget_data=x).ptq_allocation
+    loose = ptq_keras.ternarize(model, flash_budget=12_000, budget_data=x).ptq_allocation
+    assert loose.file_bytes > tight.file_bytes
+    assert sum(loose.sparsities.values()) < sum(tight.sparsities.values())
+    assert all(loose.sparsities[n] <= tight.sparsities[n] for n in tight.sparsities)
+
+
+def test_impossible_budget_states_the_smallest_reachable_size():
+    model, x = _model(), _data()
+    with pytest.raises(
+        ValueError, match=r"flash_budget=1,000 B cannot be met: the smallest micro file .* about [\d,]+ B"
+    ):
+        ptq_keras.ternarize(model, flash_budget=1_000, budget_data=x)
+
+
+def test_overrides_keep_their_sparsity_and_options_are_saved(tmp_path):
+    model, x = _model(), _data()
+    q = ptq_keras.ternarize(model, flash_budget=10_000, budget_data=x, overrides={"conv": {"sparsity": 0.5}})
+    assert "conv" not in q.ptq_allocation.sparsities
+    path = str(tmp_path / "q.h5")
+    q.save(path)
+    loaded = ptq_keras.load_model(path, compile=False)
+    chosen = {**q.ptq_allocation.sparsities, "conv": 0.5}
+    for layer in loaded.layers:
+        config = getattr(layer, "quantize_config", None)
+        if config is not None:
+            name = layer.layer.name
+            assert config.options["sparsity"] == pytest.approx(chosen[name])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(flash_budget=4000), "flash_budget needs budget_data="),
+        (dict(flash_budget=4000, budget_data=_data(8), sparsity=0.7), "either sparsity= or flash_budget="),
+        (dict(budget_data=_data(8)), "budget_data is only used with flash_budget"),
+        (dict(flash_budget=-5, budget_data=_data(8)), "flash_budget must be a positive number of bytes"),
+        (dict(flash_budget=4000.5, budget_data=_data(8)), "flash_budget must be a positive number of bytes"),
+    ],
+)
+def test_bad_budget_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ptq_keras.ternarize(_model(), **kwargs)
+
+
+def test_greedy_spends_zeros_where_they_cost_least():
+    """Two layers of equal bytes: the one whose output error grows less takes the zeros."""
+    candidates = [0.5, 0.7, 0.9]
+    layer_bytes = {"a": {0.5: 100, 0.7: 80, 0.9: 60}, "b": {0.5: 100, 0.7: 80, 0.9: 60}}
+    sensitivity = {"a": {0.5: 0.0, 0.7: 0.1, 0.9: 0.5}, "b": {0.5: 0.0, 0.7: 0.01, 0.9: 0.02}}
+    assert budget._greedy(layer_bytes, sensitivity, candidates, 160) == {"a": 0.5, "b": 0.9}
+    assert budget._greedy(layer_bytes, sensitivity, candidates, 200) == {"a": 0.5, "b": 0.5}
+    assert budget._greedy(layer_bytes, sensitivity, candidates, 140) == {"a": 0.7, "b": 0.9}
