@@ -33,7 +33,7 @@ from .configs import kernel_attributes
 
 __all__ = ["CANDIDATES", "Allocation", "allocate"]
 
-CANDIDATES = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+CANDIDATES = (0.3, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 MAX_SAMPLES = 256
 MARGIN = 0.01  # of the budget, left free when bytes are given back (training moves the support a little)
 _MAX_ROUNDS = 4
