@@ -56,7 +56,10 @@ def _variants():
     import ptq_keras
 
     def ternarize(**options):
-        return lambda model, steps, sparsity: ptq_keras.ternarize(model, sparsity=sparsity, **options)
+        def build(model, steps, sparsity):
+            return ptq_keras.ternarize(model, sparsity=sparsity, **options)
+
+        return _uses_default_ste(build, "ste" not in options)
 
     def ramp(model, steps, sparsity):
         schedule = ptq_keras.PolynomialDecay(0.0, sparsity, 0, steps)  # tfmot's defaults otherwise
@@ -67,13 +70,14 @@ def _variants():
             q = ptq_keras.ternarize(model, sparsity=sparsity, **(ternarize_options or {}))
             return ptq_keras.distill(q, model, **options)
 
-        return build
+        return _uses_default_ste(build, "ste" not in (ternarize_options or {}))
 
     # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
-        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='identity')", ternarize(),
-                     None),
+        "defaults": (f"the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='{_default_ste()}')",
+                     ternarize(), None),
         "psg": ("ste='psg' (PSG, Kim et al. 2020)", ternarize(ste="psg"), "defaults"),
+        "identity": ("ste='identity' (plain straight-through)", ternarize(ste="identity"), "defaults"),
         "greg": ("regularizer='greg' (GReg, Wang et al. 2021)", ternarize(regularizer="greg"), "defaults"),
         "srfp": ("soft_decay=0.9 (SRFP, Cai et al. 2020)", ternarize(soft_decay=0.9), "defaults"),
         "taylor": ("criterion='taylor' (Yu et al. 2020)", ternarize(criterion="taylor"), "defaults"),
@@ -84,7 +88,8 @@ def _variants():
                            distill(temperature=2.0, alpha=0.5), "defaults"),
         "distill_psg": ("ptq_keras.distill(q, float model) with ste='psg'", distill({"ste": "psg"}), "psg"),
         "selection_channel": ("selection='channel'", ternarize(selection="channel"), "defaults"),
-        "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", ramp, "defaults"),
+        "ramp": ("sparsity=PolynomialDecay(0, s, 0, steps) (tfmot defaults)", _uses_default_ste(ramp, True),
+                 "defaults"),
         "int8_activations": ("activations='int8'", ternarize(activations="int8"), "defaults"),
         "never_frozen": ("freeze_at=None (never frozen)", ternarize(freeze_at=None), "defaults"),
         "ste_masked": ("ste='masked' from the start", ternarize(ste="masked"), "defaults"),
@@ -92,6 +97,17 @@ def _variants():
         "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor"),
                                "defaults"),
     }  # fmt: skip
+
+
+def _default_ste() -> str:
+    from ptq_keras.quantizers import DEFAULTS
+
+    return DEFAULTS["ste"]
+
+
+def _uses_default_ste(build, uses: bool):
+    build.uses_default_ste = uses  # a cached run of it is stale once the library's default STE changes
+    return build
 
 
 def _loss():
@@ -134,7 +150,11 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     cache = os.path.join(run_dir, f"{key}_seed{seed}.json")
     if os.path.exists(cache):
         with open(cache) as f:
-            return json.load(f)
+            cached = json.load(f)
+        # runs from before the STE was recorded trained with the default of that time, "identity"
+        if not build.uses_default_ste or cached.get("default_ste", "identity") == _default_ste():
+            return cached
+        print(f"{cache}: trained with another default STE than today's; training again", flush=True)
     float_model, float_acc = _float_model(name, seed, x, y, x_test, y_test, work)
     keras.utils.set_random_seed(1000 + seed)
     epochs = 1 if FLAGS.quick else FLAGS.epochs
@@ -151,6 +171,7 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     result = {
         "variant": key,
         "seed": seed,
+        "default_ste": _default_ste(),
         "float_accuracy": float_acc,
         "accuracy": _accuracy(plain, x_test, y_test),
         "accuracy_before_bn": before_bn,

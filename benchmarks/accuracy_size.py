@@ -44,7 +44,8 @@ flags.DEFINE_integer("finetune_epochs", 4, "Epochs every compressed row fine-tun
 flags.DEFINE_list("ptq_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the PTQ rows.")
 flags.DEFINE_list("prune_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the tfmot pruning rows.")
 flags.DEFINE_float("variant_sparsity", 0.7, "Sparsity of the PTQ + distillation and PTQ + int8 activation rows.")
-flags.DEFINE_list("psg_sparsities", ["0.7", "0.85"], "Sparsities of the PTQ + PSG (ste='psg') rows.")
+flags.DEFINE_list("identity_sparsities", ["0.7", "0.85"],
+                  "Sparsities of the PTQ rows with ste='identity' (the default STE before 'psg').")
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where accuracy_size.md and .png go (--quick: --work_dir).")
@@ -61,8 +62,9 @@ def _row_specs() -> list[tuple[str, str, str, dict, tuple]]:
     rows.append(("twn", "TWN", "twn", dict(method="twn"), ("micro",)))
     for s in map(float, FLAGS.ptq_sparsities):
         rows.append((f"ptq{s:g}", f"PTQ {s:g}", "ptq", dict(method="ptq", sparsity=s), ("micro",)))
-    for s in map(float, FLAGS.psg_sparsities):
-        rows.append((f"ptq{s:g}_psg", f"PTQ {s:g} + PSG", "ptq", dict(method="ptq", sparsity=s, ste="psg"), ("micro",)))
+    for s in map(float, FLAGS.identity_sparsities):
+        rows.append((f"ptq{s:g}_identity", f"PTQ {s:g}, ste='identity'", "ptq",
+                     dict(method="ptq", sparsity=s, ste="identity"), ("micro",)))  # fmt: skip
     v = FLAGS.variant_sparsity
     rows.append((f"ptq{v:g}_distill", f"PTQ {v:g} + distill", "ptq", dict(method="ptq", sparsity=v, distill=True),
                  ("micro",)))  # fmt: skip

@@ -122,3 +122,64 @@ def test_arena_is_bounded_by_the_largest_part():
     assert micro.measure_arena(whole) >= base + 51_200 - 2048  # the planner overlaps the small activations
     assert micro.measure_arena(parted) <= base + 8192 + 4096
     np.testing.assert_array_equal(verify_mod.predict(parted, x, "tflm"), verify_mod.predict(int8, x, "tflm"))
+
+
+def _two_dense() -> keras.Model:
+    """64 -> 512 -> 256 -> 10: a 131,072 B and a 32,768 B weight whose decode buffers dominate the arena."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((64,)), L.Dense(512, activation="relu", name="fc1"),
+                              L.Dense(256, activation="relu", name="fc2"), L.Dense(10, name="logits")])  # fmt: skip
+    return tm.ternarize_kernels(model, sparsity=0.7)
+
+
+def test_ram_budget_chooses_the_split_and_then_int8_weights(tmp_path):
+    """``ram_budget``: the first candidate whose measured arena fits is taken (a split when that suffices, the
+    largest weights kept plain int8 when even the split parts' bookkeeping is too much); bit-exact either way."""
+    model = _two_dense()
+    x = tm.inputs(model, 40)
+    plain = ptq_tflite.export(model, x[:20], tmp_path / "plain", targets=("int8", "micro"), encoding="huffman")
+    unsplit, int8_arena = plain.report.targets["micro"].arena_bytes, plain.report.targets["int8"].arena_bytes
+    assert unsplit > int8_arena + 131_072 - 4096  # the whole decoded fc2 weight is in the arena
+
+    # Between the int8 arena plus one split part and the unsplit arena: a split meets it, no weight stays int8.
+    budget = int8_arena + 40_000
+    result = ptq_tflite.export(model, x[:20], tmp_path / "split", targets=("int8", "micro"), encoding="huffman",
+                               ram_budget=budget)  # fmt: skip
+    rep = result.report.targets["micro"]
+    assert rep.ram_budget == budget and rep.keep_int8 == 0 and rep.max_decode_bytes is not None
+    assert rep.arena_bytes <= budget and rep.split
+    assert all(arena > budget for _, _, arena in rep.ram_fit[:-1]) and rep.ram_fit[-1][2] <= budget
+    assert "ram_budget=" in result.report.summary()
+    parity = ptq_tflite.verify(model, result.files["micro"], x[20:])
+    assert parity.ok and parity.steps[-1].max_lsb == 0, str(parity)
+
+    # Just above the int8 file's own arena: only weights kept int8 (no decode buffer) get there; more flash.
+    budget = int8_arena + 1024
+    result = ptq_tflite.export(model, x[:20], tmp_path / "keep", targets=("int8", "micro"), encoding="huffman",
+                               ram_budget=budget, c_array=True)  # fmt: skip
+    rep = result.report.targets["micro"]
+    assert rep.keep_int8 >= 1 and rep.arena_bytes <= budget
+    assert rep.file_bytes > plain.report.targets["micro"].file_bytes
+    assert f"_arena_size = {rep.arena_bytes}" in open(result.files["c_header"]).read() + open(
+        result.files["c_source"]).read()  # fmt: skip
+    parity = ptq_tflite.verify(model, result.files["micro"], x[20:])
+    assert parity.ok and parity.steps[-1].max_lsb == 0, str(parity)
+    # convert gives the same file
+    again = ptq_tflite.convert(model, x[:20], target="micro", encoding="huffman", ram_budget=budget)
+    assert again == open(result.files["micro"], "rb").read()
+
+
+def test_impossible_or_misused_ram_budget_is_a_clear_error(tmp_path):
+    model = _two_dense()
+    x = tm.inputs(model, 20)
+    with pytest.raises(ptq_tflite.ExportError, match=r"ram_budget=1,000 B cannot be met: the smallest TFLM arena"):
+        ptq_tflite.export(model, x, tmp_path / "out", targets=("micro",), encoding="huffman", ram_budget=1000)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with pytest.raises(ValueError, match="not both"):
+        ptq_tflite.convert(model, x, target="micro", ram_budget=50_000, max_decode_bytes=8192)
+    with pytest.raises(ValueError, match="applies to target 'micro'"):
+        ptq_tflite.convert(model, x, target="int8", ram_budget=50_000)
+    with pytest.raises(ValueError, match="applies to target 'micro'"):
+        ptq_tflite.export(model, x, tmp_path / "o2", targets=("int8",), ram_budget=50_000)
+    with pytest.raises(ValueError, match="ram_budget must be a positive number of bytes"):
+        ptq_tflite.convert(model, x, target="micro", ram_budget=-1)

@@ -48,6 +48,14 @@ flags.DEFINE_integer(
     lower_bound=1,
     flag_values=FLAGS,
 )
+flags.DEFINE_integer(
+    "ram_budget",
+    None,
+    "Target micro: the TFLM arena (bytes) the file must run in; the split bound, and if needed weights kept plain "
+    "int8, are chosen by measuring the arena (instead of --max_decode_bytes).",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("num_samples", 100, "Calibration samples taken from --data.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer(
     "verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0, flag_values=FLAGS
@@ -180,6 +188,7 @@ def main(argv: list[str]) -> int:
             optimise=FLAGS.optimise,
             float_model=float_model,
             max_decode_bytes=FLAGS.max_decode_bytes,
+            ram_budget=FLAGS.ram_budget,
         )
     except (ValueError, TypeError, FlatbufferError) as exc:
         print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)

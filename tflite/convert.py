@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import decode, ethosu, flatbuffer, split
+from . import decode, ethosu, flatbuffer, micro, split
 
 __all__ = [
     "TARGETS",
     "ENCODINGS",
     "ExportError",
+    "RamFit",
     "convert",
     "float_tflite",
     "int8_tflite",
@@ -446,6 +447,7 @@ class _Prepared:
     vela_figures: ethosu.VelaFigures | None = None  # of the last ethos-u conversion
     max_decode_bytes: int | None = None  # target micro: split weights larger than this (``split``)
     split_rows: list = field(default_factory=list)  # of the last micro conversion
+    keep_int8: int = 0  # target micro: the largest weight tensors left as plain int8 (``fit_ram``)
 
 
 def vela_options(accelerator=ethosu.DEFAULT_ACCELERATOR, system_config=None, memory_mode=None,
@@ -496,7 +498,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
             check_ternary_model(model)
         prep.split_rows = split.split_model(model, prep.max_decode_bytes) if prep.max_decode_bytes else []
         try:
-            decode.compress_model(model, encoding=encoding, latency_budget=latency_budget)
+            decode.compress_model(model, encoding=encoding, latency_budget=latency_budget, keep_int8=prep.keep_int8)
         except ValueError as exc:
             raise ExportError(f"target 'micro': {exc}") from exc
         trim_model(model)
@@ -505,6 +507,87 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if strip:
         strip_names_model(model)
     return flatbuffer.write(model)
+
+
+def check_ram_budget(ram_budget, max_decode_bytes) -> int | None:
+    """``ram_budget`` validated: None or a positive int, and not together with ``max_decode_bytes``."""
+    if ram_budget is None:
+        return None
+    if not isinstance(ram_budget, (int, np.integer)) or isinstance(ram_budget, bool) or ram_budget < 1:
+        raise ValueError(f"ram_budget must be a positive number of bytes (TFLM arena, e.g. 65536) or None, "
+                         f"got {ram_budget!r}.")  # fmt: skip
+    if max_decode_bytes is not None:
+        raise ValueError("ram_budget chooses max_decode_bytes itself; pass one of the two, not both.")
+    return int(ram_budget)
+
+
+@dataclass
+class RamFit:
+    """How target ``micro`` was fitted into ``ram_budget`` bytes of TFLM arena (``fit_ram``)."""
+
+    ram_budget: int
+    arena_bytes: int  # of the file returned
+    max_decode_bytes: int | None  # the split bound chosen (None: no split needed)
+    keep_int8: int  # weight tensors left as plain int8 (no decode buffer)
+    tried: list = field(default_factory=list)  # (max_decode_bytes, keep_int8, arena bytes) in the order tried
+
+
+def fit_ram(prep: _Prepared, encoding: str, strip: bool, latency_budget, ram_budget: int, say=None):
+    """``(bytes, RamFit)``: the ``micro`` file whose measured TFLM arena is at most ``ram_budget`` bytes.
+
+    Tried in order, the first that fits wins: no split; splits with ``max_decode_bytes`` halving from half the
+    largest weight tensor down to 1 KiB (fewer, larger parts first: less per-op overhead); then, with the bound
+    that gave the smallest arena and then without a split, the largest weight tensors kept as plain int8 one by
+    one (no decode buffer, more flash). An unreachable budget is an ``ExportError`` stating the smallest arena
+    reached (at worst every weight int8 without a split: the activations' own need).
+    """
+    say = say or (lambda line: None)
+    base = flatbuffer.read(_convert_prepared_int8(prep), "int8 .tflite")
+    largest = max((int(np.prod(base.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in decode._weights(base)),
+                  default=0)  # fmt: skip
+    bounds = [None]
+    bound = 1 << max(int(largest // 2).bit_length() - 1, 0)
+    while bound >= 1024:
+        bounds.append(bound)
+        bound //= 2
+    fit = RamFit(ram_budget, 0, None, 0)
+
+    def attempt(bound, keep):
+        prep.max_decode_bytes, prep.keep_int8 = bound, keep
+        buf = _convert_prepared(prep, "micro", encoding, strip, latency_budget)
+        arena = micro.measure_arena(buf)
+        fit.tried.append((bound, keep, arena))
+        say(f"  ram_budget {ram_budget:,} B: max_decode_bytes={bound}, {keep} tensor(s) int8 -> arena {arena:,} B")
+        return buf, arena
+
+    best = None
+    for bound in bounds:
+        buf, arena = attempt(bound, 0)
+        if arena <= ram_budget:
+            fit.arena_bytes, fit.max_decode_bytes = arena, bound
+            return buf, fit
+        if best is None or arena < best[1]:
+            best = (bound, arena)
+    for keep in range(1, decode.weight_count(base) + 1):
+        for bound in dict.fromkeys((best[0], None)):  # split parts cost per-op memory: also try without
+            buf, arena = attempt(bound, keep)
+            if arena <= ram_budget:
+                fit.arena_bytes, fit.max_decode_bytes, fit.keep_int8 = arena, bound, keep
+                return buf, fit
+    prep.max_decode_bytes, prep.keep_int8 = None, 0
+    smallest = min(t[2] for t in fit.tried)
+    raise ExportError(
+        f"target 'micro': ram_budget={ram_budget:,} B cannot be met: the smallest TFLM arena reached is "
+        f"{smallest:,} B (every weight left plain int8, no split: {fit.tried[-1][2]:,} B, the activations' own "
+        f"need). Raise ram_budget to at least {smallest:,}, or make the activations smaller (fewer channels, a "
+        "smaller input)."
+    )
+
+
+def _convert_prepared_int8(prep: _Prepared) -> bytes:
+    if False not in prep.int8:
+        prep.int8[False] = int8_tflite(prep.plain, prep.calibration)
+    return prep.int8[False]
 
 
 def convert(
@@ -521,6 +604,7 @@ def convert(
     memory_mode: str | None = None,
     optimise: str = "Performance",
     max_decode_bytes: int | None = None,
+    ram_budget: int | None = None,
 ) -> bytes:
     """The .tflite bytes of ``model`` for one ``target`` (see ``TARGETS``); nothing is written.
 
@@ -532,9 +616,17 @@ def convert(
     of Vela's ``Arm/vela.ini``; default per NPU family), ``optimise`` (``Performance`` or ``Size``); ``export``
     also reports Vela's figures. ``max_decode_bytes`` (target ``micro``): split every weight tensor larger than
     that many bytes along its output channels (``split``), so TFLM decodes at most that much at a time.
+    ``ram_budget`` (target ``micro``): the TFLM arena in bytes the file must run in; ``fit_ram`` chooses the
+    split bound (and, if needed, weights left as plain int8) by measuring the arena on TFLM.
     """
     _check_options(target, encoding, num_samples)
     vela = vela_options(accelerator, system_config, memory_mode, optimise)
+    ram_budget = check_ram_budget(ram_budget, max_decode_bytes)
+    if ram_budget is not None and target != "micro":
+        raise ValueError(f"ram_budget applies to target 'micro' (decode buffers), not {target!r}.")
     prep = _prepare(model, representative_data, num_samples, vela)
     prep.max_decode_bytes = check_max_decode_bytes(max_decode_bytes)
+    if ram_budget is not None:
+        check_layers(prep.plain, target, encoding)
+        return fit_ram(prep, encoding, bool(strip_names), latency_budget, ram_budget)[0]
     return _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)

@@ -74,11 +74,24 @@ def check_options(encoding: str, latency_budget: float | None) -> None:
 
 
 def compress_model(
-    model: flatbuffer.schema.ModelT, *, encoding: str = "lut", latency_budget: float | None = None
+    model: flatbuffer.schema.ModelT,
+    *,
+    encoding: str = "lut",
+    latency_budget: float | None = None,
+    keep_int8: int = 0,
 ) -> None:
-    """``compress`` on a parsed model, in place (the export path parses once and serializes once)."""
+    """``compress`` on a parsed model, in place (the export path parses once and serializes once).
+
+    ``keep_int8``: leave that many of the largest weight tensors as plain int8 constants (no decode buffer in the
+    arena, 8 bits per weight in flash), for a RAM budget that decode buffers would exceed.
+    """
     check_options(encoding, latency_budget)
-    for weight in _weights(model):
+    weights = _weights(model)
+    if keep_int8:
+        sizes = [int(np.prod(model.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in weights]
+        kept = set(sorted(range(len(weights)), key=lambda i: (-sizes[i], i))[:keep_int8])
+        weights = [w for i, w in enumerate(weights) if i not in kept]
+    for weight in weights:
         subgraph = model.subgraphs[weight.subgraph]
         tensor = subgraph.tensors[weight.tensor]
         name = _name(tensor) or f"#{weight.tensor}"
@@ -215,6 +228,11 @@ def _entropy(values: np.ndarray) -> float:
 
 
 _name = flatbuffer.tensor_name  # "" when names were stripped
+
+
+def weight_count(model: flatbuffer.schema.ModelT) -> int:
+    """How many weight tensors ``compress_model`` would encode."""
+    return len(_weights(model))
 
 
 def _weights(model: flatbuffer.schema.ModelT) -> list[_Weight]:

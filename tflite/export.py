@@ -20,7 +20,9 @@ from .convert import (
     _prepare,
     check_layers,
     check_max_decode_bytes,
+    check_ram_budget,
     compile_ethos_u,
+    fit_ram,
     float_tflite,
     int8_tflite,
     plain_model,
@@ -70,6 +72,7 @@ def export(
     optimise: str = "Performance",
     float_model=None,
     max_decode_bytes: int | None = None,
+    ram_budget: int | None = None,
 ) -> ExportResult:
     """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
     (``<name>_report.json``) and, with ``c_array``, ``<name>_data.cc`` / ``.h`` for firmware.
@@ -81,7 +84,8 @@ def export(
     report carries Vela's figures and, given ``float_model`` (the float model the ternary one was trained from),
     the same figures for that model's plain int8 file compiled alike, so the gain of ternary weights is visible.
     ``max_decode_bytes`` (target ``micro``): as in ``convert``; the report also gives the split layers and, with
-    ``measure``, the arena of the unsplit file.
+    ``measure``, the arena of the unsplit file. ``ram_budget`` (target ``micro``): the TFLM arena the file must
+    run in; the split bound (and, if needed, weights kept plain int8) is chosen by measuring (``convert.fit_ram``).
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -94,6 +98,9 @@ def export(
         raise ValueError(f"targets {list(targets)} name a target twice.")
     vela = vela_options(accelerator, system_config, memory_mode, optimise)
     max_decode_bytes = check_max_decode_bytes(max_decode_bytes)
+    ram_budget = check_ram_budget(ram_budget, max_decode_bytes)
+    if ram_budget is not None and "micro" not in targets:
+        raise ValueError(f"ram_budget applies to target 'micro' (decode buffers); targets are {list(targets)}.")
     firmware = _firmware_target(c_array, targets)
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a C identifier-like file stem (e.g. 'model'), got {name!r}.")
@@ -107,10 +114,14 @@ def export(
         check_layers(prep.plain, target, encoding)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
-    buffers, vela_figures, split_rows, unsplit_arena = {}, {}, [], None
+    buffers, vela_figures, split_rows, unsplit_arena, ram_fit = {}, {}, [], None, None
     for target in targets:
         say(f"converting target {target} ..." + (f" (Vela, {vela.accelerator})" if target == "ethos-u" else ""))
-        buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
+        if target == "micro" and ram_budget is not None:
+            buffers[target], ram_fit = fit_ram(prep, encoding, bool(strip_names), latency_budget, ram_budget, say)
+            max_decode_bytes = ram_fit.max_decode_bytes
+        else:
+            buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
         if target == "ethos-u":
             vela_figures["ethos-u"] = prep.vela_figures
         if target == "micro" and prep.split_rows:
@@ -125,9 +136,11 @@ def export(
         path = os.path.join(out_dir, f"{name}_{target}.tflite")
         flatbuffer.atomic_write(path, buf)
         files[target] = path
-    if split_rows and measure:
+    if split_rows and ram_fit is not None:
+        unsplit_arena = ram_fit.tried[0][2]  # the first candidate: no split, every tensor decoded
+    elif split_rows and measure:
         say("measuring the arena of the unsplit micro file for comparison ...")
-        prep.max_decode_bytes = None
+        prep.max_decode_bytes, prep.keep_int8 = None, 0
         unsplit_arena = micro.measure_arena(
             _convert_prepared(prep, "micro", encoding, bool(strip_names), latency_budget)
         )
@@ -138,6 +151,11 @@ def export(
         rep.targets["micro"].split = split_rows
         rep.targets["micro"].max_decode_bytes = max_decode_bytes
         rep.targets["micro"].arena_bytes_unsplit = unsplit_arena
+    if "micro" in rep.targets and ram_fit is not None:
+        rep.targets["micro"].ram_budget = ram_fit.ram_budget
+        rep.targets["micro"].max_decode_bytes = ram_fit.max_decode_bytes
+        rep.targets["micro"].keep_int8 = ram_fit.keep_int8
+        rep.targets["micro"].ram_fit = [list(t) for t in ram_fit.tried]
     if firmware is not None:
         arena = npu_scratch = None
         if firmware == "ethos-u":

@@ -218,6 +218,18 @@ def builtin_name(model: schema.ModelT, opcode_index: int) -> str:
     return _BUILTIN_NAMES.get(builtin, str(builtin))
 
 
+def opcode_index(model: schema.ModelT, name: str) -> int:
+    """Index of builtin operator code ``name`` ("CONCATENATION") in the model, appended (version 1) when missing."""
+    for i in range(len(model.operatorCodes)):
+        if builtin_name(model, i) == name:
+            return i
+    code = schema.OperatorCodeT()
+    builtin = getattr(schema.BuiltinOperator, name)
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
 def tensor_name(tensor: schema.TensorT) -> str:
     """The tensor's name ("" when names were stripped)."""
     name = tensor.name or ""

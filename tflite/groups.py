@@ -108,19 +108,6 @@ def decode(data: bytes, ancillary: bytes, table: np.ndarray, count: int) -> np.n
 
 
 # ----------------------------------------------------------------------------- graph
-def _opcode(model, name: str) -> int:
-    for i in range(len(model.operatorCodes)):
-        if flatbuffer.builtin_name(model, i) == name:
-            return i
-    code = S.OperatorCodeT()
-    builtin = getattr(S.BuiltinOperator, name)
-    code.builtinCode = builtin
-    code.deprecatedBuiltinCode = min(builtin, 127)
-    code.version = 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
 def _constant(model, graph, name: str | None, array: np.ndarray, tensor_type: int) -> int:
     buffer = S.BufferT()
     buffer.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8)
@@ -140,7 +127,7 @@ def _tensor(graph, name: str | None, shape: list[int], tensor_type: int, buffer:
 
 def _op(model, name: str, inputs: list[int], outputs: list[int], options=None) -> S.OperatorT:
     op = S.OperatorT()
-    op.opcodeIndex = _opcode(model, name)
+    op.opcodeIndex = flatbuffer.opcode_index(model, name)
     op.inputs = np.array(inputs, dtype=np.int32)
     op.outputs = np.array(outputs, dtype=np.int32)
     if options is not None:

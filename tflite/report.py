@@ -15,6 +15,8 @@ Fields of one target (``TargetReport``):
 * ``encodings``: ``decode.describe`` rows (``micro`` only).
 * ``max_decode_bytes``, ``split`` and ``arena_bytes_unsplit`` (``micro`` with ``max_decode_bytes``): the bound, one
   row per split layer (name, op, weight bytes, parts, largest part) and the arena of the same file unsplit.
+* ``ram_budget``, ``keep_int8`` and ``ram_fit`` (``micro`` with ``ram_budget``): the budget, the weight tensors
+  left as plain int8, and every (max_decode_bytes, keep_int8, arena bytes) tried.
 * ``ethos_u`` (``ethos-u`` only): Vela's figures (``ethosu.VelaFigures``); weights, payload and bits per weight are
   Vela's encoded weights. ``ExportReport.ethos_u_plain_int8``: the same figures for the plain int8 file of the
   float model (``export(..., float_model=)``), compiled with the same options.
@@ -120,6 +122,9 @@ class TargetReport:
     max_decode_bytes: int | None = None
     split: list = field(default_factory=list)
     arena_bytes_unsplit: int | None = None
+    ram_budget: int | None = None
+    keep_int8: int = 0
+    ram_fit: list = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +184,12 @@ class ExportReport:
                 lines.append(
                     f"  {t.target}: max_decode_bytes={t.max_decode_bytes:,}: {len(t.split)} layer(s) split into "
                     f"{sum(row['parts'] for row in t.split)} parts (largest {largest:,} B){before}{after}"
+                )
+            if t.ram_budget is not None:
+                bound = "no split" if t.max_decode_bytes is None else f"max_decode_bytes={t.max_decode_bytes:,}"
+                lines.append(
+                    f"  {t.target}: ram_budget={t.ram_budget:,} B met with {bound}, {t.keep_int8} weight tensor(s) "
+                    f"kept int8: arena {t.ram_fit[-1][2]:,} B ({len(t.ram_fit)} candidate(s) measured)"
                 )
             if t.ethos_u is not None:
                 lines.append(f"  {t.target}: {_vela_line(t.ethos_u)}")

@@ -35,17 +35,6 @@ def parts_of(channels: int, bytes_per_channel: int, max_bytes: int) -> list[tupl
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _opcode(model, name: str) -> int:
-    for i in range(len(model.operatorCodes)):
-        if flatbuffer.builtin_name(model, i) == name:
-            return i
-    code = S.OperatorCodeT()
-    builtin = getattr(S.BuiltinOperator, name)
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
 def _constant(model, graph, template, array: np.ndarray, name_suffix: str, reuse: int | None = None) -> int:
     """A copy of constant tensor ``template`` holding ``array`` (its own buffer); with ``reuse``, that tensor
     index becomes it (so the original weight and bias are not left behind unused)."""
@@ -113,7 +102,7 @@ def _concat(model, graph, inputs: list[int], output: int, axis: int, template) -
 
 def _concat_op(model, inputs: list[int], output: int, axis: int):
     op = S.OperatorT()
-    op.opcodeIndex = _opcode(model, "CONCATENATION")
+    op.opcodeIndex = flatbuffer.opcode_index(model, "CONCATENATION")
     op.inputs = np.array(inputs, dtype=np.int32)
     op.outputs = np.array([output], dtype=np.int32)
     options = S.ConcatenationOptionsT()
@@ -134,7 +123,7 @@ def _split_v(model, graph, source: int, sizes: list[int], axis: int) -> tuple[ob
         shape[axis] = size
         outputs.append(_activation(graph, template, shape, f"_part{k}"))
     op = S.OperatorT()
-    op.opcodeIndex = _opcode(model, "SPLIT_V")
+    op.opcodeIndex = flatbuffer.opcode_index(model, "SPLIT_V")
     op.inputs = np.array([source, size_tensor, axis_tensor], dtype=np.int32)
     op.outputs = np.array(outputs, dtype=np.int32)
     options = S.SplitVOptionsT()
