@@ -43,17 +43,24 @@ _MAX_ROUNDS = 4
 class Allocation:
     """The chosen per-layer sparsities and what the choice was based on."""
 
-    flash_budget: int
+    flash_budget: int | None
     sparsities: dict
     estimated_bytes: int
     file_bytes: int
     layer_bytes: dict = field(default_factory=dict)  # layer -> {sparsity: encoded bytes}
     sensitivity: dict = field(default_factory=dict)  # layer -> {sparsity: relative output error}
     overhead_bytes: int = 0
+    ram_budget: int | None = None  # TFLM arena bytes; every conversion here fitted it (``convert(ram_budget=)``)
+    arena_bytes: int | None = None  # of the final micro file, with ``ram_budget``
 
     def table(self) -> str:
+        if self.flash_budget is None:
+            return (f"ram budget {self.ram_budget:,} B: micro file {self.file_bytes:,} B runs in a "
+                    f"{self.arena_bytes:,} B TFLM arena (export with ram_budget={self.ram_budget})")  # fmt: skip
         lines = [f"flash budget {self.flash_budget:,} B: micro file {self.file_bytes:,} B (estimate "
                  f"{self.estimated_bytes:,} B, of which {self.overhead_bytes:,} B outside the weights)"]  # fmt: skip
+        if self.ram_budget is not None:
+            lines[0] += f", TFLM arena {self.arena_bytes:,} B (ram budget {self.ram_budget:,} B)"
         for name, s in self.sparsities.items():
             lines.append(
                 f"  {name:<24} sparsity {s:.2f}  {self.layer_bytes[name][s]:>10,} B  "
@@ -112,22 +119,61 @@ def _output(model, x) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
-def _micro_bytes(model, kernels: dict, data) -> tuple[int, int]:
-    """(file bytes, encoded weight payload bytes) of the ``micro`` file (auto) of ``model`` with ``kernels``."""
+def _micro_bytes(model, kernels: dict, data, ram_budget: int | None = None) -> tuple[int, int, bytes]:
+    """(file bytes, encoded weight payload bytes, the file) of the ``micro`` file (auto) of ``model`` with
+    ``kernels``; with ``ram_budget``, the file fitted into that TFLM arena (split weights, or weights kept int8)."""
     from .tflite import convert, decode
 
-    buf = convert(_plain_copy(model, kernels), data, target="micro", encoding="auto")
-    return len(buf), sum(row["payload_bytes"] for row in decode.describe(buf))
+    buf = convert(_plain_copy(model, kernels), data, target="micro", encoding="auto", ram_budget=ram_budget)
+    return len(buf), sum(row["payload_bytes"] for row in decode.describe(buf)), buf
 
 
-def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log=print) -> Allocation:
-    """Per-layer sparsities for ``layers`` ({layer name: its options}) of the float ``model`` so that the micro
-    file fits ``flash_budget`` bytes (module docstring). ``data``: model inputs (a few hundred are used)."""
-    if isinstance(flash_budget, bool) or not isinstance(flash_budget, numbers.Integral) or flash_budget < 1:
-        raise ValueError(f"flash_budget must be a positive number of bytes (e.g. 40_000), got {flash_budget!r}.")
+def _check_bytes(value, name: str, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive number of bytes (e.g. {example}), got {value!r}.")
+
+
+def _inputs(data) -> np.ndarray:
     x = np.asarray(data, np.float32)[:MAX_SAMPLES]
     if x.ndim < 2 or len(x) == 0:
         raise ValueError("budget_data must be an array of model inputs (first axis the sample), e.g. x_train[:256].")
+    return x
+
+
+def check_ram(model, ram_budget, data, layers: dict, log=print) -> Allocation:
+    """Check, before training, that ``model`` with ``layers`` ({name: options}, each with its ``sparsity``)
+    ternarized gives a ``micro`` file that runs in ``ram_budget`` bytes of TFLM arena (``convert(ram_budget=)``
+    splits weights or keeps them plain int8 as needed); an impossible budget is the converter's error naming the
+    smallest arena reached."""
+    _check_bytes(ram_budget, "ram_budget", "65_536")
+    x = _inputs(data)
+    kernels = {}
+    for name, options in layers.items():
+        layer = model.get_layer(name)
+        sparsity = options["sparsity"]
+        if not isinstance(sparsity, numbers.Real):
+            sparsity = getattr(sparsity, "final_sparsity", getattr(sparsity, "target_sparsity", 0.0))  # a schedule
+        for attr, dims in kernel_attributes(layer):
+            kernels[(name, attr)] = _project(np.asarray(getattr(layer, attr).numpy(), np.float32), dims,
+                                             float(sparsity), options)  # fmt: skip
+    from .tflite import micro
+
+    buf = _micro_bytes(model, kernels, x, int(ram_budget))[2]
+    result = Allocation(None, {}, len(buf), len(buf), ram_budget=int(ram_budget), arena_bytes=micro.measure_arena(buf))
+    log(result.table())
+    return result
+
+
+def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log=print,
+             ram_budget: int | None = None) -> Allocation:  # fmt: skip
+    """Per-layer sparsities for ``layers`` ({layer name: its options}) of the float ``model`` so that the micro
+    file fits ``flash_budget`` bytes (module docstring), and with ``ram_budget`` runs in that many bytes of TFLM
+    arena (every conversion fitted to it, so weights kept plain int8 for RAM are paid in flash). ``data``: model
+    inputs (a few hundred are used)."""
+    _check_bytes(flash_budget, "flash_budget", "40_000")
+    if ram_budget is not None:
+        _check_bytes(ram_budget, "ram_budget", "65_536")
+    x = _inputs(data)
     candidates = sorted(set(float(c) for c in candidates))
     kernels = {}
     for name in layers:
@@ -161,7 +207,7 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
 
     # What is not weights: one real conversion at the middle candidate.
     middle = {name: candidates[len(candidates) // 2] for name in layers}
-    file_bytes, payload = _micro_bytes(model, kernels_at(middle), x)
+    file_bytes, payload, _ = _micro_bytes(model, kernels_at(middle), x, ram_budget)
     overhead = file_bytes - payload
     smallest = overhead + sum(min(b.values()) for b in layer_bytes.values())
     if smallest > flash_budget:
@@ -174,7 +220,7 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
     for _ in range(_MAX_ROUNDS):
         choice = _greedy(layer_bytes, sensitivity, candidates, target - overhead, int(MARGIN * flash_budget))
         estimate = overhead + sum(layer_bytes[n][s] for n, s in choice.items())
-        file_bytes, _ = _micro_bytes(model, kernels_at(choice), x)
+        file_bytes, _, final = _micro_bytes(model, kernels_at(choice), x, ram_budget)
         if file_bytes <= flash_budget or estimate <= smallest:
             break
         target -= file_bytes - int(flash_budget)  # the estimate was short: tighten and choose again
@@ -184,6 +230,10 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
             f"raise the budget a little (the smallest estimate is {smallest:,} B)."
         )
     result = Allocation(int(flash_budget), choice, estimate, file_bytes, layer_bytes, sensitivity, overhead)
+    if ram_budget is not None:
+        from .tflite import micro
+
+        result.ram_budget, result.arena_bytes = int(ram_budget), micro.measure_arena(final)
     log(result.table())
     return result
 

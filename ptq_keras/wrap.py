@@ -139,6 +139,7 @@ def ternarize(
     overrides: Mapping[str, Mapping] | None = None,
     activations: str | None = None,
     flash_budget: int | None = None,
+    ram_budget: int | None = None,
     budget_data=None,
     **options,
 ) -> keras.Model:
@@ -154,6 +155,11 @@ def ternarize(
         chosen to fit it, sparsifying where the measured output error grows least (:mod:`ptq_keras.budget`; the
         choice is in ``qmodel.ptq_allocation`` and in each layer's options). Needs ``budget_data`` (a few hundred
         model inputs); excludes ``sparsity``; layers with a ``sparsity`` in ``overrides`` keep it.
+      ram_budget: bytes of TFLM arena the ``micro`` file must run in (decode buffers included). Checked before
+        training on the model projected to its sparsities (with ``flash_budget``, every size measured already
+        fits it, so weights the RAM budget keeps as plain int8 are paid in flash); an impossible budget is an
+        error naming the smallest arena reached. Export with the same ``ram_budget`` (``export``, ``ptq-convert
+        --ram_budget``). Needs ``budget_data``.
       activations: ``None`` (activations stay float in training; the int8 export calibrates them) or ``"int8"``
         (8-bit activation fake-quantization where the int8 converter quantizes, with ranges learned in training
         and used by the export; see :mod:`ptq_keras.activations`).
@@ -162,7 +168,9 @@ def ternarize(
       granularity: scale per ``"channel"`` or per ``"tensor"``.
       selection: support chosen per ``"channel"`` or over the whole ``"tensor"`` (the layer).
       normalize: select on ``|w| / ||w_c||_2`` (per-channel L2 normalization).
-      ste: ``"identity"``, ``"masked"`` or ``"clipped"`` straight-through estimator.
+      ste: the straight-through estimator: ``"psg"`` (default; the gradient scaled by
+        ``psg_strength * |W - W_q|``, so weights near their ternary value stick to it), ``"identity"``,
+        ``"masked"`` or ``"clipped"``.
       clip: for ``ste="clipped"``, gradients pass where ``|w| <= clip * alpha``.
       decay: strength ``lambda`` of the discrepancy term ``lambda * (W - W_q)`` added to the gradient
         (a number, or a callable of the step).
@@ -222,13 +230,24 @@ def ternarize(
             name: per_layer.get(name, base) for name in sorted(targets) if "sparsity" not in overrides.get(name, {})
         }
         allocation = budget.allocate(model, flash_budget, budget_data, free, log=lambda line: print(
-            f"ptq_keras: {line}"))  # fmt: skip
+            f"ptq_keras: {line}"), ram_budget=ram_budget)  # fmt: skip
         for name, sparsity in allocation.sparsities.items():
             per_layer[name] = _validate_options(
                 {**options, **overrides.get(name, {}), "sparsity": sparsity}, f"flash_budget ({name})"
             )
+    elif ram_budget is not None:
+        if budget_data is None:
+            raise ValueError(
+                "ternarize: ram_budget needs budget_data= (a few hundred model inputs, e.g. x_train[:256]) to "
+                "calibrate the int8 file whose TFLM arena is measured."
+            )
+        from . import budget
+
+        layers = {name: per_layer.get(name, base) for name in sorted(targets)}
+        allocation = budget.check_ram(model, ram_budget, budget_data, layers, log=lambda line: print(
+            f"ptq_keras: {line}"))  # fmt: skip
     elif budget_data is not None:
-        raise ValueError("ternarize: budget_data is only used with flash_budget=.")
+        raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
 
     if activations == "int8":
         model, aliases = act.insert(model)

@@ -98,6 +98,8 @@ def test_overrides_keep_their_sparsity_and_options_are_saved(tmp_path):
         (dict(budget_data=_data(8)), "budget_data is only used with flash_budget"),
         (dict(flash_budget=-5, budget_data=_data(8)), "flash_budget must be a positive number of bytes"),
         (dict(flash_budget=4000.5, budget_data=_data(8)), "flash_budget must be a positive number of bytes"),
+        (dict(ram_budget=20_000), "ram_budget needs budget_data="),
+        (dict(ram_budget=0, budget_data=_data(8)), "ram_budget must be a positive number of bytes"),
     ],
 )
 def test_bad_budget_arguments_are_clear_errors(kwargs, message):
@@ -113,3 +115,30 @@ def test_greedy_spends_zeros_where_they_cost_least():
     assert budget._greedy(layer_bytes, sensitivity, candidates, 160) == {"a": 0.5, "b": 0.9}
     assert budget._greedy(layer_bytes, sensitivity, candidates, 200) == {"a": 0.5, "b": 0.5}
     assert budget._greedy(layer_bytes, sensitivity, candidates, 140) == {"a": 0.7, "b": 0.9}
+
+
+def test_ram_budget_is_checked_before_training_and_met_by_the_export(capsys, tmp_path):
+    """The 800 x 64 dense weight (51,200 B decoded) does not fit a 24 KB arena whole: the check and the export
+    split it; a budget under the activations' own need is refused before any training."""
+    model, x = _model(), _data()
+    q = ptq_keras.ternarize(model, sparsity=0.7, ram_budget=24_000, budget_data=x)
+    assert "ram budget 24,000 B" in capsys.readouterr().out
+    assert q.ptq_allocation.arena_bytes <= 24_000
+    y = np.random.default_rng(2).integers(0, 10, len(x))
+    q.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    result = ptq_tflite.export(q, x, tmp_path, targets=("int8", "micro"), encoding="auto", ram_budget=24_000)
+    rep = result.report.targets["micro"]
+    assert rep.arena_bytes <= 24_000 and rep.split
+    unsplit = rep.ram_fit[0]
+    assert unsplit[0] is None and unsplit[2] > 24_000  # whole, it would not have fit
+    with pytest.raises(ValueError, match=r"ram_budget=500 B cannot be met: the smallest TFLM arena reached"):
+        ptq_keras.ternarize(model, sparsity=0.7, ram_budget=500, budget_data=x)
+
+
+def test_flash_and_ram_budgets_together():
+    """Every size the allocation measures is of the file fitted to the RAM budget (split parts cost flash)."""
+    model, x = _model(), _data()
+    allocation = ptq_keras.ternarize(model, flash_budget=15_000, ram_budget=24_000, budget_data=x).ptq_allocation
+    assert allocation.file_bytes <= 15_000 and allocation.arena_bytes <= 24_000
+    assert "TFLM arena" in allocation.table()
