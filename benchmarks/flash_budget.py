@@ -47,19 +47,13 @@ def _loss():
 
 
 def _float_model(seed: int, x, y):
-    from ptq_keras import keras, models
+    return common.float_model("small_cnn", seed, x, y, (FLAGS.float_cache, FLAGS.work_dir), FLAGS.work_dir)
 
-    for folder in (FLAGS.float_cache, FLAGS.work_dir):
-        path = os.path.join(folder, f"float_seed{seed}.h5")
-        if os.path.exists(path):
-            return keras.models.load_model(path, compile=False)
-    keras.utils.set_random_seed(seed)
-    model = models.build("small_cnn", x.shape[1:], 10)
-    model.compile(keras.optimizers.Adam(1e-3), _loss(), ["accuracy"])
-    model.fit(x, y, epochs=6, batch_size=BATCH, verbose=2)
-    os.makedirs(FLAGS.work_dir, exist_ok=True)
-    model.save(os.path.join(FLAGS.work_dir, f"float_seed{seed}.h5"))
-    return model
+
+def _ste() -> str:
+    from ptq_keras.quantizers import DEFAULTS
+
+    return DEFAULTS["ste"]
 
 
 def _uniform_sparsity(float_model, x) -> float:
@@ -84,7 +78,7 @@ def _run(key: str, seed: int, data) -> dict:
     from ptq_keras import keras
     from ptq_keras import tflite as ptq_tflite
 
-    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}", f"{key}_seed{seed}.json")
+    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}_{_ste()}", f"{key}_seed{seed}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -133,7 +127,8 @@ def main(argv) -> None:
         f"({platform.machine()}, {os.cpu_count()} CPUs; {(time.time() - started) / 60:.0f} min for the runs not "
         f"cached) by `python benchmarks/flash_budget.py --budget={FLAGS.budget} --seeds={FLAGS.seeds} "
         f"--epochs={FLAGS.epochs}`. {FLAGS.epochs} fine-tuning epochs from the "
-        'seed\'s float model; `micro` file with `encoding="auto"`, accuracy on TFLM over the 10k test set.',
+        f"seed's float model with the library's defaults (ste={_ste()!r}); `micro` file with "
+        '`encoding="auto"`, accuracy on TFLM over the 10k test set.',
         "",
         "| seed | flash_budget: sparsities | file bytes | accuracy % | uniform sparsity | file bytes | accuracy % "
         "| budget - uniform |",

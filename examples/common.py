@@ -49,3 +49,29 @@ def tflite_accuracy(tflite, x: np.ndarray, y: np.ndarray, runtime: str) -> float
 
     outputs = ptq_tflite.predict(tflite, x, runtime=runtime)
     return float(np.mean(np.argmax(outputs.reshape(len(x), -1), axis=1) == y))
+
+
+def float_model(name: str, seed: int, x: np.ndarray, y: np.ndarray, caches=(), save_dir: str | None = None,
+                epochs: int = 6, batch_size: int = 128):  # fmt: skip
+    """The benchmarks' float starting point: model ``name`` trained ``epochs`` with Adam 1e-3 from ``seed``, loaded
+    from ``<cache>/float_seed<seed>.h5`` of the first of ``caches`` holding one, else trained (and saved to
+    ``save_dir``)."""
+    import os
+
+    from ptq_keras import keras, models
+
+    for folder in caches:
+        path = os.path.join(folder, f"float_seed{seed}.h5")
+        if os.path.exists(path):
+            return keras.models.load_model(path, compile=False)
+    keras.utils.set_random_seed(seed)
+    model = models.build(name, x.shape[1:], 10)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(1e-3), loss, ["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=2)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, f"float_seed{seed}.h5")
+        model.save(path + ".tmp.h5")
+        os.replace(path + ".tmp.h5", path)
+    return model

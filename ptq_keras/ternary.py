@@ -69,14 +69,31 @@ def _l2_keep_np(scores: np.ndarray) -> np.ndarray:
     return np.argmax(np.square(cums) / ks, axis=0) + 1
 
 
-def _keep_alive_np(scores: np.ndarray) -> np.ndarray:
+def _keep_alive_np(scores: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
     """Scores where each channel's largest (first on ties) ranks above every other weight of the layer, so that a
-    layer-wide top-k keeps every channel alive whenever it keeps at least one weight per channel."""
+    layer-wide top-k keeps every channel alive whenever it keeps at least one weight per channel (every ``live``
+    channel, when given)."""
     colmax = scores.max(axis=0, keepdims=True)
     is_max = scores == colmax
     first = is_max & (np.cumsum(is_max, axis=0) == 1)
+    if live is not None:
+        first = first & live[None, :]
     boost = np.float32(2.0) * scores.max() + np.float32(1.0)
     return (scores + first.astype(np.float32) * boost).astype(np.float32)
+
+
+def dead_count(channel_sparsity, channels: int) -> int:
+    """Output channels zeroed at ``channel_sparsity``: ``floor(c * C + 0.5)``, leaving at least one alive."""
+    dead = np.floor(np.float32(channel_sparsity) * np.float32(channels) + np.float32(0.5))
+    return int(max(0, min(channels - 1, dead)))
+
+
+def dead_channels_np(w2d: np.ndarray, count: int) -> np.ndarray:
+    """Boolean ``(C,)``: the ``count`` output channels of smallest L2 norm (ties to the lower index)."""
+    norms = np.sqrt(np.sum(np.square(np.asarray(w2d, np.float32)), axis=0, dtype=np.float32))
+    ranks = np.empty(norms.shape[0], np.int64)
+    ranks[np.argsort(norms, kind="stable")] = np.arange(norms.shape[0])
+    return ranks < count
 
 
 def support_np(
@@ -86,25 +103,34 @@ def support_np(
     sparsity: float = 0.0,
     selection: str = "channel",
     normalize: bool = False,
+    dead: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Boolean support mask of ``w2d`` (shape ``(n, C)``); numpy reference of :func:`support_tf`."""
+    """Boolean support mask of ``w2d`` (shape ``(n, C)``); numpy reference of :func:`support_tf`. ``dead``
+    (boolean ``(C,)``, see :func:`dead_channels_np`): channels left empty; the sparsity applies to the others."""
     scores = _scores_np(np.asarray(w2d), normalize)
     n, channels = scores.shape
+    live = None
+    if dead is not None:
+        live = ~np.asarray(dead, bool)
+        scores = scores * live[None, :]
+    live_count = channels if live is None else int(live.sum())
     if selection == "tensor":
         flat = scores.reshape(-1, 1)
         if threshold == "sparsity":
-            flat = _keep_alive_np(scores).reshape(-1, 1)
-            mask = _topk_mask_np(flat, [keep_count(sparsity, flat.shape[0])])
+            flat = _keep_alive_np(scores, live).reshape(-1, 1)
+            mask = _topk_mask_np(flat, [keep_count(sparsity, n * live_count)])
         elif threshold == "l2":
             mask = _topk_mask_np(flat, _l2_keep_np(flat))
         else:
             mask = flat > np.float32(TWN_FACTOR) * np.mean(flat, dtype=np.float32)
-        return mask.reshape(n, channels)
-    if threshold == "sparsity":
-        return _topk_mask_np(scores, [keep_count(sparsity, n)] * channels)
-    if threshold == "l2":
-        return _topk_mask_np(scores, _l2_keep_np(scores))
-    return scores > np.float32(TWN_FACTOR) * np.mean(scores, axis=0, keepdims=True, dtype=np.float32)
+        mask = mask.reshape(n, channels)
+    elif threshold == "sparsity":
+        mask = _topk_mask_np(scores, [keep_count(sparsity, n)] * channels)
+    elif threshold == "l2":
+        mask = _topk_mask_np(scores, _l2_keep_np(scores))
+    else:
+        mask = scores > np.float32(TWN_FACTOR) * np.mean(scores, axis=0, keepdims=True, dtype=np.float32)
+    return mask if live is None else mask & live[None, :]
 
 
 def scale_np(w2d: np.ndarray, mask: np.ndarray, granularity: str = "channel") -> np.ndarray:
@@ -149,9 +175,10 @@ def as_groups_tf(w: tf.Tensor, channel_dims: int) -> tf.Tensor:
     return tf.reshape(w, (-1, channels))
 
 
-def keep_count_tf(sparsity: tf.Tensor, n: int) -> tf.Tensor:
-    keep = tf.floor((1.0 - tf.cast(sparsity, tf.float32)) * float(n) + 0.5)
-    return tf.cast(tf.clip_by_value(keep, 1.0, float(n)), tf.int32)
+def keep_count_tf(sparsity: tf.Tensor, n) -> tf.Tensor:
+    n = tf.cast(n, tf.float32)
+    keep = tf.floor((1.0 - tf.cast(sparsity, tf.float32)) * n + 0.5)
+    return tf.cast(tf.clip_by_value(keep, 1.0, n), tf.int32)
 
 
 def _scores_tf(w2d: tf.Tensor, normalize: bool) -> tf.Tensor:
@@ -194,12 +221,28 @@ def _l2_keep_tf(scores_cn: tf.Tensor) -> tf.Tensor:
     return tf.argmax(tf.square(cums) / ks, axis=-1, output_type=tf.int32) + 1
 
 
-def _keep_alive_tf(scores: tf.Tensor) -> tf.Tensor:
+def _keep_alive_tf(scores: tf.Tensor, live: tf.Tensor | None = None) -> tf.Tensor:
     """TensorFlow twin of :func:`_keep_alive_np`."""
     is_max = tf.equal(scores, tf.reduce_max(scores, axis=0, keepdims=True))
     first = tf.logical_and(is_max, tf.equal(tf.cumsum(tf.cast(is_max, tf.int32), axis=0), 1))
+    if live is not None:
+        first = tf.logical_and(first, live[None, :])
     boost = 2.0 * tf.reduce_max(scores) + 1.0
     return scores + tf.cast(first, tf.float32) * boost
+
+
+def dead_count_tf(channel_sparsity, channels: int) -> tf.Tensor:
+    """TensorFlow twin of :func:`dead_count`."""
+    dead = tf.floor(tf.cast(channel_sparsity, tf.float32) * float(channels) + 0.5)
+    return tf.cast(tf.clip_by_value(dead, 0.0, float(channels - 1)), tf.int32)
+
+
+def dead_channels_tf(w2d: tf.Tensor, count) -> tf.Tensor:
+    """TensorFlow twin of :func:`dead_channels_np`."""
+    norms = tf.sqrt(tf.reduce_sum(tf.square(tf.convert_to_tensor(w2d, tf.float32)), axis=0))
+    order = tf.argsort(norms, stable=True)
+    ranks = tf.math.invert_permutation(order)
+    return ranks < tf.cast(count, tf.int32)
 
 
 def support_tf(
@@ -209,24 +252,32 @@ def support_tf(
     sparsity=0.0,
     selection: str = "channel",
     normalize: bool = False,
+    dead: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Boolean support mask of ``w2d`` (shape ``(n, C)``); equals :func:`support_np`."""
     scores = _scores_tf(tf.convert_to_tensor(w2d, tf.float32), normalize)
     n, channels = scores.shape
+    live = None
+    if dead is not None:
+        live = tf.logical_not(tf.convert_to_tensor(dead, tf.bool))
+        scores = scores * tf.cast(live, tf.float32)[None, :]
     if threshold == "twn":
         axis = None if selection == "tensor" else 0
-        return scores > TWN_FACTOR * tf.reduce_mean(scores, axis=axis, keepdims=True)
-    if selection == "tensor":
+        mask = scores > TWN_FACTOR * tf.reduce_mean(scores, axis=axis, keepdims=True)
+    elif selection == "tensor":
         if threshold == "sparsity":
-            flat = tf.reshape(_keep_alive_tf(scores), (1, -1))
-            k = keep_count_tf(sparsity, n * channels)
+            flat = tf.reshape(_keep_alive_tf(scores, live), (1, -1))
+            live_count = channels if live is None else tf.reduce_sum(tf.cast(live, tf.int32))
+            k = keep_count_tf(sparsity, n * live_count)
         else:
             flat = tf.reshape(scores, (1, -1))
             k = _l2_keep_tf(flat)
-        return tf.reshape(_topk_mask_tf(flat, k), (n, channels))
-    columns = tf.transpose(scores)
-    k = keep_count_tf(sparsity, n) if threshold == "sparsity" else _l2_keep_tf(columns)
-    return tf.transpose(_topk_mask_tf(columns, k))
+        mask = tf.reshape(_topk_mask_tf(flat, k), (n, channels))
+    else:
+        columns = tf.transpose(scores)
+        k = keep_count_tf(sparsity, n) if threshold == "sparsity" else _l2_keep_tf(columns)
+        mask = tf.transpose(_topk_mask_tf(columns, k))
+    return mask if live is None else tf.logical_and(mask, live[None, :])
 
 
 def scale_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:

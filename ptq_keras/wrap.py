@@ -85,6 +85,7 @@ _NUMBERS = {
     "greg_delta": (lambda v: v >= 0, "a number >= 0"),
     "taylor_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "soft_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: pruned weights keep their values)"),
+    "channel_sparsity": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of output channels to zero whole"),
 }
 
 

@@ -159,3 +159,35 @@ def test_tensor_selection_keeps_every_channel_alive():
     assert mask[np.argmax(np.abs(w[:, 2])), 2]
     got = ternary.support_tf(tf.constant(w), sparsity=0.9, selection="tensor").numpy()
     np.testing.assert_array_equal(got, mask)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=matrices,
+    sparsity=st.floats(0.0, 0.99),
+    channel_sparsity=st.floats(0.0, 0.99),
+    threshold=st.sampled_from(ternary.THRESHOLDS),
+    selection=st.sampled_from(ternary.GRANULARITIES),
+)
+def test_dead_channels_numpy_and_tensorflow_agree(w, sparsity, channel_sparsity, threshold, selection):
+    """0-bit channels: the same dead set and support in both twins; dead columns empty, the rest as before."""
+    count = ternary.dead_count(np.float32(channel_sparsity), w.shape[1])
+    assert count == int(ternary.dead_count_tf(np.float32(channel_sparsity), w.shape[1]))
+    dead = ternary.dead_channels_np(w, count)
+    np.testing.assert_array_equal(dead, ternary.dead_channels_tf(tf.constant(w), count).numpy())
+    assert dead.sum() == count < w.shape[1]
+    kw = dict(threshold=threshold, sparsity=np.float32(sparsity), selection=selection)
+    mask = ternary.support_np(w, dead=dead, **kw)
+    np.testing.assert_array_equal(mask, _tf_support(w, dead=tf.constant(dead), **kw))
+    assert not mask[:, dead].any()
+    if threshold == "sparsity" and selection == "channel":  # live channels unchanged by their neighbours' death
+        np.testing.assert_array_equal(mask[:, ~dead], ternary.support_np(w[:, ~dead], **kw))
+
+
+def test_dead_channels_are_the_smallest_norms_and_sparsity_counts_live_weights():
+    w = np.array([[3.0, 0.1, 2.0, 0.2], [3.0, 0.1, -2.0, 0.3]], np.float32)
+    dead = ternary.dead_channels_np(w, ternary.dead_count(0.5, 4))
+    np.testing.assert_array_equal(dead, [False, True, False, True])
+    mask = ternary.support_np(w, sparsity=0.5, selection="tensor", dead=dead)
+    assert mask.sum() == 2 and mask[:, [0, 2]].any(axis=0).all()  # half of the 4 live weights, both channels alive
+    assert ternary.dead_count(0.99, 4) == 3  # one channel always stays

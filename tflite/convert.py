@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import decode, ethosu, flatbuffer, micro, split
+from . import channels, decode, ethosu, flatbuffer, micro, split
 
 __all__ = [
     "TARGETS",
@@ -448,6 +448,8 @@ class _Prepared:
     max_decode_bytes: int | None = None  # target micro: split weights larger than this (``split``)
     split_rows: list = field(default_factory=list)  # of the last micro conversion
     keep_int8: int = 0  # target micro: the largest weight tensors left as plain int8 (``fit_ram``)
+    channel_rows: list = field(default_factory=list)  # target micro: dead channels per layer (``channels``)
+    macs: tuple = (0, 0)  # target micro: weight-op MACs before and after dead channels were removed
 
 
 def vela_options(accelerator=ethosu.DEFAULT_ACCELERATOR, system_config=None, memory_mode=None,
@@ -496,6 +498,9 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
     if target == "micro":
         if needs_ternary(target, encoding):
             check_ternary_model(model)
+        before = channels.weight_macs(model)
+        prep.channel_rows = channels.remove_dead_channels(model, buf, prep.calibration)
+        prep.macs = (before, channels.weight_macs(model))
         prep.split_rows = split.split_model(model, prep.max_decode_bytes) if prep.max_decode_bytes else []
         try:
             decode.compress_model(model, encoding=encoding, latency_budget=latency_budget, keep_int8=prep.keep_int8)

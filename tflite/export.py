@@ -115,6 +115,7 @@ def export(
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
     buffers, vela_figures, split_rows, unsplit_arena, ram_fit = {}, {}, [], None, None
+    channel_rows, macs = [], (0, 0)
     for target in targets:
         say(f"converting target {target} ..." + (f" (Vela, {vela.accelerator})" if target == "ethos-u" else ""))
         if target == "micro" and ram_budget is not None:
@@ -124,6 +125,12 @@ def export(
             buffers[target] = _convert_prepared(prep, target, encoding, bool(strip_names), latency_budget)
         if target == "ethos-u":
             vela_figures["ethos-u"] = prep.vela_figures
+        if target == "micro":
+            channel_rows, macs = list(prep.channel_rows), prep.macs
+            removed = sum(r["removed"] for r in channel_rows)
+            if channel_rows:
+                say(f"  {sum(r['dead'] for r in channel_rows)} dead output channel(s), {removed} removed: MACs "
+                    f"{macs[0]:,} -> {macs[1]:,}")  # fmt: skip
         if target == "micro" and prep.split_rows:
             split_rows = list(prep.split_rows)
             say(f"  split {len(split_rows)} weight tensor(s) larger than {max_decode_bytes:,} B along output channels")
@@ -151,6 +158,9 @@ def export(
         rep.targets["micro"].split = split_rows
         rep.targets["micro"].max_decode_bytes = max_decode_bytes
         rep.targets["micro"].arena_bytes_unsplit = unsplit_arena
+    if "micro" in rep.targets and channel_rows:
+        rep.targets["micro"].dead_channels = channel_rows
+        rep.targets["micro"].macs_unreduced, rep.targets["micro"].macs = macs
     if "micro" in rep.targets and ram_fit is not None:
         rep.targets["micro"].ram_budget = ram_fit.ram_budget
         rep.targets["micro"].max_decode_bytes = ram_fit.max_decode_bytes

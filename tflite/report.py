@@ -15,6 +15,9 @@ Fields of one target (``TargetReport``):
 * ``encodings``: ``decode.describe`` rows (``micro`` only).
 * ``max_decode_bytes``, ``split`` and ``arena_bytes_unsplit`` (``micro`` with ``max_decode_bytes``): the bound, one
   row per split layer (name, op, weight bytes, parts, largest part) and the arena of the same file unsplit.
+* ``dead_channels``, ``macs`` and ``macs_unreduced`` (``micro`` with all-zero output channels, e.g. from
+  ``channel_sparsity``): one row per layer (name, op, channels, dead, removed; ``channels``) and the weight-op
+  multiply-accumulates with and without the removal.
 * ``ram_budget``, ``keep_int8`` and ``ram_fit`` (``micro`` with ``ram_budget``): the budget, the weight tensors
   left as plain int8, and every (max_decode_bytes, keep_int8, arena bytes) tried.
 * ``ethos_u`` (``ethos-u`` only): Vela's figures (``ethosu.VelaFigures``); weights, payload and bits per weight are
@@ -122,6 +125,9 @@ class TargetReport:
     max_decode_bytes: int | None = None
     split: list = field(default_factory=list)
     arena_bytes_unsplit: int | None = None
+    dead_channels: list = field(default_factory=list)
+    macs: int | None = None
+    macs_unreduced: int | None = None
     ram_budget: int | None = None
     keep_int8: int = 0
     ram_fit: list = field(default_factory=list)
@@ -184,6 +190,14 @@ class ExportReport:
                 lines.append(
                     f"  {t.target}: max_decode_bytes={t.max_decode_bytes:,}: {len(t.split)} layer(s) split into "
                     f"{sum(row['parts'] for row in t.split)} parts (largest {largest:,} B){before}{after}"
+                )
+            if t.dead_channels:
+                removed = sum(r["removed"] for r in t.dead_channels)
+                dead = sum(r["dead"] for r in t.dead_channels)
+                lines.append(
+                    f"  {t.target}: {dead} dead output channel(s) in {len(t.dead_channels)} layer(s), {removed} "
+                    f"removed (the rest kept as zeros): MACs {t.macs_unreduced:,} -> {t.macs:,} "
+                    f"({t.macs / max(t.macs_unreduced, 1):.2f}x)"
                 )
             if t.ram_budget is not None:
                 bound = "no split" if t.max_decode_bytes is None else f"max_decode_bytes={t.max_decode_bytes:,}"
