@@ -49,7 +49,7 @@ _RUN_IDENTITY = (
     "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
     "criterion", "regularizer", "soft_decay",
     "ramp_epochs", "freeze_at", "distill", "temperature", "alpha", "activations", "batch_size", "learning_rate",
-    "init_from", "seed", "limit", "max_steps_per_epoch",
+    "init_from", "seed", "limit", "max_steps_per_epoch", "image_size",
 )  # fmt: skip
 
 FLAGS = flags.FLAGS
@@ -138,6 +138,19 @@ flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into N logical devices (a multi-replica run on one machine; 0: no split).",
     lower_bound=0,
 )
+flags.DEFINE_integer(
+    "image_size", None,
+    "Stream the dataset with the ImageNet preprocessing at this square size (random resized crop + flip for "
+    "training, resize + central crop for evaluation) instead of loading it into memory; datasets whose images "
+    "vary in size (imagenet2012) stream at 224 by default.",
+    lower_bound=8,
+)
+flags.DEFINE_integer(
+    "tflite_eval_samples", 2000,
+    "Streamed datasets: evaluation images over which the exported files' accuracy is measured (the Python "
+    "TFLM interpreter runs one image at a time).",
+    lower_bound=1,
+)
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (same flags).")
 flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Stop each epoch after N steps (a quick run); default: the whole split.", lower_bound=1
@@ -184,6 +197,8 @@ class Config:
     resume: bool = False
     max_steps_per_epoch: int | None = None
     limit: int | None = None
+    image_size: int | None = None
+    tflite_eval_samples: int = 2000
 
     @classmethod
     def from_flags(cls) -> Config:
@@ -447,17 +462,97 @@ class Checkpoints:
         return state
 
 
-def _train_batches(x: np.ndarray, y: np.ndarray, cfg: Config, epoch: int, steps: int) -> tf.data.Dataset:
-    """Epoch ``epoch``'s batches: a permutation that depends only on (seed, epoch), so a resumed run sees the
-    same data order as an uninterrupted one."""
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(x))
-    ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(cfg.batch_size).take(steps)
-    return ds.prefetch(tf.data.AUTOTUNE)
+class _ArrayData:
+    """A dataset small enough for memory (Fashion-MNIST, CIFAR): both splits as numpy arrays."""
+
+    def __init__(self, cfg: Config, input_shape: tuple, eval_split: str):
+        self.cfg, self.input_shape = cfg, input_shape
+        self.x_train, self.y_train = common.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit)
+        self.x_test, self.y_test = common.load_split(cfg.dataset, eval_split, cfg.data_dir, cfg.limit)
+        self.train_examples = len(self.x_train)
+        self.text = f"train {self.x_train.shape}, {eval_split} {self.x_test.shape}"
+
+    def train(self, epoch: int, steps: int) -> tf.data.Dataset:
+        """Epoch ``epoch``'s batches: a permutation that depends only on (seed, epoch), so a resumed run sees the
+        same data order as an uninterrupted one."""
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.x_train))
+        ds = tf.data.Dataset.from_tensor_slices((self.x_train[order], self.y_train[order]))
+        return ds.batch(self.cfg.batch_size).take(steps).prefetch(tf.data.AUTOTUNE)
+
+    def accuracy(self, model: keras.Model) -> float:
+        logits = model.predict(self.x_test, batch_size=self.cfg.batch_size, verbose=0)
+        return float(np.mean(np.argmax(logits, axis=1) == self.y_test))
+
+    def inputs(self, n: int) -> np.ndarray:
+        """The first ``n`` training inputs (calibration, BatchNorm re-estimation)."""
+        return self.x_train[:n]
+
+    def bn_batches(self) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices(self.x_train).batch(self.cfg.batch_size)
+
+    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.x_test, self.y_test
 
 
-def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    logits = model.predict(x, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=1) == y))
+class _StreamData:
+    """A dataset streamed from tfds with the ImageNet preprocessing (``data.pipeline``), e.g. imagenet2012."""
+
+    def __init__(self, cfg: Config, input_shape: tuple, eval_split: str):
+        from ptq_keras import data
+
+        self.cfg, self.input_shape, self.eval_split, self.data = cfg, input_shape, eval_split, data
+        size = data.split_size(cfg.dataset, "train", cfg.data_dir)
+        self.train_examples = min(size, cfg.limit) if size and cfg.limit else (size or cfg.limit)
+        self.text = (f"streamed at {input_shape[0]}x{input_shape[1]}, train "
+                     f"{self.train_examples if self.train_examples else 'size unknown'} images")  # fmt: skip
+        self._calibration = None
+
+    def _stream(self, split: str, training: bool, seed=None, limit=None) -> tf.data.Dataset:
+        return self.data.pipeline(self.cfg.dataset, split, self.cfg.data_dir, batch_size=self.cfg.batch_size,
+                                  training=training, size=self.input_shape[0], seed=seed,
+                                  limit=limit or self.cfg.limit)  # fmt: skip
+
+    def train(self, epoch: int, steps: int) -> tf.data.Dataset:
+        return self._stream("train", True, seed=self.cfg.seed * 1000 + epoch).take(steps)
+
+    def accuracy(self, model: keras.Model) -> float:
+        correct = total = 0
+        for x, y in self._stream(self.eval_split, False):
+            logits = model(x, training=False)
+            correct += int(np.sum(np.argmax(logits, axis=1) == y.numpy()))
+            total += int(y.shape[0])
+        return correct / max(total, 1)
+
+    def inputs(self, n: int) -> np.ndarray:
+        """``n`` training images with the evaluation preprocessing (calibration)."""
+        if self._calibration is None or len(self._calibration) < n:
+            batches = [x.numpy() for x, _ in self._stream("train", False, limit=n)]
+            self._calibration = np.concatenate(batches)[:n]
+        return self._calibration[:n]
+
+    def bn_batches(self) -> tf.data.Dataset:
+        return self._stream("train", True, seed=self.cfg.seed).map(lambda x, y: x)
+
+    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for x, y in self._stream(self.eval_split, False, limit=self.cfg.tflite_eval_samples):
+            xs.append(x.numpy())
+            ys.append(y.numpy())
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+def _data(cfg: Config):
+    """``(input shape, classes, data)`` of ``cfg.dataset``: in memory, or streamed with ``--image_size`` and for
+    datasets whose images vary in size."""
+    from ptq_keras import data
+
+    input_shape, num_classes = data.describe(cfg.dataset, cfg.data_dir)
+    eval_split = data.eval_split(cfg.dataset, cfg.data_dir)
+    if cfg.image_size is None and None not in input_shape:
+        return input_shape, num_classes, _ArrayData(cfg, input_shape, eval_split)
+    size = cfg.image_size or 224
+    input_shape = (size, size, input_shape[-1] or 3)
+    return input_shape, num_classes, _StreamData(cfg, input_shape, eval_split)
 
 
 def _save_model(model: keras.Model, path: str) -> None:
@@ -504,18 +599,17 @@ def make_strategy(cfg: Config) -> tf.distribute.Strategy:
 def run(cfg: Config, log=common.log) -> dict:
     """Train, evaluate, save and export as ``cfg`` says; returns the results (also in ``out_dir/results.json``)."""
     validate(cfg)
-    from ptq_keras import data
-
     strategy = make_strategy(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
-    input_shape, num_classes = data.describe(cfg.dataset, cfg.data_dir)
-    x_train, y_train = common.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit)
-    x_test, y_test = common.load_split(cfg.dataset, "test", cfg.data_dir, cfg.limit)
-    steps = math.ceil(len(x_train) / cfg.batch_size)
+    input_shape, num_classes, dataset = _data(cfg)
+    if dataset.train_examples is None and not cfg.max_steps_per_epoch:
+        raise ValueError(f"{cfg.dataset}: the number of training examples is unknown here; pass --limit or "
+                         "--max_steps_per_epoch.")  # fmt: skip
+    steps = math.ceil(dataset.train_examples / cfg.batch_size) if dataset.train_examples else cfg.max_steps_per_epoch
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    log(f"{cfg.dataset}: train {x_train.shape}, test {x_test.shape}; {steps} steps per epoch")
+    log(f"{cfg.dataset}: {dataset.text}; {steps} steps per epoch")
 
     if strategy.num_replicas_in_sync > 1 or cfg.strategy != "default":
         log(f"strategy {cfg.strategy}: {strategy.num_replicas_in_sync} replica(s), global batch {cfg.batch_size}")
@@ -552,7 +646,7 @@ def run(cfg: Config, log=common.log) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         keras.utils.set_random_seed(cfg.seed * 1000 + epoch)
         model.fit(
-            _train_batches(x_train, y_train, cfg, epoch, steps),
+            dataset.train(epoch, steps),
             epochs=epoch + 1,
             initial_epoch=epoch,
             callbacks=callbacks,
@@ -568,8 +662,8 @@ def run(cfg: Config, log=common.log) -> dict:
         "train_seconds_this_process": train_seconds,
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
     }
-    final = _final_model(cfg, model, x_train, x_test, y_test, results, log)
-    results["keras_accuracy"] = _accuracy(final, x_test, y_test, cfg.batch_size)
+    final = _final_model(cfg, model, dataset, results, log)
+    results["keras_accuracy"] = dataset.accuracy(final)
     results["layers"] = layer_stats(final)
     log(f"test accuracy of the final Keras model: {results['keras_accuracy']:.4f}")
     model_path = os.path.join(cfg.out_dir, "model.h5")
@@ -577,20 +671,20 @@ def run(cfg: Config, log=common.log) -> dict:
     results["model"] = model_path
     targets = cfg.targets()
     if targets:
-        results["export"] = _export(cfg, final, x_train, x_test, y_test, targets, log)
+        results["export"] = _export(cfg, final, dataset, targets, log)
     atomic_write(os.path.join(cfg.out_dir, "results.json"), json.dumps(results, indent=1, default=str).encode())
     return results
 
 
-def _final_model(cfg: Config, model, x_train, x_test, y_test, results: dict, log) -> keras.Model:
+def _final_model(cfg: Config, model, dataset, results: dict, log) -> keras.Model:
     """The plain model to save and export: stripped (and BN-recalibrated) ternary, stripped pruned, or as trained."""
     if cfg.method in TERNARY_METHODS:
-        results["qat_accuracy"] = _accuracy(model, x_test, y_test, cfg.batch_size)
+        results["qat_accuracy"] = dataset.accuracy(model)
         plain = ptq_keras.strip(model)
-        results["stripped_accuracy"] = _accuracy(plain, x_test, y_test, cfg.batch_size)
+        results["stripped_accuracy"] = dataset.accuracy(plain)
         log(f"ternary: QAT model {results['qat_accuracy']:.4f}, stripped {results['stripped_accuracy']:.4f}")
         if cfg.recalibrate_bn_steps:
-            batches = tf.data.Dataset.from_tensor_slices(x_train).batch(cfg.batch_size)
+            batches = dataset.bn_batches()
             ptq_keras.recalibrate_batchnorm(plain, batches, steps=cfg.recalibrate_bn_steps, verbose=False)
         results["summary"] = ptq_keras.summary(plain, print_fn=None).as_dict()
         return plain
@@ -599,13 +693,15 @@ def _final_model(cfg: Config, model, x_train, x_test, y_test, results: dict, log
     return model
 
 
-def _export(cfg: Config, final, x_train, x_test, y_test, targets, log) -> dict:
+def _export(cfg: Config, final, dataset, targets, log) -> dict:
     from ptq_keras import tflite as ptq_tflite
 
     out_dir = os.path.join(cfg.out_dir, "tflite")
     exported = ptq_tflite.export(
-        final, x_train[:500], out_dir, targets=targets, encoding=cfg.encoding, measure=cfg.measure, progress=log
+        final, dataset.inputs(500), out_dir, targets=targets, encoding=cfg.encoding, measure=cfg.measure,
+        progress=log,
     )
+    x_test, y_test = dataset.test_arrays() if cfg.eval_tflite else (None, None)
     out = {}
     for target in targets:
         rep = exported.report.targets[target]

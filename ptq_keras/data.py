@@ -25,9 +25,13 @@ __all__ = [
     "DataNotFoundError",
     "builder",
     "describe",
+    "eval_split",
     "load",
     "load_numpy",
+    "pipeline",
     "prepare_fashion_mnist",
+    "preprocess",
+    "split_size",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -221,6 +225,74 @@ def load(
     if batch_size is not None:
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_size(name: str, split: str, data_dir: str | os.PathLike | None = None) -> int | None:
+    """Number of examples of ``split`` (a plain split name); None where the metadata does not say (mock data)."""
+    b = builder(name, data_dir)
+    splits = b.info.splits
+    if not splits:
+        return None
+    if split not in splits:
+        raise ValueError(f"dataset {b.name!r} has no split {split!r}; choose one of {sorted(splits.keys())}.")
+    return int(splits[split].num_examples)
+
+
+def eval_split(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The split to evaluate on: ``test`` where the dataset has one, else ``validation`` (ImageNet)."""
+    splits = builder(name, data_dir).info.splits
+    if not splits:  # no metadata (tfds.testing.mock_data serves any split name)
+        return "validation" if name.startswith("imagenet") else "test"
+    for split in ("test", "validation"):
+        if split in splits:
+            return split
+    raise ValueError(f"dataset {name!r} has neither a 'test' nor a 'validation' split; it has {sorted(splits)}.")
+
+
+def preprocess(image: tf.Tensor, training: bool, size: int, seed=None) -> tf.Tensor:
+    """The standard ImageNet preprocessing to ``size`` x ``size``, as float32 in [0, 1].
+
+    Training: a random crop of 8%-100% of the area with aspect ratio 3/4-4/3 (Inception-style "random resized
+    crop"), resized to ``size`` (bilinear), and a random horizontal flip. Evaluation: the shorter side resized to
+    ``size * 256 / 224`` and the central ``size`` x ``size`` crop.
+    """
+    image = tf.convert_to_tensor(image)
+    if training:
+        begin, extent, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(image), bounding_boxes=tf.zeros((1, 0, 4)), min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True, seed=seed,
+        )  # fmt: skip
+        image = tf.slice(image, begin, extent)
+        image = tf.image.resize(image, (size, size), method="bilinear")
+        image = tf.image.random_flip_left_right(image, seed=seed)
+    else:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = (size * 256.0 / 224.0) / tf.reduce_min(shape)
+        image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32), method="bilinear")
+        image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def pipeline(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    batch_size: int,
+    training: bool,
+    size: int,
+    seed: int | None = None,
+    limit: int | None = None,
+) -> tf.data.Dataset:
+    """Batches of ``(float32 [B, size, size, C] in [0, 1], label)`` streamed from tfds with :func:`preprocess`
+    (random resized crop and flip when ``training``, resize and central crop otherwise): decoded and preprocessed
+    in parallel and prefetched, so several accelerators are kept fed; ``training`` also shuffles (reproducibly
+    with ``seed``). For datasets too large for :func:`load_numpy`, such as ``imagenet2012``."""
+    ds = load(name, split, data_dir, shuffle=training, seed=seed, limit=limit)
+    ds = ds.map(lambda x, y: (preprocess(x, training, size), y), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=seed is not None or not training)  # fmt: skip
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def load_numpy(

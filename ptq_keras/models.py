@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from .compat import keras
 
-__all__ = ["MODELS", "build", "ds_cnn", "ds_resnet", "mlp", "resnet20", "small_cnn"]
+__all__ = ["MODELS", "build", "ds_cnn", "ds_resnet", "mlp", "resnet18", "resnet20", "resnet50", "small_cnn"]
 
 L = keras.layers
 
@@ -123,6 +123,59 @@ def resnet20(
     return keras.Model(inp, out, name=f"resnet{depth}")
 
 
+def _conv_bn(x, filters: int, kernel: int, strides: int, name: str, relu: bool = True):
+    """torchvision's conv (no bias, symmetric zero padding ``kernel // 2``) + BatchNormalization (+ ReLU)."""
+    pad = kernel // 2
+    if pad and strides > 1:  # Keras "same" pads stride-2 layers asymmetrically; torchvision pads both sides
+        x = L.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        x = L.Conv2D(filters, kernel, strides=strides, use_bias=False, name=name)(x)
+    else:
+        x = L.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=name)(x)
+    bn_name = name.replace("conv", "bn") if "conv" in name else f"{name}_bn"
+    x = L.BatchNormalization(epsilon=1e-5, momentum=0.9, name=bn_name)(x)
+    return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _torchvision_resnet(input_shape, num_classes: int, blocks: Sequence[int], bottleneck: bool, name: str):
+    x = inp = _input(input_shape)
+    x = _conv_bn(x, 64, 7, 2, "conv1")
+    x = L.ZeroPadding2D(1, name="maxpool_pad")(x)  # after ReLU, zero padding equals torchvision's -inf padding
+    x = L.MaxPooling2D(3, strides=2, name="maxpool")(x)
+    expansion = 4 if bottleneck else 1
+    for stage, count in enumerate(blocks):
+        planes = 64 * 2**stage
+        for block in range(count):
+            prefix = f"layer{stage + 1}_{block}"
+            strides = 2 if stage > 0 and block == 0 else 1
+            if bottleneck:  # ResNet v1.5: the stride sits on the 3x3 convolution
+                y = _conv_bn(x, planes, 1, 1, f"{prefix}_conv1")
+                y = _conv_bn(y, planes, 3, strides, f"{prefix}_conv2")
+                y = _conv_bn(y, planes * 4, 1, 1, f"{prefix}_conv3", relu=False)
+            else:
+                y = _conv_bn(x, planes, 3, strides, f"{prefix}_conv1")
+                y = _conv_bn(y, planes, 3, 1, f"{prefix}_conv2", relu=False)
+            if strides != 1 or x.shape[-1] != planes * expansion:
+                x = _conv_bn(x, planes * expansion, 1, strides, f"{prefix}_downsample", relu=False)
+            x = L.Add(name=f"{prefix}_add")([x, y])
+            x = L.ReLU(name=f"{prefix}_relu")(x)
+    x = L.GlobalAveragePooling2D(name="avgpool")(x)
+    out = L.Dense(_check_classes(num_classes), name="fc")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def resnet18(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000) -> keras.Model:
+    """ResNet-18 in torchvision's layout (basic blocks [2, 2, 2, 2], 11,689,512 parameters at 1000 classes), the
+    paper's ImageNet model. Layer names follow torchvision's (``layer2_0_conv1``, ``layer2_0_downsample``, ``fc``)
+    so that its weights map one to one (kernels transposed to HWIO)."""
+    return _torchvision_resnet(input_shape, num_classes, (2, 2, 2, 2), False, "resnet18")
+
+
+def resnet50(input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000) -> keras.Model:
+    """ResNet-50 in torchvision's layout (bottleneck blocks [3, 4, 6, 3], v1.5: stride on the 3x3 conv;
+    25,557,032 parameters at 1000 classes)."""
+    return _torchvision_resnet(input_shape, num_classes, (3, 4, 6, 3), True, "resnet50")
+
+
 def mlp(
     input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, units: Sequence[int] = (256, 128)
 ) -> keras.Model:
@@ -140,6 +193,8 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "ds_cnn": ds_cnn,
     "ds_resnet": ds_resnet,
     "resnet20": resnet20,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
     "mlp": mlp,
 }
 

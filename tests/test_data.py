@@ -101,3 +101,32 @@ def test_mock_data_serves_random_examples_with_the_real_specs(tmp_path):
         assert x.shape == (7, 32, 32, 3) and y.shape == (7,)
         assert data.describe("cifar10") == ((32, 32, 3), 10)
     assert not (tmp_path / "fashion_mnist").exists()
+
+
+def test_imagenet_preprocessing_crops_resizes_and_flips():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    evaluated = data.preprocess(image, training=False, size=64).numpy()
+    assert evaluated.shape == (64, 64, 3) and 0.0 <= evaluated.min() and evaluated.max() <= 1.0
+    # evaluation: shorter side to 64 * 256 / 224 = 73 (73 x 122), then the central 64 x 64 crop
+    import tensorflow as tf
+
+    resized = tf.image.resize(image, (73, 122), method="bilinear").numpy() / 255.0
+    np.testing.assert_allclose(evaluated, resized[4:68, 29:93], atol=1e-5)
+    crops = {data.preprocess(image, training=True, size=64, seed=s).numpy().tobytes() for s in range(4)}
+    assert len(crops) > 1  # random crops differ
+    with tfds.testing.mock_data(num_examples=6):
+        batches = list(data.pipeline("imagenet2012", "train", batch_size=4, training=True, size=40, seed=1, limit=6))
+        assert [tuple(x.shape) for x, _ in batches] == [(4, 40, 40, 3), (2, 40, 40, 3)]
+        assert data.eval_split("imagenet2012") == "validation"
+    assert data.eval_split("fashion_mnist") == "test" and data.split_size("fashion_mnist", "train") == 60_000
+
+
+@pytest.mark.parametrize("name, trainable", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_torchvision_resnets_have_torchvision_parameter_counts(name, trainable):
+    from ptq_keras import models
+
+    model = models.build(name, (224, 224, 3), 1000)
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable
+    assert model.output_shape == (None, 1000)
+    assert model.get_layer("layer2_0_downsample").strides == (2, 2)

@@ -111,3 +111,40 @@ def test_train_script_runs_mirrored_on_two_cpu_devices_and_resumes(tmp_path):
     assert results["config"]["strategy"] == "mirrored" and results["config"]["epochs"] == 2
     for name, layer in results["layers"].items():
         assert layer["sparsity"] == pytest.approx(0.5, abs=0.02), name
+
+
+_IMAGENET_CHILD = textwrap.dedent(
+    """
+    import sys
+    import tensorflow_datasets as tfds
+    from absl import app
+    sys.path.insert(0, sys.argv[1])
+    from examples import train
+    with tfds.testing.mock_data(num_examples=16):  # random images of varying sizes, 1000 classes, no files
+        app.run(train.main, argv=["train.py"] + sys.argv[2:])
+    """
+)
+
+
+def test_imagenet_resnet18_path_runs_end_to_end_on_mock_data_under_mirrored(tmp_path):
+    """The paper's setting, one command away: imagenet2012 streamed with the ImageNet preprocessing (random resized
+    crop + flip, resize + central crop), torchvision's ResNet-18, two replicas, strip, export and TFLM accuracy."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    args = ["--dataset=imagenet2012", "--model=resnet18", "--image_size=32", "--limit=16", "--batch_size=8",
+            "--epochs=1", "--max_steps_per_epoch=2", "--export=int8,micro", "--encoding=huffman",
+            "--strategy=mirrored", "--cpu_devices=2", "--recalibrate_bn_steps=2", "--tflite_eval_samples=8",
+            "--measure=false", f"--out_dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", _IMAGENET_CHILD, str(root), *args], capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert "streamed at 32x32" in out and "strategy mirrored: 2 replica(s), global batch 8" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["params"] == 11_699_112  # torchvision's 11,689,512 trainable + BatchNorm statistics
+    assert set(results["export"]) == {"int8", "micro"}
+    assert results["export"]["micro"]["file_bytes"] < results["export"]["int8"]["file_bytes"] / 4
+    for name, layer in results["layers"].items():
+        if layer.get("ternary", True) and "sparsity" in layer:
+            assert layer["sparsity"] == pytest.approx(0.7, abs=0.02), name

@@ -133,21 +133,21 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, mock_data
     args = [*QUICK, "--method=ptq", "--ramp_epochs=1", "--epochs=3", "--export=", "--seed=5", "--learning_rate=0.01"]
     call_main(train, *args, f"--out_dir={tmp_path / 'straight'}")
 
-    real_batches = train._train_batches
+    real_batches = train._ArrayData.train
 
-    def crash_in_epoch_two(x, y, cfg, epoch, steps):
-        batches = real_batches(x, y, cfg, epoch, steps)
+    def crash_in_epoch_two(self, epoch, steps):
+        batches = real_batches(self, epoch, steps)
         if epoch < 1:
             return batches
         killed = batches.skip(1).map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "killed"), b))
         return batches.take(1).concatenate(killed)
 
-    monkeypatch.setattr(train, "_train_batches", crash_in_epoch_two)
+    monkeypatch.setattr(train._ArrayData, "train", crash_in_epoch_two)
     with pytest.raises(tf.errors.InvalidArgumentError, match="killed"):
         call_main(train, *args, f"--out_dir={tmp_path / 'crashed'}")
     state = json.loads((tmp_path / "crashed" / "checkpoints" / "state.json").read_text())
     assert state["epochs_done"] == 1
-    monkeypatch.setattr(train, "_train_batches", real_batches)
+    monkeypatch.setattr(train._ArrayData, "train", real_batches)
     call_main(train, *args, "--resume", f"--out_dir={tmp_path / 'crashed'}")
 
     straight, resumed = results(tmp_path / "straight"), results(tmp_path / "crashed")
