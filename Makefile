@@ -48,6 +48,9 @@ bench-all: bench
 	$(PY) benchmarks/encodings.py
 	$(PY) benchmarks/decode_memory.py
 	$(PY) benchmarks/ethos_u.py
+	$(PY) benchmarks/flash_budget.py
+	$(PY) benchmarks/fits_in.py
+	$(PY) benchmarks/resnet18_size.py
 
 # 10,000 damaged copies of exported files through every reader and, when they parse, the runtimes (in a child
 # process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/test_fuzz.py).

@@ -214,8 +214,11 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
         raise ValueError(
             f"flash_budget={int(flash_budget):,} B cannot be met: the smallest micro file these layers reach is about "
             f"{smallest:,} B (every layer at sparsity {candidates[-1]:g}; {overhead:,} B of it are biases, scales "
-            "and graph). Raise the budget, keep fewer layers in float, or use a smaller model."
-        )
+            "and graph"
+            + (f", and weights the converter keeps plain int8 so that the TFLM arena fits ram_budget={ram_budget:,} B"
+               if ram_budget is not None else "")
+            + "). Raise the budget, keep fewer layers in float, or use a smaller model."
+        )  # fmt: skip
     target = int(flash_budget)
     for _ in range(_MAX_ROUNDS):
         choice = _greedy(layer_bytes, sensitivity, candidates, target - overhead, int(MARGIN * flash_budget))

@@ -213,6 +213,20 @@ def ternarize(
             + "."
         )
 
+    # Zeroing output channels of a layer that produces a model output would make those outputs (e.g. classes)
+    # constant: channel_sparsity applies there only when overrides ask for it by name.
+    output_layers = {t._keras_history.layer.name for t in model.outputs} & targets
+    skipped = sorted(
+        n
+        for n in output_layers
+        if per_layer.get(n, base)["channel_sparsity"] > 0 and "channel_sparsity" not in overrides.get(n, {})
+    )
+    for name in skipped:
+        per_layer[name] = {**per_layer.get(name, base), "channel_sparsity": 0.0}
+    if skipped:
+        print(f"ptq_keras: channel_sparsity is not applied to {skipped}: their output channels are the model's outputs "
+              "(set it in overrides for such a layer to force it).")  # fmt: skip
+
     allocation = None
     if flash_budget is not None:
         if "sparsity" in options:
@@ -233,9 +247,8 @@ def ternarize(
         allocation = budget.allocate(model, flash_budget, budget_data, free, log=lambda line: print(
             f"ptq_keras: {line}"), ram_budget=ram_budget)  # fmt: skip
         for name, sparsity in allocation.sparsities.items():
-            per_layer[name] = _validate_options(
-                {**options, **overrides.get(name, {}), "sparsity": sparsity}, f"flash_budget ({name})"
-            )
+            per_layer[name] = _validate_options({**per_layer.get(name, base), "sparsity": sparsity},
+                                                f"flash_budget ({name})")  # fmt: skip
     elif ram_budget is not None:
         if budget_data is None:
             raise ValueError(

@@ -128,3 +128,20 @@ def test_channel_sparsity_trains_dead_channels_and_the_export_removes_them(tmp_p
     assert {row["channels"]: row["removed"] for row in rows} == {16: 4, 24: 6}
     with pytest.raises(ValueError, match="channel_sparsity must be a fraction in"):
         ptq_keras.ternarize(model, channel_sparsity=1.0)
+
+
+def test_output_layers_keep_their_channels_unless_asked(capsys):
+    """Dead output channels of the last layer would be dead classes: channel_sparsity skips it, with a note."""
+    model = tm.build("cnn")
+    output = model.layers[-1].name
+
+    def channel_sparsity(q):
+        return {layer.layer.name: layer.quantize_config.options["channel_sparsity"]
+                for layer in q.layers if hasattr(layer, "quantize_config")}  # fmt: skip
+
+    got = channel_sparsity(ptq_keras.ternarize(model, channel_sparsity=0.25))
+    assert got[output] == 0.0 and all(v == 0.25 for name, v in got.items() if name != output)
+    assert f"channel_sparsity is not applied to ['{output}']" in capsys.readouterr().out
+    forced = channel_sparsity(ptq_keras.ternarize(model, channel_sparsity=0.25,
+                                                  overrides={output: {"channel_sparsity": 0.2}}))  # fmt: skip
+    assert forced[output] == 0.2
