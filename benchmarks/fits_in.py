@@ -44,11 +44,6 @@ flags.DEFINE_string("output", "benchmarks/results/fits_in.md", "The table.")
 BATCH = 128
 
 
-def _ste() -> str:
-    from ptq_keras.quantizers import DEFAULTS
-
-    return DEFAULTS["ste"]
-
 
 def _float(model: str, seed: int, data):
     x, y = data[:2]
@@ -61,9 +56,8 @@ def _reference(model: str, seed: int, data) -> dict:
     from ptq_keras import tflite as ptq_tflite
 
     path = os.path.join(FLAGS.work_dir, model, f"int8_seed{seed}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if (done := common.cached(path)) is not None:
+        return done
     x, _, x_test, y_test = data
     float_model = _float(model, seed, data)
     result = ptq_tflite.export(float_model, x[:500], os.path.join(FLAGS.work_dir, model, f"int8_seed{seed}"),
@@ -80,11 +74,10 @@ def _run(model: str, seed: int, flash: int, ram: int, channel_sparsity: float, d
     from ptq_keras import keras
     from ptq_keras import tflite as ptq_tflite
 
-    key = f"f{flash}_r{ram}_c{channel_sparsity:g}_{_ste()}_seed{seed}"
+    key = f"f{flash}_r{ram}_c{channel_sparsity:g}_{common.default_ste()}_seed{seed}"
     path = os.path.join(FLAGS.work_dir, model, key + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    if (done := common.cached(path)) is not None:
+        return done
     x, y, x_test, y_test = data
     float_model = _float(model, seed, data)
     keras.utils.set_random_seed(1000 + seed)
@@ -149,7 +142,8 @@ def main(argv) -> None:
         f"benchmarks/fits_in.py --models={','.join(FLAGS.models)} --budgets={','.join(FLAGS.budgets)} "
         f"--channel_sparsities={','.join(FLAGS.channel_sparsities)} --seeds={FLAGS.seeds} --epochs={FLAGS.epochs}`. "
         f"`ternarize(float_model, flash_budget=F, ram_budget=R, budget_data=x[:256], channel_sparsity=c)`, "
-        f"{FLAGS.epochs} epochs of `fit` (library defaults, ste={_ste()!r}), `strip` with BatchNorm re-estimation, "
+        f"{FLAGS.epochs} epochs of `fit` (library defaults, ste={common.default_ste()!r}), `strip` with BatchNorm "
+        "re-estimation, "
         '`export(..., targets=("micro",), encoding="auto", ram_budget=R)`; accuracy of the file on TFLM over the '
         "10k test set; arena measured on TFLM. Accuracy is the mean over seeds (+- sd with several).",
         "",

@@ -50,11 +50,6 @@ def _float_model(seed: int, x, y):
     return common.float_model("small_cnn", seed, x, y, (FLAGS.float_cache, FLAGS.work_dir), FLAGS.work_dir)
 
 
-def _ste() -> str:
-    from ptq_keras.quantizers import DEFAULTS
-
-    return DEFAULTS["ste"]
-
 
 def _uniform_sparsity(float_model, x) -> float:
     """The smallest uniform sparsity of UNIFORM_GRID whose micro file fits the budget (sized like the allocator)."""
@@ -78,10 +73,9 @@ def _run(key: str, seed: int, data) -> dict:
     from ptq_keras import keras
     from ptq_keras import tflite as ptq_tflite
 
-    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}_{_ste()}", f"{key}_seed{seed}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}_{common.default_ste()}", f"{key}_seed{seed}.json")
+    if (done := common.cached(path)) is not None:
+        return done
     x, y, x_test, y_test = data
     float_model = _float_model(seed, x, y)
     keras.utils.set_random_seed(1000 + seed)
@@ -127,7 +121,7 @@ def main(argv) -> None:
         f"({platform.machine()}, {os.cpu_count()} CPUs; {(time.time() - started) / 60:.0f} min for the runs not "
         f"cached) by `python benchmarks/flash_budget.py --budget={FLAGS.budget} --seeds={FLAGS.seeds} "
         f"--epochs={FLAGS.epochs}`. {FLAGS.epochs} fine-tuning epochs from the "
-        f"seed's float model with the library's defaults (ste={_ste()!r}); `micro` file with "
+        f"seed's float model with the library's defaults (ste={common.default_ste()!r}); `micro` file with "
         '`encoding="auto"`, accuracy on TFLM over the 10k test set.',
         "",
         "| seed | flash_budget: sparsities | file bytes | accuracy % | uniform sparsity | file bytes | accuracy % "

@@ -28,6 +28,11 @@ flags.DEFINE_string("output", "benchmarks/results/resnet18_size.md", "The table.
 PAPER_BYTES = 955 * 1024
 
 
+def _cell(totals: dict, key: str) -> str:
+    size = totals[key]
+    return f"{size:,.0f} B ({totals['fp32'] / size:.1f}x, {size / PAPER_BYTES:.2f}x the paper)"
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -51,12 +56,8 @@ def main(argv) -> None:
         q = ptq_keras.ternarize(model, sparsity=s)
         q(np.zeros((1, 224, 224, 3), np.float32), training=True)  # one training call selects the support
         totals = ptq_keras.summary(ptq_keras.strip(q), print_fn=None).as_dict()["totals_bytes"]
-        fp32 = totals["fp32"]
-
-        def cell(key: str) -> str:
-            return f"{totals[key]:,.0f} B ({fp32 / totals[key]:.1f}x, {totals[key] / PAPER_BYTES:.2f}x the paper)"
-
-        lines.append(f"| {s:g} | {fp32:,.0f} B | {cell('dense_2bit')} | {cell('nnz_2bit')} | {cell('entropy')} |")
+        cells = [_cell(totals, key) for key in ("dense_2bit", "nnz_2bit", "entropy")]
+        lines.append(f"| {s:g} | {totals['fp32']:,.0f} B | " + " | ".join(cells) + " |")
     lines += [
         "",
         "The paper's 955 KB matches the nnz 2-bit accounting at about 70% sparsity (two bits per nonzero weight and "

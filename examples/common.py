@@ -75,3 +75,21 @@ def float_model(name: str, seed: int, x: np.ndarray, y: np.ndarray, caches=(), s
         model.save(path + ".tmp.h5")
         os.replace(path + ".tmp.h5", path)
     return model
+
+
+def default_ste() -> str:
+    """The library's default straight-through estimator (cached benchmark runs record it: a change retrains)."""
+    from ptq_keras.quantizers import DEFAULTS
+
+    return DEFAULTS["ste"]
+
+
+def cached(path: str) -> dict | None:
+    """The JSON result cached at ``path``, or None."""
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
