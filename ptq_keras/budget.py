@@ -87,6 +87,7 @@ def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> n
         selection=options.get("selection", "tensor"),
         granularity=options.get("granularity", "channel"),
         normalize=options.get("normalize", False),
+        channel_sparsity=options.get("channel_sparsity", 0.0),
     )
 
 

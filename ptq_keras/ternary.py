@@ -158,11 +158,14 @@ def ternarize_np(
     selection: str = "channel",
     granularity: str = "channel",
     normalize: bool = False,
+    channel_sparsity: float = 0.0,
 ) -> np.ndarray:
-    """Project a kernel of any shape onto sparse ternary values (numpy reference)."""
+    """Project a kernel of any shape onto sparse ternary values (numpy reference); ``channel_sparsity`` also
+    empties that fraction of output channels (:func:`dead_channels_np`)."""
     w2d = as_groups(np.asarray(w, dtype=np.float32), channel_dims)
+    dead = dead_channels_np(w2d, dead_count(channel_sparsity, w2d.shape[1])) if channel_sparsity > 0 else None
     mask = support_np(
-        w2d, threshold=threshold, sparsity=sparsity, selection=selection, normalize=normalize
+        w2d, threshold=threshold, sparsity=sparsity, selection=selection, normalize=normalize, dead=dead
     )
     return project_np(w2d, mask, granularity).reshape(np.shape(w))
 
