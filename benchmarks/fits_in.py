@@ -165,7 +165,8 @@ def main(argv) -> None:
                 budget = f"{_kb(flash)}, {_kb(ram)}"
                 if not all(r["fits"] for r in runs):
                     why = next(r.get("why") for r in runs if not r["fits"]) or "the trained file exceeded a budget"
-                    lines.append(f"| {model} | {budget} | {c:g} | does not fit: {why.split(': ', 1)[-1]} | | | | |")
+                    why = why.split(": ", 1)[-1].split(". ")[0].split(" (")[0]  # the first clause: what was reached
+                    lines.append(f"| {model} | {budget} | {c:g} | does not fit: {why} | | | | |")
                     continue
                 r = runs[0]
                 accs = [100 * run["accuracy"] for run in runs]
