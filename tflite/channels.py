@@ -9,8 +9,9 @@ flattening RESHAPE), that op sees a constant ``v_k`` in input channel ``k``, and
 exact integer to the consumer's int32 bias:
 
 * FULLY_CONNECTED consumer, or CONV_2D with VALID padding: every window sees the constant, so the fold is exact;
-* CONV_2D with SAME padding: border windows see padding (the zero point) instead, so the channel is removed only
-  when ``v_k`` is the zero point (its contribution is zero everywhere); otherwise it stays, as zeros.
+* CONV_2D with SAME padding and a kernel larger than 1x1: border windows see padding (the zero point) instead,
+  so the channel is removed only when ``v_k`` is the zero point (its contribution is zero everywhere); otherwise
+  it stays, as zeros. A 1x1 kernel reads no padding, so the fold is exact there.
 
 Channels feeding anything else (residual adds, concatenations, depthwise convolutions, graph outputs) stay as
 zero weights. ``v_k`` is read from the int8 file run on LiteRT's reference kernels over calibration inputs, and a
@@ -173,7 +174,9 @@ def _removable(model, graph, consumer, seen: np.ndarray, dead, channels: int, po
     q = graph.tensors[int(consumer.inputs[0])].quantization
     zero = int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
     kind = flatbuffer.builtin_name(model, consumer.opcodeIndex)
-    same_padding = kind == "CONV_2D" and consumer.builtinOptions.padding == S.Padding.SAME
+    kernel = [int(d) for d in graph.tensors[int(consumer.inputs[1])].shape]
+    # SAME padding pads only kernels larger than 1x1: a pointwise conv sees the constant everywhere
+    same_padding = kind == "CONV_2D" and consumer.builtinOptions.padding == S.Padding.SAME and max(kernel[1:3]) > 1
     has_bias = len(consumer.inputs) > 2 and int(consumer.inputs[2]) >= 0
     out = {}
     for k in dead:
