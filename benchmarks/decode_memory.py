@@ -91,6 +91,31 @@ def bench(label: str, int8: bytes, repeats: int) -> list[str]:
     return lines + [""]
 
 
+def test_set_check(int8: bytes, bound: int = 16384) -> str:
+    """Whether the split ``micro`` files (every encoding) give the int8 file's outputs on all 10k Fashion-MNIST
+    test images, on TFLM."""
+    from ptq_keras import data
+
+    x, _ = data.load_numpy("fashion_mnist", "test")
+    graph = flatbuffer.read(int8).subgraphs[0]
+    q = graph.tensors[int(graph.inputs[0])].quantization
+    scale, zero = float(q.scale[0]), int(q.zeroPoint[0])
+    images = np.clip(np.round(x.astype(np.float32) / 255.0 / scale) + zero, -128, 127).astype(np.int8)
+    arena = 16 << 20
+    ref = runtime.Interpreter.from_bytes(int8, arena_size=arena)
+    expected = [_output(ref, image[None]) for image in images]
+    verdicts = []
+    for encoding in ENCODINGS:
+        model = flatbuffer.read(int8)
+        split.split_model(model, bound)
+        it = runtime.Interpreter.from_bytes(_trim(decode.compress(flatbuffer.write(model), encoding=encoding)),
+                                            arena_size=arena)  # fmt: skip
+        same = sum(np.array_equal(_output(it, image[None]), e) for image, e in zip(images, expected))
+        verdicts.append(f"{encoding} {same:,} of {len(images):,} outputs identical")
+    return (f"Over the whole Fashion-MNIST test set on TFLM, `max_decode_bytes={bound:,}` against the int8 file: "
+            + "; ".join(verdicts) + ".")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join("benchmarks", "results", "decode_memory.md"))
@@ -113,7 +138,9 @@ def main() -> None:
     ]
     if os.path.isfile(args.demo_int8):
         with open(args.demo_int8, "rb") as f:
-            lines += bench(f"Fashion-MNIST demo model (`{args.demo_int8}`)", f.read(), args.repeats)
+            demo = f.read()
+        lines += bench(f"Fashion-MNIST demo model (`{args.demo_int8}`)", demo, args.repeats)
+        lines += [test_set_check(demo), ""]
     else:
         lines += [f"`{args.demo_int8}` is missing: run `make demo` first.", ""]
     lines += bench("Dense 1024 -> 1024 -> 10, ternary at 70%", enc.convert(dense, rng), args.repeats)
