@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import flatbuffer
+from ptq_keras.tflite import decode, flatbuffer
+from ptq_keras.tflite.convert import trim_for_tflm
 
 import ptq_keras
 from ptq_keras import keras, ternary
@@ -140,8 +141,13 @@ def test_channel_sparsity_trains_dead_channels_and_the_export_removes_them(tmp_p
         # the ternary sparsity applies to the live channels
         assert np.mean(live == 0) == pytest.approx(0.5, abs=0.02)
     result = _export_and_check(plain, x, tmp_path / "export")
-    rows = result.report.targets["micro"].dead_channels
-    assert {row["channels"]: row["removed"] for row in rows} == {16: 4, 24: 6}
+    rep = result.report.targets["micro"]
+    assert {row["channels"]: row["removed"] for row in rep.dead_channels} == {16: 4, 24: 6}
+    assert rep.macs <= 0.8 * rep.macs_unreduced  # at least 20% fewer multiply-accumulates
+    # the same encoding of the unreduced int8 file, as the micro target wrote it before channels were removed
+    int8 = open(result.files["int8"], "rb").read()
+    unreduced = trim_for_tflm(decode.compress(int8, encoding="huffman"))
+    assert rep.file_bytes < len(unreduced)
     with pytest.raises(ValueError, match="channel_sparsity must be a fraction in"):
         ptq_keras.ternarize(model, channel_sparsity=1.0)
 
