@@ -49,7 +49,7 @@ _RUN_IDENTITY = (
     "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
     "criterion", "regularizer", "soft_decay",
     "ramp_epochs", "freeze_at", "distill", "temperature", "alpha", "activations", "batch_size", "learning_rate",
-    "init_from", "seed", "limit", "max_steps_per_epoch", "image_size",
+    "init_from", "seed", "limit", "max_steps_per_epoch", "image_size", "mixed_precision",
 )  # fmt: skip
 
 FLAGS = flags.FLAGS
@@ -151,6 +151,11 @@ flags.DEFINE_integer(
     "TFLM interpreter runs one image at a time).",
     lower_bound=1,
 )
+flags.DEFINE_bool(
+    "mixed_precision", False,
+    "Train with Keras' mixed_float16 policy (float16 compute, float32 variables; the ternary quantizer computes in "
+    "float32). The saved and exported model is float32. Pays off on GPUs with float16 units (compute capability 7+).",
+)
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (same flags).")
 flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Stop each epoch after N steps (a quick run); default: the whole split.", lower_bound=1
@@ -199,6 +204,7 @@ class Config:
     limit: int | None = None
     image_size: int | None = None
     tflite_eval_samples: int = 2000
+    mixed_precision: bool = False
 
     @classmethod
     def from_flags(cls) -> Config:
@@ -271,6 +277,21 @@ def validate(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- models
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
+    """A copy of ``model`` whose layers compute in ``dtype`` policy (``"mixed_float16"``, ``"float32"``), with the
+    same (float32) weights."""
+    if not model.layers or all(layer.dtype_policy.name == dtype for layer in model.layers):
+        return model
+
+    def clone(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
+
+    with ptq_keras.custom_object_scope():
+        copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _initial_model(cfg: Config, input_shape: tuple, num_classes: int) -> keras.Model:
@@ -613,8 +634,20 @@ def run(cfg: Config, log=common.log) -> dict:
 
     if strategy.num_replicas_in_sync > 1 or cfg.strategy != "default":
         log(f"strategy {cfg.strategy}: {strategy.num_replicas_in_sync} replica(s), global batch {cfg.batch_size}")
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        log("mixed precision: float16 compute, float32 variables (the ternary quantizer computes in float32)")
+    try:
+        return _train_and_export(cfg, strategy, input_shape, num_classes, dataset, steps, log)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _train_and_export(cfg: Config, strategy, input_shape, num_classes, dataset, steps, log) -> dict:
     with strategy.scope():
         base = _initial_model(cfg, input_shape, num_classes)
+        if cfg.mixed_precision:
+            base = with_dtype(base, "mixed_float16")
         model = training_model(cfg, base, steps)
         optimizer = keras.optimizers.Adam(cfg.learning_rate)
         model.compile(optimizer, _loss(), metrics=["accuracy"])
@@ -663,6 +696,8 @@ def run(cfg: Config, log=common.log) -> dict:
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
     }
     final = _final_model(cfg, model, dataset, results, log)
+    if cfg.mixed_precision:
+        final = with_dtype(final, "float32")  # saved and exported in float32
     results["keras_accuracy"] = dataset.accuracy(final)
     results["layers"] = layer_stats(final)
     log(f"test accuracy of the final Keras model: {results['keras_accuracy']:.4f}")

@@ -61,6 +61,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
     # -- tfmot Quantizer interface
     def build(self, tensor_shape, name, layer):
+        self.compute_dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or tf.float32)  # mixed precision
         # Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
         # weights; ONLY_FIRST_REPLICA makes that explicit (the first replica's value is written to all). The Taylor
         # score comes from each replica's own gradients, so it is averaged over the replicas (MEAN): every
@@ -71,11 +72,11 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         )
         mask = layer.add_weight(
             f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False,
-            aggregation=first,
+            aggregation=first, experimental_autocast=False,  # float32 also under mixed precision
         )
         sparsity = layer.add_weight(
             f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False,
-            aggregation=first,
+            aggregation=first, experimental_autocast=False,
         )
         # The step where the support freezes: -1 never (or, for a fractional freeze_at, not yet resolved: the
         # first ``fit`` writes it, see ptq_keras.fitting).
@@ -91,12 +92,15 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if self.options["criterion"] == "taylor":
             variables["score"] = layer.add_weight(
                 f"{name}_ptq_taylor_score", shape=tensor_shape, dtype=tf.float32, initializer="zeros",
-                trainable=False, aggregation=tf.VariableAggregation.MEAN,
+                trainable=False, aggregation=tf.VariableAggregation.MEAN, experimental_autocast=False,
             )
         return variables
 
     def __call__(self, inputs, training, weights, **kwargs):
-        w = tf.convert_to_tensor(inputs)
+        # Under mixed precision the layer reads its kernel in float16; the ternary math runs in float32 (exact
+        # top-k, scales, masks), and the result goes back in the layer's compute dtype.
+        compute_dtype = getattr(self, "compute_dtype", tf.float32)
+        w = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
         step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
         freeze = tf.convert_to_tensor(weights["freeze_step"])
         freezes = freeze >= 0
@@ -162,7 +166,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if step_update is not None:
             with tf.control_dependencies([step_update]):
                 out = tf.identity(out)
-        return out
+        return tf.cast(out, compute_dtype)
 
     def get_config(self):
         options = dict(self.options)

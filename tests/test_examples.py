@@ -108,6 +108,21 @@ def test_train_ptq_exports_ternary_files_that_evaluate_agrees_with(tmp_path, moc
         assert glob.glob(str(out / "logs" / "train" / "events.out.tfevents.*"))
 
 
+def test_mixed_precision_trains_float16_and_saves_exact_float32_ternary(tmp_path, mock_data):
+    out = tmp_path / "mixed"
+    call_main(train, *QUICK, "--model=small_cnn", "--method=ptq", "--sparsity=0.7", "--epochs=1",
+              "--mixed_precision", "--export=int8,micro", f"--out_dir={out}")  # fmt: skip
+    res = results(out)
+    plain = load_h5(res["model"])
+    assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
+    for name in ("conv1", "conv2", "fc", "logits"):
+        kernel = plain.get_layer(name).kernel.numpy()
+        assert kernel.dtype == np.float32 and ternary_channels(kernel), name
+        assert np.count_nonzero(kernel) == np.floor(0.3 * kernel.size + 0.5), name
+    assert res["export"]["micro"]["accuracy"] == res["export"]["int8"]["accuracy"]
+    assert train.keras.mixed_precision.global_policy().name == "float32"  # the run restores the policy
+
+
 @pytest.mark.parametrize("method", ["twn", "tfmot_prune", "tfmot_qat"])
 def test_train_other_methods(tmp_path, mock_data, method):
     out = tmp_path / method
