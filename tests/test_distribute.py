@@ -33,8 +33,14 @@ _CHILD = textwrap.dedent(
         return keras.Model(inp, keras.layers.Dense(4, name="logits")(h))
 
     def run(strategy, options):
+        options = dict(options)
+        distilled = options.pop("distill", False)
         with strategy.scope():
             q = ptq_keras.ternarize(build(), sparsity=0.6, keep_float=(), **options)
+            if distilled:  # the teacher: a float model of the same shape (its outputs are the soft targets)
+                keras.utils.set_random_seed(7)
+                teacher = keras.Sequential([keras.Input((12,)), keras.layers.Dense(4)])
+                q = ptq_keras.distill(q, teacher)
             q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         q.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
         out = {"replicas": strategy.num_replicas_in_sync, "state": {}}
@@ -43,7 +49,7 @@ _CHILD = textwrap.dedent(
                 parts = [np.asarray(v.numpy()) for v in getattr(var, "values", [var])]
                 out["state"][f"{layer}/{name}"] = [p.tolist() for p in parts]
         out["kernels"] = [w.tolist() for w in ptq_keras.strip(q).get_weights()]
-        ranges = [l for l in q.layers if type(l).__name__ == "ActivationQuantizer"]
+        ranges = [l for l in getattr(q, "student", q).layers if type(l).__name__ == "ActivationQuantizer"]
         out["ranges"] = [[[float(v.numpy()) for v in getattr(l.max, "values", [l.max])]] for l in ranges]
         return out
 
@@ -53,7 +59,7 @@ _CHILD = textwrap.dedent(
                                    "single": run(tf.distribute.OneDeviceStrategy(devices[0]), options)}), flush=True)
     """
 )
-OPTIONS = [{}, {"criterion": "taylor", "freeze_at": None}, {"activations": "int8"}]
+OPTIONS = [{}, {"criterion": "taylor", "freeze_at": None}, {"activations": "int8"}, {"distill": True}]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,9 @@ def test_mirrored_replicas_agree_and_match_one_device(results, index):
     for a, b in zip(mirrored["kernels"], single["kernels"]):
         if np.ndim(a) == 0:
             continue  # an activation range: the replicas' mean of their shards' ranges, not the global batch's
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)  # float summation order; Adam steps of 1e-3
+        # Float summation order; Adam's steps are about 1e-3 whatever the gradient's size, so a near-zero gradient
+        # whose sign differs between the two runs moves a weight by up to two steps apart (seen with distillation).
+        np.testing.assert_allclose(a, b, rtol=0, atol=2.5e-3 if options.get("distill") else 1e-3)
     for replicas in mirrored["ranges"]:
         assert replicas[0][0] == pytest.approx(replicas[0][-1])
 
