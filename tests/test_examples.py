@@ -76,20 +76,30 @@ def test_zoo_builds_every_model_with_its_input_and_classes():
 
 
 # ----------------------------------------------------------------------------- train.py end to end
-def test_train_ptq_exports_ternary_files_that_evaluate_agrees_with(tmp_path, mock_data):
-    out = tmp_path / "ptq"
-    call_main(train, *QUICK, "--model=small_cnn", "--method=ptq", "--sparsity=0.7", "--ramp_epochs=0",
-              "--epochs=1", "--export=int8,micro", f"--out_dir={out}")  # fmt: skip
-    res = results(out)
-    plain = load_h5(res["model"])
-    assert not ptq_keras.is_ternarized(plain)
-    for name in ("conv1", "conv2", "fc", "logits"):
+def _assert_exact_ternary(plain, res, names=("conv1", "conv2", "fc", "logits")) -> None:
+    """small_cnn at sparsity 0.7: float32 kernels, exactly ternary per channel, round(0.3 n) of n weights kept
+    (layer-wide selection), every channel alive, and the results' sparsity is the kernel's."""
+    for name in names:
         kernel = plain.get_layer(name).kernel.numpy()
-        assert ternary_channels(kernel), name
-        # the layer keeps round(0.3 n) of its n weights (layer-wide selection), every channel at least one
+        assert kernel.dtype == np.float32 and ternary_channels(kernel), name
         assert np.count_nonzero(kernel) == np.floor(0.3 * kernel.size + 0.5), name
         assert np.count_nonzero(kernel.reshape(-1, kernel.shape[-1]), axis=0).min() >= 1, name
         assert abs(res["layers"][name]["sparsity"] - np.mean(kernel == 0)) < 1e-9
+
+
+def _train_small_cnn_ptq(out, *extra) -> tuple[dict, object]:
+    """One epoch of examples/train.py on small_cnn at 0.7 with int8 and micro export: (results, saved model)."""
+    call_main(train, *QUICK, "--model=small_cnn", "--method=ptq", "--sparsity=0.7", "--epochs=1",
+              "--export=int8,micro", f"--out_dir={out}", *extra)  # fmt: skip
+    res = results(out)
+    return res, load_h5(res["model"])
+
+
+def test_train_ptq_exports_ternary_files_that_evaluate_agrees_with(tmp_path, mock_data):
+    out = tmp_path / "ptq"
+    res, plain = _train_small_cnn_ptq(out, "--ramp_epochs=0")
+    assert not ptq_keras.is_ternarized(plain)
+    _assert_exact_ternary(plain, res)
     micro = res["export"]["micro"]
     assert micro["file_bytes"] == os.path.getsize(micro["file"])
     assert micro["file_bytes"] < res["export"]["int8"]["file_bytes"] / 2
@@ -109,16 +119,9 @@ def test_train_ptq_exports_ternary_files_that_evaluate_agrees_with(tmp_path, moc
 
 
 def test_mixed_precision_trains_float16_and_saves_exact_float32_ternary(tmp_path, mock_data):
-    out = tmp_path / "mixed"
-    call_main(train, *QUICK, "--model=small_cnn", "--method=ptq", "--sparsity=0.7", "--epochs=1",
-              "--mixed_precision", "--export=int8,micro", f"--out_dir={out}")  # fmt: skip
-    res = results(out)
-    plain = load_h5(res["model"])
+    res, plain = _train_small_cnn_ptq(tmp_path / "mixed", "--mixed_precision")
     assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
-    for name in ("conv1", "conv2", "fc", "logits"):
-        kernel = plain.get_layer(name).kernel.numpy()
-        assert kernel.dtype == np.float32 and ternary_channels(kernel), name
-        assert np.count_nonzero(kernel) == np.floor(0.3 * kernel.size + 0.5), name
+    _assert_exact_ternary(plain, res)
     assert res["export"]["micro"]["accuracy"] == res["export"]["int8"]["accuracy"]
     assert train.keras.mixed_precision.global_policy().name == "float32"  # the run restores the policy
 
