@@ -65,19 +65,18 @@ class ExportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- options and inputs
+def _byte_count(value, name: str, what: str) -> int | None:
+    """``value`` validated as None or a positive int of bytes; ``what`` says what it counts, with an example."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive number of bytes ({what}) or None, got {value!r}.")
+    return int(value)
+
+
 def check_max_decode_bytes(max_decode_bytes) -> int | None:
     """``max_decode_bytes`` validated: None or a positive int."""
-    if max_decode_bytes is None:
-        return None
-    if (
-        not isinstance(max_decode_bytes, (int, np.integer))
-        or isinstance(max_decode_bytes, bool)
-        or max_decode_bytes < 1
-    ):
-        raise ValueError(
-            f"max_decode_bytes must be a positive number of bytes (e.g. 16384) or None, got {max_decode_bytes!r}."
-        )
-    return int(max_decode_bytes)
+    return _byte_count(max_decode_bytes, "max_decode_bytes", "e.g. 16384")
 
 
 def _check_options(target: str, encoding: str, num_samples: int) -> None:
@@ -483,10 +482,7 @@ def compile_ethos_u(int8: bytes, options: ethosu.VelaOptions):
 
 def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, latency_budget) -> bytes:
     check_layers(prep.plain, target, encoding)
-    per_tensor = target == "int4"
-    if per_tensor not in prep.int8:
-        prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
-    buf = prep.int8[per_tensor]
+    buf = _int8(prep, per_tensor=target == "int4")
     if target == "int8" and not strip:
         return buf
     if target == "ethos-u":
@@ -516,14 +512,10 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
 
 def check_ram_budget(ram_budget, max_decode_bytes) -> int | None:
     """``ram_budget`` validated: None or a positive int, and not together with ``max_decode_bytes``."""
-    if ram_budget is None:
-        return None
-    if not isinstance(ram_budget, (int, np.integer)) or isinstance(ram_budget, bool) or ram_budget < 1:
-        raise ValueError(f"ram_budget must be a positive number of bytes (TFLM arena, e.g. 65536) or None, "
-                         f"got {ram_budget!r}.")  # fmt: skip
-    if max_decode_bytes is not None:
+    ram_budget = _byte_count(ram_budget, "ram_budget", "TFLM arena, e.g. 65536")
+    if ram_budget is not None and max_decode_bytes is not None:
         raise ValueError("ram_budget chooses max_decode_bytes itself; pass one of the two, not both.")
-    return int(ram_budget)
+    return ram_budget
 
 
 @dataclass
@@ -547,7 +539,7 @@ def fit_ram(prep: _Prepared, encoding: str, strip: bool, latency_budget, ram_bud
     reached (at worst every weight int8 without a split: the activations' own need).
     """
     say = say or (lambda line: None)
-    base = flatbuffer.read(_convert_prepared_int8(prep), "int8 .tflite")
+    base = flatbuffer.read(_int8(prep), "int8 .tflite")
     largest = max((int(np.prod(base.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in decode._weights(base)),
                   default=0)  # fmt: skip
     bounds = [None]
@@ -589,10 +581,11 @@ def fit_ram(prep: _Prepared, encoding: str, strip: bool, latency_budget, ram_bud
     )
 
 
-def _convert_prepared_int8(prep: _Prepared) -> bytes:
-    if False not in prep.int8:
-        prep.int8[False] = int8_tflite(prep.plain, prep.calibration)
-    return prep.int8[False]
+def _int8(prep: _Prepared, per_tensor: bool = False) -> bytes:
+    """The int8 file every target starts from, converted once per ``per_tensor`` (target int4) and kept."""
+    if per_tensor not in prep.int8:
+        prep.int8[per_tensor] = int8_tflite(prep.plain, prep.calibration, per_tensor_dense=per_tensor)
+    return prep.int8[per_tensor]
 
 
 def convert(
