@@ -8,7 +8,7 @@ and ``ptq_keras.tflite.verify`` measures the agreement of the int8 file with the
 
 from __future__ import annotations
 
-from .compat import keras, tfmot
+from .compat import is_keras3, keras, tfmot
 from .quantizers import TernaryQuantizer
 
 # One source of truth: which attributes of which layer type are ternarized, and how many trailing kernel axes form
@@ -23,8 +23,31 @@ LAYER_KERNELS: dict[type, tuple[tuple[str, int], ...]] = {
 
 
 def kernel_attributes(layer) -> tuple[tuple[str, int], ...]:
-    """``((attribute, channel_dims), ...)`` for a quantizable layer, ``()`` otherwise (exact type match)."""
-    return LAYER_KERNELS.get(type(layer), ())
+    """``((attribute, channel_dims), ...)`` for a quantizable tf_keras or Keras 3 layer, ``()`` otherwise (exact
+    type match)."""
+    attributes = LAYER_KERNELS.get(type(layer))
+    if attributes is not None:
+        return attributes
+    if is_keras3(layer):
+        from . import keras3_layers
+
+        return keras3_layers.kernel_attributes(layer)
+    return ()
+
+
+def is_ternary_wrapper(layer) -> bool:
+    """A layer made by ``ptq_keras.ternarize``: tfmot's wrapper with a ternary config (tf_keras), or the Keras 3
+    :class:`ptq_keras.keras3_layers.TernaryWrapper`."""
+    if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+        return isinstance(layer.quantize_config, TernaryQuantizeConfig)
+    return type(layer).__module__ == "ptq_keras.keras3_layers" and type(layer).__name__ == "TernaryWrapper"
+
+
+def is_batchnorm(layer) -> bool:
+    """A BatchNormalization layer of tf_keras or Keras 3."""
+    return isinstance(layer, keras.layers.BatchNormalization) or (
+        is_keras3(layer) and type(layer).__name__ == "BatchNormalization"
+    )
 
 
 @keras.utils.register_keras_serializable(package="ptq_keras")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 
-from .compat import check_keras_model, keras, tf
+from .compat import check_keras_model, is_keras3, keras, tf
 
 __all__ = ["Distiller", "distill"]
 
@@ -121,6 +121,11 @@ def distill(qmodel, teacher, *, temperature: float = 4.0, alpha: float = 0.9) ->
 
     check_keras_model(qmodel, "student")
     check_keras_model(teacher, "teacher")
+    if is_keras3(qmodel) or is_keras3(teacher):
+        raise NotImplementedError(
+            "distill: distillation is available for tf_keras models; for a Keras 3 model, train the ternarized "
+            "model with plain compile/fit (or rebuild it with `from ptq_keras import keras`)."
+        )
     if not is_ternarized(qmodel):
         raise ValueError(
             f"distill() takes the ternarized student first: {qmodel.name!r} has no ternarized layer. "

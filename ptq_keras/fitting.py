@@ -14,10 +14,8 @@ import warnings
 from collections.abc import Iterator
 
 from . import schedules
-from .compat import keras, tfmot
-from .configs import TernaryQuantizeConfig
-
-_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
+from .compat import is_keras3, keras
+from .configs import is_ternary_wrapper
 
 
 def _layers(model) -> Iterator:
@@ -26,7 +24,7 @@ def _layers(model) -> Iterator:
         yield from _layers(student)
         return
     for layer in getattr(model, "layers", ()):
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, keras.Model) or (is_keras3(layer) and hasattr(layer, "layers")):
             yield from _layers(layer)
         else:
             yield layer
@@ -35,7 +33,7 @@ def _layers(model) -> Iterator:
 def quantizer_states(model) -> Iterator[tuple[str, object, dict]]:
     """``(layer name, TernaryQuantizer, its variables)`` for every ternary kernel of ``model``."""
     for layer in _layers(model):
-        if isinstance(layer, _QuantizeWrapper) and isinstance(layer.quantize_config, TernaryQuantizeConfig):
+        if is_ternary_wrapper(layer):
             for _, quantizer, qvars in layer._weight_vars:
                 yield layer.layer.name, quantizer, qvars
 

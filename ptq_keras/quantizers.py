@@ -123,7 +123,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
                 update, lambda: tf.cast(target, tf.float32), lambda: tf.convert_to_tensor(sparsity_var)
             )
             updates = [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
-            if self.options["soft_decay"] < 1.0 and isinstance(inputs, tf.Variable):
+            if self.options["soft_decay"] < 1.0 and hasattr(inputs, "assign"):  # a tf or Keras 3 variable
                 # SRFP: pruned latents fade by soft_decay at each support update (the forward pass used w).
                 factor = mask + self.options["soft_decay"] * (1.0 - mask)
                 updates.append(

@@ -11,8 +11,8 @@ import numpy as np
 
 from . import activations as act
 from . import fitting, schedules, ste, ternary
-from .compat import check_keras_model, keras, tf, tfmot
-from .configs import TernaryQuantizeConfig, TernaryScheme, kernel_attributes
+from .compat import check_keras_model, is_keras3, keras, keras3, tf, tfmot
+from .configs import TernaryQuantizeConfig, TernaryScheme, is_batchnorm, is_ternary_wrapper, kernel_attributes
 from .quantizers import CRITERIA, DEFAULTS, REGULARIZERS, TernaryQuantizer
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
@@ -120,7 +120,13 @@ def _stored_options(options: Mapping) -> dict:
 
 def _check_graph_model(model) -> None:
     check_keras_model(model)
-    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+    if is_keras3(model):
+        from keras.src.models.functional import Functional
+
+        graph = isinstance(model, (keras3().Sequential, Functional))
+    else:
+        graph = isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
+    if not graph:
         raise TypeError(
             f"Model {model.name!r} is a subclassed keras.Model; ptq_keras needs a Sequential or Functional model "
             "(it rebuilds the graph layer by layer). Rebuild it with the functional API."
@@ -144,7 +150,12 @@ def ternarize(
     budget_data=None,
     **options,
 ) -> keras.Model:
-    """Return a new tf_keras model whose quantizable kernels train as sparse ternary weights.
+    """Return a new model whose quantizable kernels train as sparse ternary weights.
+
+    ``model`` is a tf_keras model (the result is a tf_keras model) or a Keras 3 model on the TensorFlow backend
+    (the result is a Keras 3 model whose ternarized layers are :class:`ptq_keras.keras3_layers.TernaryWrapper`,
+    saved and loaded in the ``.keras`` format; ``activations``, ``flash_budget`` and ``ram_budget`` are tf_keras
+    only).
 
     Quantizable layers: Dense, Conv2D, Conv1D, DepthwiseConv2D, SeparableConv2D. The user's model is not modified.
 
@@ -215,7 +226,7 @@ def ternarize(
 
     # Zeroing output channels of a layer that produces a model output would make those outputs (e.g. classes)
     # constant: channel_sparsity applies there only when overrides ask for it by name.
-    output_layers = {t._keras_history.layer.name for t in model.outputs} & targets
+    output_layers = {_producer(t).name for t in model.outputs} & targets
     skipped = sorted(
         n
         for n in output_layers
@@ -226,6 +237,23 @@ def ternarize(
     if skipped:
         print(f"ptq_keras: channel_sparsity is not applied to {skipped}: their output channels are the model's outputs "
               "(set it in overrides for such a layer to force it).")  # fmt: skip
+
+    if is_keras3(model):
+        unsupported = {"activations": activations, "flash_budget": flash_budget, "ram_budget": ram_budget,
+                       "budget_data": budget_data}  # fmt: skip
+        given = sorted(name for name, value in unsupported.items() if value is not None)
+        if given:
+            raise NotImplementedError(
+                f"ternarize: {given} are available for tf_keras models only; a Keras 3 model takes the per-kernel "
+                "options (sparsity, ste, criterion, ...). Budgets: export the trained model with ram_budget=, or "
+                "rebuild the model with `from ptq_keras import keras` (tf_keras) for flash_budget and activations."
+            )
+        from . import keras3_layers
+
+        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)))
+        attach(qmodel)
+        qmodel.ptq_allocation = None
+        return qmodel
 
     allocation = None
     if flash_budget is not None:
@@ -290,11 +318,18 @@ def ternarize(
     return qmodel
 
 
+def _producer(tensor):
+    """The layer that produced a model's output tensor (tf_keras or Keras 3)."""
+    history = tensor._keras_history
+    return getattr(history, "layer", None) or history.operation
+
+
 def attach(model):
     """Give a ternarized model (or a distill wrapper) ptq_keras' ``fit`` and ``save``: ``fit`` resolves fractional
     ``freeze_at`` options from its own number of steps; ``save`` refuses ``.keras`` with an explanation.
     :func:`ternarize`, :func:`load_model` and ``distill`` call it; call it on a model loaded another way."""
-    _guard_keras_format(model)
+    if not is_keras3(model):
+        _guard_keras_format(model)  # Keras 3 saves its wrapper in the .keras format
     original_fit = model.fit
     signature = inspect.signature(original_fit)
 
@@ -309,9 +344,15 @@ def attach(model):
 
 def load_model(filepath, *, compile: bool = True, **kwargs):
     """``keras.models.load_model`` of a ternarized ``.h5`` / SavedModel inside :func:`custom_object_scope`, with
-    ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`). Plain models load as they are."""
-    with custom_object_scope():
-        model = keras.models.load_model(filepath, compile=compile, **kwargs)
+    ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`); a ``.keras`` file loads as a Keras 3 model.
+    Plain models load as they are."""
+    if str(filepath).endswith(".keras"):
+        from . import keras3_layers
+
+        model = keras3_layers.load_model(filepath, compile=compile, **kwargs)
+    else:
+        with custom_object_scope():
+            model = keras.models.load_model(filepath, compile=compile, **kwargs)
     if is_ternarized(model):
         attach(model)
     return model
@@ -355,8 +396,7 @@ def is_ternarized(model) -> bool:
     return any(_ternary_wrapper(layer) for layer in getattr(model, "layers", ()))
 
 
-def _ternary_wrapper(layer) -> bool:
-    return isinstance(layer, _QuantizeWrapper) and isinstance(layer.quantize_config, TernaryQuantizeConfig)
+_ternary_wrapper = is_ternary_wrapper
 
 
 def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, TernaryQuantizer, dict]]:
@@ -369,7 +409,8 @@ def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, TernaryQ
 
 
 def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> keras.Model:
-    """Plain tf_keras model of the original architecture whose ternarized kernels are exactly ternary.
+    """Plain model (tf_keras or Keras 3, as given) of the original architecture whose ternarized kernels are exactly
+    ternary.
 
     Each channel of a ternarized kernel holds only ``{-alpha_c, 0, +alpha_c}`` (the support ``M`` chosen in
     training, ``alpha_c`` the L2-optimal scale of the current latent weights). Other weights are copied.
@@ -383,6 +424,15 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
             f"Model {model.name!r} has no ternarized layer: strip() takes the model returned by "
             "ptq_keras.ternarize (or loaded from one inside ptq_keras.custom_object_scope())."
         )
+    if is_keras3(model):
+        from . import keras3_layers
+
+        plain = keras3_layers.strip(model, lambda wrapper: {
+            attr: quantizer.project_numpy(latent, mask) for attr, latent, mask, quantizer, _ in ternary_kernels(wrapper)
+        })  # fmt: skip
+        if batchnorm_data is not None:
+            recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
+        return plain
     pairs = []
 
     def unwrap(layer):
@@ -437,7 +487,7 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
             "recalibrate_batchnorm takes a plain model: call ptq_keras.strip(qmodel) first (running a ternarized "
             "model in training mode would advance its sparsity schedule)."
         )
-    bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    bns = [layer for layer in _all_layers(model) if is_batchnorm(layer)]
     aqs = [layer for layer in _all_layers(model) if isinstance(layer, act.ActivationQuantizer)]
     if not bns:
         return model
@@ -479,7 +529,7 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
 
 def _all_layers(model):
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, keras.Model) or (is_keras3(layer) and hasattr(layer, "layers")):
             yield from _all_layers(layer)
         else:
             yield layer

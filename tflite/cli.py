@@ -92,30 +92,33 @@ def _say(line: str) -> None:
 
 
 def load_model(path: str, flag: str = "--model"):
-    """A Keras model from ``.h5`` or a SavedModel folder, loaded inside ``ptq_keras.custom_object_scope()``."""
+    """A Keras model from ``.h5`` or a SavedModel folder (tf_keras, loaded inside
+    ``ptq_keras.custom_object_scope()``), or from a ``.keras`` file (Keras 3)."""
     import ptq_keras
 
     if not os.path.exists(path):
-        raise app.UsageError(f"{flag} {path!r} does not exist (give a .h5 file or a SavedModel folder).")
-    if os.path.isfile(path) and not path.endswith((".h5", ".hdf5")):
-        raise app.UsageError(f"{flag} {path!r}: expected a .h5 file or a SavedModel folder.")
+        raise app.UsageError(f"{flag} {path!r} does not exist (give a .h5 or .keras file, or a SavedModel folder).")
+    if os.path.isfile(path) and not path.endswith((".h5", ".hdf5", ".keras")):
+        raise app.UsageError(f"{flag} {path!r}: expected a .h5 file (tf_keras), a .keras file (Keras 3) or a "
+                             "SavedModel folder.")  # fmt: skip
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise app.UsageError(
             f"{flag} {path!r} is a folder without saved_model.pb: not a SavedModel (give a .h5 file or the folder "
             "that model.save() wrote)."
         )
+    keras3 = path.endswith(".keras")
     try:
-        with ptq_keras.custom_object_scope():
-            model = ptq_keras.keras.models.load_model(path, compile=False)
-    except Exception as exc:  # h5py, protobuf and Keras raise assorted errors on damaged files
-        kind = "SavedModel folder" if os.path.isdir(path) else ".h5 file"
+        model = ptq_keras.load_model(path, compile=False)
+    except Exception as exc:  # h5py, zipfile, protobuf and Keras raise assorted errors on damaged files
+        kind = "SavedModel folder" if os.path.isdir(path) else (".keras file" if keras3 else ".h5 file")
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        what = "a Keras 3" if keras3 else "a tf_keras"
         raise app.UsageError(
-            f"{flag} {path!r}: the {kind} cannot be loaded as a tf_keras model ({type(exc).__name__}: {cause}). "
+            f"{flag} {path!r}: the {kind} cannot be loaded as {what} model ({type(exc).__name__}: {cause}). "
             "Is it damaged or incomplete? Save it again with model.save()."
         ) from exc
-    if not isinstance(model, ptq_keras.keras.Model):
-        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a tf_keras model.")
+    if not isinstance(model, ptq_keras.keras.Model) and not ptq_keras.compat.is_keras3(model):
+        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a Keras model.")
     return model
 
 

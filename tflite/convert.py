@@ -91,7 +91,7 @@ def _check_options(target: str, encoding: str, num_samples: int) -> None:
 
 
 def plain_model(model):
-    """The plain tf_keras model to convert: ``ptq_keras.strip(model)`` for a ternarized model, else ``model``."""
+    """The plain tf_keras or Keras 3 model to convert: ``ptq_keras.strip(model)`` for a ternarized model, else ``model``."""
     import ptq_keras
     from ptq_keras.compat import check_keras_model
 
@@ -159,13 +159,12 @@ def check_layers(model, target: str, encoding: str = "lut") -> None:
     if not needs_ternary(target, encoding):
         return
     from ptq_keras.activations import ActivationQuantizer
-    from ptq_keras.compat import keras
-    from ptq_keras.configs import kernel_attributes
+    from ptq_keras.configs import is_batchnorm, kernel_attributes
 
     for layer in _layers(model):
         attributes = kernel_attributes(layer)
         if not attributes:
-            if layer.weights and not isinstance(layer, (keras.layers.BatchNormalization, ActivationQuantizer)):
+            if layer.weights and not (is_batchnorm(layer) or isinstance(layer, ActivationQuantizer)):
                 raise ExportError(
                     f"layer {layer.name!r} ({type(layer).__name__}) has weights that target {target!r} cannot pack "
                     "(packed targets store Dense, Conv1D, Conv2D, DepthwiseConv2D and SeparableConv2D kernels); "
@@ -175,7 +174,7 @@ def check_layers(model, target: str, encoding: str = "lut") -> None:
         for attr, channel_dims in attributes:
             kernel = getattr(layer, attr).numpy()
             columns = kernel.reshape(-1, int(np.prod(kernel.shape[-channel_dims:])))
-            if target == "int4" and isinstance(layer, keras.layers.Dense):
+            if target == "int4" and type(layer).__name__ == "Dense":
                 _check_one_scale(layer, columns)
             for c in range(columns.shape[1]):
                 magnitudes = np.abs(columns[:, c][columns[:, c] != 0])

@@ -1,0 +1,278 @@
+"""The same behaviour on both Keras APIs: tf_keras (Keras 2) and Keras 3 (TensorFlow backend).
+
+Every test here runs once per flavor: ternarize, plain ``fit`` with the defaults, exact sparsity, ``strip`` to
+exactly ternary kernels, ``summary``, ``recalibrate_batchnorm``, save/load (``.h5`` / ``.keras``) with training
+going on, the related methods' options, and export to ``micro`` bit-exact with ``int8`` on TFLM. The Keras 3 only
+tests at the end check that both flavors give identical .tflite weights and that what Keras 3 lacks is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import ptq_keras
+from ptq_keras import tflite
+from ptq_keras.tflite import flatbuffer
+
+FLAVORS = ("tf_keras", "keras3")
+
+
+def _api(flavor):
+    if flavor == "tf_keras":
+        return ptq_keras.keras
+    import keras
+
+    return keras
+
+
+def build(flavor, seed=0):
+    """Conv-BN-ReLU, DepthwiseConv-BN-ReLU, SeparableConv, Conv1D over rows, pooling, Dense: every ternarized
+    layer type, one model."""
+    k = _api(flavor)
+    k.utils.set_random_seed(seed)
+    inp = k.Input((12, 12, 1), name="image")
+    x = k.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inp)
+    x = k.layers.BatchNormalization(name="bn1")(x)
+    x = k.layers.ReLU(name="relu1")(x)
+    x = k.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = k.layers.BatchNormalization(name="bn2")(x)
+    x = k.layers.ReLU(name="relu2")(x)
+    x = k.layers.SeparableConv2D(16, 3, activation="relu", name="sep")(x)
+    x = k.layers.Reshape((8, 8 * 16), name="rows")(x)
+    x = k.layers.Conv1D(8, 3, activation="relu", name="conv1d")(x)
+    x = k.layers.GlobalAveragePooling1D(name="gap")(x)
+    out = k.layers.Dense(4, name="logits")(x)
+    return k.Model(inp, out, name="flavors")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 12, 12, 1), dtype=np.float32)
+    y = (x[:, :6, :6, 0].mean(axis=(1, 2)) > x[:, 6:, 6:, 0].mean(axis=(1, 2))).astype("int64") + 2 * (
+        x[:, :6, 6:, 0].mean(axis=(1, 2)) > 0.5
+    ).astype("int64")
+    return x, y
+
+
+def _fit(qmodel, flavor, data, epochs=2, **kwargs):
+    k = _api(flavor)
+    qmodel.compile(k.optimizers.Adam(1e-2), k.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return qmodel.fit(data[0], data[1], epochs=epochs, batch_size=32, verbose=0, **kwargs)
+
+
+def _states(qmodel):
+    from ptq_keras.fitting import quantizer_states
+
+    return list(quantizer_states(qmodel))
+
+
+def _assert_ternary(plain, flavor):
+    from ptq_keras.configs import kernel_attributes
+
+    kernels = 0
+    for layer in plain.layers:
+        for attr, dims in kernel_attributes(layer):
+            kernel = getattr(layer, attr).numpy()
+            columns = kernel.reshape(-1, int(np.prod(kernel.shape[-dims:])))
+            for c in range(columns.shape[1]):
+                assert len(np.unique(np.abs(columns[:, c][columns[:, c] != 0]))) <= 1, (flavor, layer.name, attr)
+            kernels += 1
+    assert kernels == 6  # conv, dw, sep (two kernels), conv1d, logits
+
+
+@pytest.fixture(scope="module", params=FLAVORS)
+def trained(request, data):
+    """(flavor, ternarized model after plain fit with the defaults)."""
+    flavor = request.param
+    qmodel = ptq_keras.ternarize(build(flavor), sparsity=0.7)
+    _fit(qmodel, flavor, data)
+    return flavor, qmodel
+
+
+def test_ternarize_returns_the_same_flavor_with_every_layer_type_wrapped(trained):
+    flavor, qmodel = trained
+    from ptq_keras.compat import is_keras3
+
+    assert is_keras3(qmodel) == (flavor == "keras3")
+    assert ptq_keras.is_ternarized(qmodel)
+    names = {name for name, _, _ in _states(qmodel)}
+    assert names == {"conv", "dw", "sep", "conv1d", "logits"}
+
+
+def test_fit_with_defaults_reaches_exact_sparsity_and_freezes_halfway(trained):
+    flavor, qmodel = trained
+    steps = 2 * 8  # 2 epochs of 256 / 32
+    for name, quantizer, qvars in _states(qmodel):
+        assert int(qvars["step"].numpy()) == steps, name
+        assert int(qvars["freeze_step"].numpy()) == steps // 2, name  # freeze_at=0.5 resolved by fit
+        mask = qvars["mask"].numpy()
+        keep = np.sum(mask)
+        assert abs(keep / mask.size - 0.3) < 0.02 + 1.0 / mask.size, (flavor, name, keep, mask.size)
+
+
+def test_strip_gives_exact_ternary_kernels_computing_what_the_trained_model_computes(trained, data):
+    flavor, qmodel = trained
+    plain = ptq_keras.strip(qmodel)
+    assert not ptq_keras.is_ternarized(plain)
+    assert type(plain).__module__.split(".")[0] == type(qmodel).__module__.split(".")[0]
+    _assert_ternary(plain, flavor)
+    x = data[0][:32]
+    np.testing.assert_allclose(plain.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+    report = ptq_keras.summary(plain, print_fn=None)
+    ternary = [row for row in report.layers if row.ternary]
+    assert len(ternary) == 5
+    assert all(0.6 < row.sparsity < 0.8 for row in ternary), [(r.name, r.sparsity) for r in ternary]
+    trained_report = ptq_keras.summary(qmodel, print_fn=None)
+    assert [r.target_sparsity for r in trained_report.layers if r.ternary] == pytest.approx([0.7] * 5)
+
+
+def test_recalibrate_batchnorm_rewrites_the_moving_statistics(trained, data):
+    flavor, qmodel = trained
+    plain = ptq_keras.strip(qmodel)
+    bn = plain.get_layer("bn2")
+    before = bn.moving_variance.numpy().copy()
+    ptq_keras.recalibrate_batchnorm(plain, data[0], steps=2, verbose=False)
+    after = bn.moving_variance.numpy()
+    assert not np.allclose(before, after)
+    # the new statistics are the batch statistics of the stripped model's own activations
+    k = _api(flavor)
+    probe = k.Model(plain.inputs, plain.get_layer("dw").output)
+    act = np.asarray(probe(data[0][:128], training=False))
+    np.testing.assert_allclose(after, act.reshape(-1, act.shape[-1]).var(axis=0), rtol=0.05)
+
+
+def test_save_load_keeps_masks_and_training_goes_on(trained, data, tmp_path):
+    flavor, qmodel = trained
+    path = str(tmp_path / ("q.keras" if flavor == "keras3" else "q.h5"))
+    qmodel.save(path)
+    loaded = ptq_keras.load_model(path)
+    assert ptq_keras.is_ternarized(loaded)
+    x = data[0][:16]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    before = [(v["mask"].numpy(), int(v["step"].numpy())) for _, _, v in _states(loaded)]
+    _fit(loaded, flavor, data, epochs=1)
+    for (mask, step), (_, _, qvars) in zip(before, _states(loaded)):
+        assert int(qvars["step"].numpy()) == step + 8
+        np.testing.assert_array_equal(qvars["mask"].numpy(), mask)  # frozen since step 8: the support stays
+
+
+OPTIONS = {
+    "taylor": {"criterion": "taylor"},
+    "greg_srfp_identity": {"regularizer": "greg", "soft_decay": 0.5, "ste": "identity"},
+    "channel_l2": {"selection": "channel", "threshold": "l2", "granularity": "tensor"},
+    "ramp": {"sparsity": "ramp"},
+    "channel_sparsity": {"channel_sparsity": 0.25},
+}
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("case", sorted(OPTIONS))
+def test_options_train_to_exact_ternary_kernels(flavor, case, data):
+    options = dict(OPTIONS[case])
+    if options.get("sparsity") == "ramp":
+        options["sparsity"] = ptq_keras.PolynomialDecay(0.0, 0.7, 0, 8, frequency=1)
+    qmodel = ptq_keras.ternarize(build(flavor), overrides={"logits": {"channel_sparsity": 0.0}} if (
+        "channel_sparsity" in options) else None, **options)  # fmt: skip
+    _fit(qmodel, flavor, data, epochs=2)
+    states = _states(qmodel)
+    if case == "taylor":
+        scores = [v["score"].numpy() for _, _, v in states]
+        assert all(np.all(s >= 0) and np.any(s > 0) for s in scores)
+    if case == "channel_sparsity":
+        conv = next(v for name, _, v in states if name == "conv")
+        dead = np.sum(conv["mask"].numpy().reshape(-1, 8).sum(axis=0) == 0)
+        assert dead == 2  # floor(0.25 * 8 + 0.5)
+    plain = ptq_keras.strip(qmodel)
+    _assert_ternary(plain, flavor)
+    if options.get("threshold") != "l2":
+        sparsities = [row.sparsity for row in ptq_keras.summary(plain, print_fn=None).layers if row.ternary]
+        assert min(sparsities) > 0.6, sparsities
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_export_micro_is_bit_exact_with_int8_on_tflm(flavor, data, tmp_path):
+    qmodel = ptq_keras.ternarize(build(flavor), sparsity=0.7)
+    _fit(qmodel, flavor, data, epochs=1)
+    out = tmp_path / flavor
+    tflite.export(qmodel, data[0][:64], out, targets=("int8", "micro", "litert"), measure=False)
+    for target in ("micro", "litert"):
+        report = tflite.verify(
+            qmodel, out / f"model_{target}.tflite", data[0][:64], int8=out / "model_int8.tflite", min_top1=0.8
+        )
+        assert report.ok, str(report)
+        assert report.steps[-1].max_lsb == 0.0, str(report)
+
+
+def _weight_tensors(buf: bytes) -> list[bytes]:
+    model = flatbuffer.read(buf)
+    graph = model.subgraphs[0]
+    out = []
+    for tensor in graph.tensors:
+        array = flatbuffer.buffer_array(model, tensor)
+        if array is not None and array.size > 1:
+            out.append((tuple(tensor.shape), array.tobytes()))
+    return sorted(out)
+
+
+def test_keras3_and_tf_keras_with_the_same_ternary_weights_give_identical_tflite_weights(data):
+    q3 = ptq_keras.ternarize(build("keras3"), sparsity=0.7)
+    _fit(q3, "keras3", data, epochs=1)
+    plain3 = ptq_keras.strip(q3)
+    twin = build("tf_keras")
+    twin.set_weights(plain3.get_weights())
+    calibration = data[0][:64]
+    for target in ("int8", "micro", "litert"):
+        a = tflite.convert(plain3, calibration, target=target)
+        b = tflite.convert(twin, calibration, target=target)
+        assert _weight_tensors(a) == _weight_tensors(b), target
+
+
+def test_keras3_refuses_what_only_tf_keras_has(data):
+    model = build("keras3")
+    with pytest.raises(NotImplementedError, match="activations"):
+        ptq_keras.ternarize(model, activations="int8")
+    with pytest.raises(NotImplementedError, match="flash_budget"):
+        ptq_keras.ternarize(model, flash_budget=10_000, budget_data=data[0][:32])
+    qmodel = ptq_keras.ternarize(model)
+    with pytest.raises(NotImplementedError, match="distill"):
+        ptq_keras.distill(qmodel, model)
+    with pytest.raises(ValueError, match="option|sparsity"):
+        ptq_keras.ternarize(model, sparsity=1.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        ptq_keras.ternarize(model, sparsty=0.5)
+
+
+def test_keras3_on_another_backend_is_refused_with_the_fix(monkeypatch):
+    import keras
+
+    from ptq_keras import compat
+
+    model = build("keras3")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+        ptq_keras.ternarize(model)
+    monkeypatch.undo()
+    compat.check_keras_model(model)
+
+
+def test_ptq_convert_reads_a_keras3_file(trained, data, tmp_path):
+    flavor, qmodel = trained
+    if flavor != "keras3":
+        pytest.skip("the .keras format holds Keras 3 models")
+    from absl.testing import flagsaver
+
+    from ptq_keras.tflite import cli
+
+    path = str(tmp_path / "q.keras")
+    qmodel.save(path)
+    np.save(tmp_path / "x.npy", data[0][:64])
+    with flagsaver.flagsaver():
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["ptq-convert", "--model", path, "--data", str(tmp_path / "x.npy"), "--out_dir",
+                   str(tmp_path / "out"), "--targets", "int8,micro", "--nomeasure"])  # fmt: skip
+        cli.main(["ptq-convert"])
+    assert os.path.getsize(tmp_path / "out" / "model_micro.tflite") > 0
