@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from .compat import keras3, tf
 from .configs import TernaryQuantizeConfig
-from .quantizers import TernaryQuantizer
 
 k3 = keras3()
 

@@ -133,7 +133,8 @@ def summary(model, print_fn=print) -> ModelReport:
 
 
 def _layer_report(layer) -> LayerReport:
-    inner = layer.layer if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) or _ternary_wrapper(layer) else layer
+    wrapped = isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) or _ternary_wrapper(layer)
+    inner = layer.layer if wrapped else layer
     kernels = {}  # attribute -> (exact ternary kernel, channel_dims, target sparsity)
     if _ternary_wrapper(layer):
         dims = dict(layer.quantize_config.attributes)

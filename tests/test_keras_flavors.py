@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 import pytest
+from ptq_keras.tflite import flatbuffer
 
 import ptq_keras
 from ptq_keras import tflite
-from ptq_keras.tflite import flatbuffer
 
 FLAVORS = ("tf_keras", "keras3")
 
@@ -106,7 +106,7 @@ def test_ternarize_returns_the_same_flavor_with_every_layer_type_wrapped(trained
 def test_fit_with_defaults_reaches_exact_sparsity_and_freezes_halfway(trained):
     flavor, qmodel = trained
     steps = 2 * 8  # 2 epochs of 256 / 32
-    for name, quantizer, qvars in _states(qmodel):
+    for name, _, qvars in _states(qmodel):
         assert int(qvars["step"].numpy()) == steps, name
         assert int(qvars["freeze_step"].numpy()) == steps // 2, name  # freeze_at=0.5 resolved by fit
         mask = qvars["mask"].numpy()
@@ -264,7 +264,6 @@ def test_ptq_convert_reads_a_keras3_file(trained, data, tmp_path):
     if flavor != "keras3":
         pytest.skip("the .keras format holds Keras 3 models")
     from absl.testing import flagsaver
-
     from ptq_keras.tflite import cli
 
     path = str(tmp_path / "q.keras")

@@ -91,7 +91,7 @@ def _check_options(target: str, encoding: str, num_samples: int) -> None:
 
 
 def plain_model(model):
-    """The plain tf_keras or Keras 3 model to convert: ``ptq_keras.strip(model)`` for a ternarized model, else ``model``."""
+    """The plain model to convert (tf_keras or Keras 3): ``ptq_keras.strip(model)`` if ternarized, else ``model``."""
     import ptq_keras
     from ptq_keras.compat import check_keras_model
 
