@@ -72,6 +72,19 @@ def _variants():
 
         return _uses_default_ste(build, "ste" not in (ternarize_options or {}))
 
+    def keras3(model, steps, sparsity):
+        # The same float model as a Keras 3 model (Keras 3 reads tf_keras .h5 files), ternarized with the defaults.
+        import tempfile
+
+        import keras
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "float.h5")
+            model.save(path)
+            twin = keras.saving.load_model(path, compile=False)
+        keras.utils.set_random_seed(int(np.random.randint(1 << 30)))
+        return ptq_keras.ternarize(twin, sparsity=sparsity)
+
     # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
         "defaults": (f"the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='{_default_ste()}')",
@@ -96,6 +109,8 @@ def _variants():
         "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0), "defaults"),
         "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor"),
                                "defaults"),
+        "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
+                   _uses_default_ste(keras3, True), "defaults"),
     }  # fmt: skip
 
 
@@ -160,8 +175,10 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     epochs = 1 if FLAGS.quick else FLAGS.epochs
     steps = epochs * -(-len(x) // BATCH)
     q = build(float_model, steps, sparsity)
+    if ptq_keras.compat.is_keras3(q):
+        import keras  # the Keras 3 model compiles with Keras 3's optimizer and loss
     optimizer = keras.optimizers.SGD(0.01, momentum=0.9) if key.startswith("sgd_") else keras.optimizers.Adam()
-    q.compile(optimizer, _loss(), ["accuracy"])
+    q.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     start = time.time()
     q.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=2)
     seconds = time.time() - start
