@@ -201,10 +201,8 @@ def test_options_train_to_exact_ternary_kernels(flavor, case, data):
         assert np.abs(latent[mask < 0.5]).mean() < 0.5 * np.abs(latent[mask > 0.5]).mean()
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
-def test_export_micro_is_bit_exact_with_int8_on_tflm(flavor, data, tmp_path):
-    qmodel = ptq_keras.ternarize(build(flavor), sparsity=0.7)
-    _fit(qmodel, flavor, data, epochs=1)
+def test_export_micro_is_bit_exact_with_int8_on_tflm(trained, data, tmp_path):
+    flavor, qmodel = trained
     out = tmp_path / flavor
     tflite.export(qmodel, data[0][:64], out, targets=("int8", "micro", "litert"), measure=False)
     for target in ("micro", "litert"):
@@ -226,9 +224,10 @@ def _weight_tensors(buf: bytes) -> list[bytes]:
     return sorted(out)
 
 
-def test_keras3_and_tf_keras_with_the_same_ternary_weights_give_identical_tflite_weights(data):
-    q3 = ptq_keras.ternarize(build("keras3"), sparsity=0.7)
-    _fit(q3, "keras3", data, epochs=1)
+def test_keras3_and_tf_keras_with_the_same_ternary_weights_give_identical_tflite_weights(trained, data):
+    flavor, q3 = trained
+    if flavor != "keras3":
+        pytest.skip("compares the Keras 3 model with its tf_keras twin")
     plain3 = ptq_keras.strip(q3)
     twin = build("tf_keras")
     twin.set_weights(plain3.get_weights())

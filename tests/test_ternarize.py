@@ -241,12 +241,24 @@ def test_recalibrate_batchnorm_uses_the_data_statistics(through_strip):
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def test_keras3_model_gets_a_type_error_that_explains_tf_keras():
+def test_what_is_not_a_keras_graph_model_gets_a_type_error_that_names_it():
     import keras as keras3
 
-    k3 = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
-    with pytest.raises(TypeError, match="Keras 3.*tf_keras.*set_weights"):
-        ptq_keras.ternarize(k3, sparsity=0.5)
+    with pytest.raises(TypeError, match="tf_keras or Keras 3 model, got builtins.dict"):
+        ptq_keras.ternarize({"kernel": 1}, sparsity=0.5)
+
+    class Subclassed(keras3.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras3.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Subclassed()
+    model.build((None, 4))
+    with pytest.raises(TypeError, match="subclassed keras.Model.*functional API"):
+        ptq_keras.ternarize(model, sparsity=0.5)
 
 
 def test_model_without_quantizable_layer():

@@ -22,7 +22,10 @@ from .ethosu import ACCELERATORS, DEFAULT_ACCELERATOR, OPTIMISE
 # --model or --out_dir themselves can be imported next to it); ``run`` adds these flags to the global ones.
 FLAGS = flags.FlagValues()
 flags.DEFINE_string(
-    "model", None, "Keras model: .h5 file or SavedModel folder (ternarized or stripped).", flag_values=FLAGS
+    "model",
+    None,
+    "Keras model: .h5 file or SavedModel folder (tf_keras), or .keras file (Keras 3); ternarized or stripped.",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     "data", None, "Representative inputs: a tfds dataset name or a .npy file of samples.", flag_values=FLAGS

@@ -19,6 +19,8 @@ bias is rounded to ``round(b * L / q)`` with scale ``s_in * s_w * q / L`` (``q``
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,7 +214,16 @@ def float_tflite(model) -> bytes:
     """The fp32 .tflite of the plain model (the size reference)."""
     from ptq_keras.compat import tf
 
-    return bytes(tf.lite.TFLiteConverter.from_keras_model(plain_model(model)).convert())
+    plain = plain_model(model)
+    with _quiet_keras3(plain):
+        return bytes(tf.lite.TFLiteConverter.from_keras_model(plain).convert())
+
+
+def _quiet_keras3(model):
+    """Keras 3 prints where it saved the temporary SavedModel of each conversion; that is noise here."""
+    from ptq_keras.compat import is_keras3
+
+    return contextlib.redirect_stdout(io.StringIO()) if is_keras3(model) else contextlib.nullcontext()
 
 
 def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = False) -> bytes:
@@ -229,7 +240,8 @@ def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = Fals
     if per_tensor_dense:
         converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     try:
-        buf = bytes(converter.convert())
+        with _quiet_keras3(plain):
+            buf = bytes(converter.convert())
     except Exception as exc:  # the converter raises ConverterError with a long MLIR log
         raise ExportError(
             f"full-integer conversion of model {plain.name!r} failed: {str(exc).splitlines()[0][:500]}; every op "
