@@ -72,11 +72,14 @@ def _variants():
 
         return _uses_default_ste(build, "ste" not in (ternarize_options or {}))
 
-    def keras3(model, steps, sparsity):
+    def keras3(model, steps, sparsity, backend="tensorflow"):
         # The same float model as a Keras 3 model (Keras 3 reads tf_keras .h5 files), ternarized with the defaults.
         import tempfile
 
         import keras
+
+        if keras.backend.backend() != backend:
+            raise app.UsageError(f"this variant runs Keras 3 on {backend}: run with KERAS_BACKEND={backend}.")
 
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "float.h5")
@@ -111,6 +114,8 @@ def _variants():
                                "defaults"),
         "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
                    _uses_default_ste(keras3, True), "defaults"),
+        "keras3_jax": ("the defaults on the same model as a Keras 3 model on JAX (KERAS_BACKEND=jax)",
+                       _uses_default_ste(lambda m, t, s: keras3(m, t, s, "jax"), True), "defaults"),
     }  # fmt: skip
 
 

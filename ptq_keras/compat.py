@@ -38,19 +38,28 @@ def check_keras_model(model, what: str = "model") -> None:
     if isinstance(model, keras.Model):
         return
     if is_keras3(model) and isinstance(model, keras3().Model):
-        check_keras3_backend(what)
+        backend = keras3().backend.backend()
+        if backend not in TRAINING_BACKENDS:
+            raise RuntimeError(
+                f"The {what} is a Keras 3 model on the {backend!r} backend; ptq_keras trains Keras 3 models on "
+                f"{' and '.join(TRAINING_BACKENDS)} (and exports them on tensorflow). Set KERAS_BACKEND=tensorflow "
+                "before Keras is imported."
+            )
         return
     raise TypeError(
         f"The {what} must be a tf_keras or Keras 3 model, got {type(model).__module__}.{type(model).__name__}."
     )
 
 
-def check_keras3_backend(what: str = "model") -> None:
-    """Keras 3 models are trained and exported by ptq_keras on the TensorFlow backend only."""
+TRAINING_BACKENDS = ("tensorflow", "jax")
+
+
+def check_tensorflow_backend(what: str) -> None:
+    """Keras 3 runs ``what`` on its TensorFlow backend only (the TFLite converter and tf_keras are TensorFlow)."""
     backend = keras3().backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(
-            f"The {what} is a Keras 3 model on the {backend!r} backend; ptq_keras trains and exports Keras 3 models "
-            "on the TensorFlow backend (its ternary quantizer and the TFLite converter are TensorFlow code). Set "
-            "KERAS_BACKEND=tensorflow before Keras is imported (or leave it unset)."
+            f"{what} needs Keras 3's TensorFlow backend; this process runs Keras 3 on {backend!r}. Save the model "
+            "(model.save('q.keras')) and convert it in a process with KERAS_BACKEND=tensorflow (for example "
+            "`KERAS_BACKEND=tensorflow ptq-convert --model q.keras ...`)."
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import schedules, ste, ternary
+from keras import ops
+
 from .compat import keras, tf, tfmot
 
 SELECTIONS = ternary.GRANULARITIES
@@ -36,6 +38,15 @@ CRITERIA = ("magnitude", "taylor")
 REGULARIZERS = (None, "greg")
 
 
+def _after(effects, value):
+    """``value``, computed after ``effects`` (variable updates) in TensorFlow graphs. JAX traces run in program
+    order (Keras 3 records the updates), so there it is ``value`` as it is."""
+    if any(tf.is_tensor(e) or isinstance(e, tf.Operation) for e in effects if e is not None):
+        with tf.control_dependencies([e for e in effects if e is not None]):
+            return tf.identity(value)
+    return value
+
+
 @keras.utils.register_keras_serializable(package="ptq_keras")
 class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     """Sparse ternary projection of a kernel: ``W_q = alpha * sign(W) * M``.
@@ -61,7 +72,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
     # -- tfmot Quantizer interface
     def build(self, tensor_shape, name, layer):
-        self.compute_dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or tf.float32)  # mixed precision
+        self.compute_dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or tf.float32).name  # mixed precision
         # Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
         # weights; ONLY_FIRST_REPLICA makes that explicit (the first replica's value is written to all). The Taylor
         # score comes from each replica's own gradients, so it is averaged over the replicas (MEAN): every
@@ -97,48 +108,42 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return variables
 
     def __call__(self, inputs, training, weights, **kwargs):
+        # Written in keras.ops: the tf_keras path (TensorFlow) and Keras 3 (TensorFlow or JAX) run this same code.
         # Under mixed precision the layer reads its kernel in float16; the ternary math runs in float32 (exact
         # top-k, scales, masks), and the result goes back in the layer's compute dtype.
-        compute_dtype = getattr(self, "compute_dtype", tf.float32)
-        w = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
+        compute_dtype = getattr(self, "compute_dtype", "float32")
+        w = ops.cast(ops.convert_to_tensor(inputs), "float32")
         step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
-        freeze = tf.convert_to_tensor(weights["freeze_step"])
+        freeze = ops.copy(weights["freeze_step"])
         freezes = freeze >= 0
         if training:
-            should_update, target = self.schedule(step)
-            update = tf.logical_or(tf.equal(step, 0), should_update)
+            now = ops.copy(step)
+            should_update, target = schedules.evaluate(self.schedule, now)
+            update = ops.logical_or(now == 0, should_update)
             ramp_end = schedules.end_step(self.schedule)
             if ramp_end >= 0:
                 # After a ramp, keep re-selecting every step until the freeze: a support left fixed under a
                 # pass-through STE lets pruned latents drift, then reshuffles at once.
-                update = tf.logical_or(update, step > ramp_end)
+                update = ops.logical_or(update, now > ramp_end)
             # Re-select at the freeze step itself (the last selection), never after it.
-            update = tf.logical_or(update, tf.logical_and(freezes, tf.equal(step, freeze)))
-            update = tf.logical_and(update, tf.logical_or(tf.logical_not(freezes), step <= freeze))
-            scores = self._scores(w, weights, step)
-            mask = tf.cond(
-                update, lambda: self.support(scores, target), lambda: tf.convert_to_tensor(mask_var)
-            )
-            new_sparsity = tf.cond(
-                update, lambda: tf.cast(target, tf.float32), lambda: tf.convert_to_tensor(sparsity_var)
-            )
+            update = ops.logical_or(update, ops.logical_and(freezes, now == freeze))
+            update = ops.logical_and(update, ops.logical_or(ops.logical_not(freezes), now <= freeze))
+            scores = self._scores(w, weights, now)
+            mask = ops.cond(update, lambda: self.support(scores, target), lambda: ops.copy(mask_var))
+            new_sparsity = ops.where(update, ops.cast(target, "float32"), ops.copy(sparsity_var))
             updates = [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
             if self.options["soft_decay"] < 1.0 and hasattr(inputs, "assign"):  # a tf or Keras 3 variable
                 # SRFP: pruned latents fade by soft_decay at each support update (the forward pass used w).
                 factor = mask + self.options["soft_decay"] * (1.0 - mask)
-                updates.append(
-                    tf.cond(update, lambda: inputs.assign(w * factor), lambda: tf.convert_to_tensor(inputs))
-                )
-            with tf.control_dependencies(updates):
-                current_step = tf.identity(step)
-            with tf.control_dependencies([current_step]):
-                step_update = step.assign_add(1)
-            mask = tf.identity(mask)
+                updates.append(inputs.assign(ops.cast(ops.where(update, w * factor, w), inputs.dtype)))
+            current_step = _after(updates, now)
+            step_update = _after([current_step], step.assign_add(1))
+            mask = ops.copy(mask)
         else:
-            mask = tf.convert_to_tensor(mask_var)
-            current_step = tf.convert_to_tensor(step)
+            mask = ops.copy(mask_var)
+            current_step = ops.copy(step)
             step_update = None
-        frozen = tf.logical_and(freezes, current_step >= freeze)
+        frozen = ops.logical_and(freezes, current_step >= freeze)
         w_q = self.project(w, mask)
         clip_bound = None
         if self.options["ste"] == "clipped":
@@ -147,26 +152,25 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         decay = self.options["decay"]
         if callable(decay):
             decay = decay(current_step)
-        greg = tf.where(frozen, 0.0, self.greg_strength(current_step)) if self.options["regularizer"] else 0.0
+        greg = ops.where(frozen, 0.0, self.greg_strength(current_step)) if self.options["regularizer"] else 0.0
         on_gradient = None
         if training and "score" in weights:
             score_var = weights["score"]
             keep = self.options["taylor_decay"]
 
             def on_gradient(upstream):
-                fresh = tf.abs(w * upstream)
-                started = tf.cast(current_step > 0, tf.float32)  # the first step sets the mean
+                fresh = ops.abs(w * upstream)
+                started = ops.cast(current_step > 0, "float32")  # the first step sets the mean
                 rate = keep * started
-                return score_var.assign(rate * score_var + (1.0 - rate) * fresh)
+                return score_var.assign(rate * ops.copy(score_var) + (1.0 - rate) * fresh)
 
         out = ste.ternary_ste(
             w, w_q, mask, mode=self.options["ste"], clip_bound=clip_bound, decay=decay, frozen=frozen,
             psg_strength=self.options["psg_strength"], greg=greg, on_gradient=on_gradient,
-        )
+        )  # fmt: skip
         if step_update is not None:
-            with tf.control_dependencies([step_update]):
-                out = tf.identity(out)
-        return tf.cast(out, compute_dtype)
+            out = _after([step_update], out)
+        return ops.cast(out, compute_dtype)
 
     def get_config(self):
         options = dict(self.options)
@@ -184,31 +188,30 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return not self.__eq__(other)
 
     # -- the math, through ptq_keras.ternary
-    def greg_strength(self, step) -> tf.Tensor:
+    def greg_strength(self, step):
         """GReg's penalty at ``step``: ``min(ceiling, delta * floor(step / interval))``."""
         o = self.options
-        grown = o["greg_delta"] * tf.cast(tf.math.floordiv(tf.cast(step, tf.int64), o["greg_interval"]), tf.float32)
-        return tf.minimum(grown, o["greg_ceiling"])
+        grown = o["greg_delta"] * ops.cast(ops.floor_divide(ops.cast(step, "int64"), o["greg_interval"]), "float32")
+        return ops.minimum(grown, o["greg_ceiling"])
 
-    def _scores(self, w, weights, step) -> tf.Tensor:
+    def _scores(self, w, weights, step):
         """What the support is chosen on: ``w`` (by magnitude), or the Taylor score (``|w|`` until a gradient
         has been seen)."""
         if "score" not in weights:
             return w
-        score = tf.convert_to_tensor(weights["score"])
-        return tf.where(step > 0, score, tf.abs(w))
+        return ops.where(step > 0, ops.copy(weights["score"]), ops.abs(w))
 
-    def support(self, w, sparsity) -> tf.Tensor:
+    def support(self, w, sparsity):
         """Support mask (float32, shape of ``w``) for the scheduled ``sparsity``."""
-        w2d = ternary.as_groups_tf(w, self.channel_dims)
+        w2d = ternary.as_groups_ops(w, self.channel_dims)
         dead = None
         if self.options["channel_sparsity"] > 0:
             # Dead channels follow the schedule: their share grows with the scheduled sparsity.
             final = schedules.final_sparsity(self.schedule)
-            progress = tf.minimum(tf.cast(sparsity, tf.float32) / final, 1.0) if final > 0 else 1.0
-            count = ternary.dead_count_tf(self.options["channel_sparsity"] * progress, int(w2d.shape[1]))
-            dead = ternary.dead_channels_tf(w2d, count)
-        mask = ternary.support_tf(
+            progress = ops.minimum(ops.cast(sparsity, "float32") / final, 1.0) if final > 0 else 1.0
+            count = ternary.dead_count_ops(self.options["channel_sparsity"] * progress, int(w2d.shape[1]))
+            dead = ternary.dead_channels_ops(w2d, count)
+        mask = ternary.support_ops(
             w2d,
             threshold=self.options["threshold"],
             sparsity=sparsity,
@@ -216,18 +219,18 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             normalize=self.options["normalize"],
             dead=dead,
         )
-        return tf.reshape(tf.cast(mask, tf.float32), tf.shape(w))
+        return ops.reshape(ops.cast(mask, "float32"), w.shape)
 
-    def _alpha(self, w, mask) -> tf.Tensor:
+    def _alpha(self, w, mask):
         """Per-weight scale (shape of ``w``)."""
-        w2d = ternary.as_groups_tf(w, self.channel_dims)
-        alpha = ternary.scale_tf(w2d, ternary.as_groups_tf(mask, self.channel_dims), self.options["granularity"])
-        return tf.reshape(tf.broadcast_to(alpha[None, :], tf.shape(w2d)), tf.shape(w))
+        w2d = ternary.as_groups_ops(w, self.channel_dims)
+        alpha = ternary.scale_ops(w2d, ternary.as_groups_ops(mask, self.channel_dims), self.options["granularity"])
+        return ops.reshape(ops.broadcast_to(alpha[None, :], w2d.shape), w.shape)
 
-    def project(self, w, mask) -> tf.Tensor:
-        w2d = ternary.as_groups_tf(w, self.channel_dims)
-        m2d = ternary.as_groups_tf(mask, self.channel_dims)
-        return tf.reshape(ternary.project_tf(w2d, m2d, self.options["granularity"]), tf.shape(w))
+    def project(self, w, mask):
+        w2d = ternary.as_groups_ops(w, self.channel_dims)
+        m2d = ternary.as_groups_ops(mask, self.channel_dims)
+        return ops.reshape(ternary.project_ops(w2d, m2d, self.options["granularity"]), w.shape)
 
     def project_numpy(self, w: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The exact ternary kernel for latent ``w`` and support ``mask`` (what ``strip`` writes)."""

@@ -37,6 +37,32 @@ def to_schedule(sparsity, frequency: int = 1) -> PruningSchedule:
     return ConstantSparsity(float(sparsity), begin_step=0, frequency=frequency)
 
 
+def evaluate(schedule: PruningSchedule, step):
+    """``(re-select the support at step, scheduled sparsity)``, as ``schedule(step)`` returns them.
+
+    tfmot's ``ConstantSparsity`` and ``PolynomialDecay`` are computed here in ``keras.ops`` with tfmot's formulas
+    (so they run on every Keras 3 backend; tested equal to tfmot's own); another ``PruningSchedule`` is called
+    (TensorFlow).
+    """
+    if type(schedule) not in (ConstantSparsity, PolynomialDecay):
+        return schedule(step)
+    from keras import ops
+
+    step = ops.cast(step, "int64")
+    begin, end, every = int(schedule.begin_step), int(schedule.end_step), int(schedule.frequency)
+    in_range = step >= begin
+    if end >= 0:
+        in_range = ops.logical_and(in_range, step <= end)
+    update = ops.logical_and(in_range, ops.mod(step - begin, every) == 0)
+    if type(schedule) is ConstantSparsity:
+        return update, ops.cast(schedule.target_sparsity, "float32")
+    progress = ops.cast(step - begin, "float32") / float(end - begin)
+    progress = ops.minimum(1.0, ops.maximum(0.0, progress))
+    drop = float(schedule.initial_sparsity) - float(schedule.final_sparsity)
+    sparsity = drop * ops.power(1.0 - progress, float(schedule.power)) + float(schedule.final_sparsity)
+    return update, ops.cast(sparsity, "float32")
+
+
 def final_sparsity(schedule: PruningSchedule) -> float:
     """The sparsity the schedule ends at (its target)."""
     for attr in ("final_sparsity", "target_sparsity"):

@@ -1,4 +1,4 @@
-"""Straight-through estimators for the ternary projection, as ``tf.custom_gradient`` functions.
+"""Straight-through estimators for the ternary projection, as ``keras.ops.custom_gradient`` functions.
 
 The forward pass returns the projection ``W_q``; the backward pass returns, for upstream gradient ``g``:
 
@@ -11,12 +11,16 @@ The forward pass returns the projection ``W_q``; the backward pass returns, for 
 plus the discrepancy ("weight decay") term ``decay * (W - W_q)`` that pulls pruned latents to 0 and kept ones
 to ``+-alpha``, and the growing-regularization term ``greg * W * (1 - M)`` (GReg, Wang et al. ICLR 2021: an L2
 penalty on the weights about to be pruned only). ``on_gradient(upstream)`` is called with ``dL/dW_q`` in the
-backward pass (the Taylor-score statistic); its result (an op) runs before the gradient is returned.
+backward pass (the Taylor-score statistic; TensorFlow only); its result (an op) runs before the gradient is
+returned.
+
+Written in ``keras.ops``: TensorFlow tensors in tf_keras and under Keras 3's TensorFlow backend, JAX arrays under
+its JAX backend.
 """
 
 from __future__ import annotations
 
-from .compat import tf
+from keras import ops
 
 STE_MODES = ("identity", "masked", "clipped", "psg")
 
@@ -33,31 +37,39 @@ def ternary_ste(
     """
     if mode not in STE_MODES:
         raise ValueError(f"ste={mode!r} is not one of {STE_MODES}.")
-    w = tf.convert_to_tensor(w)
-    w_q = tf.stop_gradient(w_q)
-    mask = tf.stop_gradient(tf.cast(mask, w.dtype))
-    decay = tf.cast(decay, w.dtype)
-    greg = tf.cast(greg, w.dtype)
+    w = ops.convert_to_tensor(w)
+    dtype = w.dtype
+    w_q = ops.stop_gradient(w_q)
+    mask = ops.stop_gradient(ops.cast(mask, dtype))
+    decay = ops.cast(decay, dtype)
+    greg = ops.cast(greg, dtype)
 
     if mode == "masked":
         pass_through = mask
     elif mode == "clipped":
-        pass_through = tf.cast(tf.abs(w) <= clip_bound, w.dtype)
+        pass_through = ops.cast(ops.abs(w) <= clip_bound, dtype)
     elif mode == "psg":
-        pass_through = tf.cast(psg_strength, w.dtype) * tf.abs(w - w_q)
+        pass_through = ops.cast(psg_strength, dtype) * ops.abs(w - w_q)
     else:
-        pass_through = tf.ones_like(w)
-    pass_through = tf.where(tf.cast(frozen, tf.bool), mask, pass_through)
+        pass_through = ops.ones_like(w)
+    pass_through = ops.where(ops.cast(frozen, "bool"), mask, pass_through)
 
-    @tf.custom_gradient
-    def _ste(latent):
-        def grad(upstream):
+    # Everything the gradient reads is an argument (JAX's custom gradients cannot close over traced values); the
+    # other arguments get zero gradients (they are stop_gradient'ed above).
+    @ops.custom_gradient
+    def _ste(latent, w_q, pass_through, mask, decay, greg):
+        def grad(*args, upstream=None):
+            if upstream is None:  # TensorFlow passes it by position, JAX by name
+                (upstream,) = args
             out = upstream * pass_through + decay * (latent - w_q) + greg * latent * (1.0 - mask)
             if on_gradient is not None:
+                import tensorflow as tf
+
                 with tf.control_dependencies([on_gradient(upstream)]):
                     out = tf.identity(out)
-            return out
+            rest = (w_q, pass_through, mask, decay, greg)
+            return (out, *(ops.zeros_like(x) for x in rest))
 
-        return tf.identity(w_q), grad
+        return ops.copy(w_q), grad
 
-    return _ste(w)
+    return _ste(w, w_q, pass_through, mask, decay, greg)

@@ -1,4 +1,5 @@
-"""The math of sparse ternary projection: a numpy reference and its TensorFlow twin.
+"""The math of sparse ternary projection: a numpy reference and its twin in ``keras.ops`` (one implementation for
+tf_keras, Keras 3 on TensorFlow and Keras 3 on JAX).
 
 A kernel is viewed as a matrix ``(n, C)``: column ``c`` holds the weights of output channel ``c`` (see
 :func:`as_groups`). For each *selection group* (a column, or the whole matrix) a support ``M`` is chosen:
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compat import tf
 
 THRESHOLDS = ("sparsity", "l2", "twn")
 GRANULARITIES = ("channel", "tensor")
@@ -105,7 +105,7 @@ def support_np(
     normalize: bool = False,
     dead: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Boolean support mask of ``w2d`` (shape ``(n, C)``); numpy reference of :func:`support_tf`. ``dead``
+    """Boolean support mask of ``w2d`` (shape ``(n, C)``); numpy reference of :func:`support_ops`. ``dead``
     (boolean ``(C,)``, see :func:`dead_channels_np`): channels left empty; the sparsity applies to the others."""
     scores = _scores_np(np.asarray(w2d), normalize)
     n, channels = scores.shape
@@ -170,29 +170,39 @@ def ternarize_np(
     return project_np(w2d, mask, granularity).reshape(np.shape(w))
 
 
-# ---------------------------------------------------------------------------------------------- TensorFlow twin
+# ------------------------------------------------------------------------------- the twin, in keras.ops
+# Written once against ``keras.ops`` (Keras 3), so that it runs on tensors of the selected Keras 3 backend: TF
+# tensors in tf_keras graphs and under Keras 3's TensorFlow backend, JAX arrays under its JAX backend.
 
 
-def as_groups_tf(w: tf.Tensor, channel_dims: int) -> tf.Tensor:
+def _ops():
+    from keras import ops
+
+    return ops
+
+
+def as_groups_ops(w, channel_dims: int):
     channels = int(np.prod(w.shape[len(w.shape) - channel_dims :]))
-    return tf.reshape(w, (-1, channels))
+    return _ops().reshape(w, (-1, channels))
 
 
-def keep_count_tf(sparsity: tf.Tensor, n) -> tf.Tensor:
-    n = tf.cast(n, tf.float32)
-    keep = tf.floor((1.0 - tf.cast(sparsity, tf.float32)) * n + 0.5)
-    return tf.cast(tf.clip_by_value(keep, 1.0, n), tf.int32)
+def keep_count_ops(sparsity, n):
+    ops = _ops()
+    n = float(n) if isinstance(n, int) else ops.cast(n, "float32")
+    keep = ops.floor((1.0 - ops.cast(sparsity, "float32")) * n + 0.5)
+    return ops.cast(ops.clip(keep, 1.0, n), "int32")
 
 
-def _scores_tf(w2d: tf.Tensor, normalize: bool) -> tf.Tensor:
-    scores = tf.abs(w2d)
+def _scores_ops(w2d, normalize: bool):
+    ops = _ops()
+    scores = ops.abs(w2d)
     if normalize:
-        norms = tf.sqrt(tf.reduce_sum(tf.square(w2d), axis=0, keepdims=True))
+        norms = ops.sqrt(ops.sum(ops.square(w2d), axis=0, keepdims=True))
         scores = scores / (norms + _EPS)
     return scores
 
 
-def _topk_mask_tf(scores_cn: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+def _topk_mask_ops(scores_cn, k):
     """``scores_cn`` is ``(groups, n)``, non-negative; ``k`` a scalar or ``(groups,)``. Returns the mask of the
     ``k`` largest per row, ties to the lower index (the same set as a stable descending sort).
 
@@ -200,98 +210,98 @@ def _topk_mask_tf(scores_cn: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
     patterns (monotonic for non-negative floats; 31 counting passes, exact), then ties at that value are taken in
     index order.
     """
-    bits = tf.bitcast(tf.convert_to_tensor(scores_cn, tf.float32), tf.int32)
-    groups = tf.shape(bits)[0]
-    k = tf.broadcast_to(tf.reshape(tf.cast(k, tf.int32), (-1,)), (groups,))
-    lo = tf.zeros((groups,), tf.int32)  # count(bits >= lo) >= k
-    hi = tf.fill((groups,), tf.int32.max)  # count(bits >= hi) < k (no finite float has this pattern)
+    ops = _ops()
+    bits = ops.view(ops.cast(scores_cn, "float32"), "int32")
+    groups = bits.shape[0]
+    k = ops.broadcast_to(ops.reshape(ops.cast(k, "int32"), (-1,)), (groups,))
+    lo = ops.zeros((groups,), "int32")  # count(bits >= lo) >= k
+    hi = ops.full((groups,), np.iinfo(np.int32).max, "int32")  # count(bits >= hi) < k (no finite float has it)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
-        enough = tf.reduce_sum(tf.cast(bits >= mid[:, None], tf.int32), axis=-1) >= k
-        lo = tf.where(enough, mid, lo)
-        hi = tf.where(enough, hi, mid)
+        enough = ops.sum(ops.cast(bits >= mid[:, None], "int32"), axis=-1) >= k
+        lo = ops.where(enough, mid, lo)
+        hi = ops.where(enough, hi, mid)
     above = bits > lo[:, None]
     at = bits == lo[:, None]
-    room = k - tf.reduce_sum(tf.cast(above, tf.int32), axis=-1)
-    return above | (at & (tf.cumsum(tf.cast(at, tf.int32), axis=-1) <= room[:, None]))
+    room = k - ops.sum(ops.cast(above, "int32"), axis=-1)
+    return ops.logical_or(above, ops.logical_and(at, ops.cumsum(ops.cast(at, "int32"), axis=-1) <= room[:, None]))
 
 
-def _l2_keep_tf(scores_cn: tf.Tensor) -> tf.Tensor:
+def _l2_keep_ops(scores_cn):
+    ops = _ops()
     n = scores_cn.shape[-1]
-    sorted_desc, _ = tf.math.top_k(scores_cn, k=n, sorted=True)
-    cums = tf.cumsum(tf.cast(sorted_desc, tf.float64), axis=-1)
-    ks = tf.range(1, n + 1, dtype=tf.float64)
-    return tf.argmax(tf.square(cums) / ks, axis=-1, output_type=tf.int32) + 1
+    sorted_desc, _ = ops.top_k(scores_cn, k=n, sorted=True)
+    cums = ops.cumsum(ops.cast(sorted_desc, "float64"), axis=-1)
+    ks = ops.arange(1, n + 1, dtype="float64")
+    return ops.cast(ops.argmax(ops.square(cums) / ks, axis=-1), "int32") + 1
 
 
-def _keep_alive_tf(scores: tf.Tensor, live: tf.Tensor | None = None) -> tf.Tensor:
-    """TensorFlow twin of :func:`_keep_alive_np`."""
-    is_max = tf.equal(scores, tf.reduce_max(scores, axis=0, keepdims=True))
-    first = tf.logical_and(is_max, tf.equal(tf.cumsum(tf.cast(is_max, tf.int32), axis=0), 1))
+def _keep_alive_ops(scores, live=None):
+    """Twin of :func:`_keep_alive_np`."""
+    ops = _ops()
+    is_max = scores == ops.max(scores, axis=0, keepdims=True)
+    first = ops.logical_and(is_max, ops.cumsum(ops.cast(is_max, "int32"), axis=0) == 1)
     if live is not None:
-        first = tf.logical_and(first, live[None, :])
-    boost = 2.0 * tf.reduce_max(scores) + 1.0
-    return scores + tf.cast(first, tf.float32) * boost
+        first = ops.logical_and(first, live[None, :])
+    boost = 2.0 * ops.max(scores) + 1.0
+    return scores + ops.cast(first, "float32") * boost
 
 
-def dead_count_tf(channel_sparsity, channels: int) -> tf.Tensor:
-    """TensorFlow twin of :func:`dead_count`."""
-    dead = tf.floor(tf.cast(channel_sparsity, tf.float32) * float(channels) + 0.5)
-    return tf.cast(tf.clip_by_value(dead, 0.0, float(channels - 1)), tf.int32)
+def dead_count_ops(channel_sparsity, channels: int):
+    """Twin of :func:`dead_count`."""
+    ops = _ops()
+    dead = ops.floor(ops.cast(channel_sparsity, "float32") * float(channels) + 0.5)
+    return ops.cast(ops.clip(dead, 0.0, float(channels - 1)), "int32")
 
 
-def dead_channels_tf(w2d: tf.Tensor, count) -> tf.Tensor:
-    """TensorFlow twin of :func:`dead_channels_np`."""
-    norms = tf.sqrt(tf.reduce_sum(tf.square(tf.convert_to_tensor(w2d, tf.float32)), axis=0))
-    order = tf.argsort(norms, stable=True)
-    ranks = tf.math.invert_permutation(order)
-    return ranks < tf.cast(count, tf.int32)
+def dead_channels_ops(w2d, count):
+    """Twin of :func:`dead_channels_np`."""
+    ops = _ops()
+    norms = ops.sqrt(ops.sum(ops.square(ops.cast(w2d, "float32")), axis=0))
+    ranks = ops.argsort(ops.argsort(norms))  # the inverse of a stable ascending order
+    return ranks < ops.cast(count, "int32")
 
 
-def support_tf(
-    w2d: tf.Tensor,
-    *,
-    threshold: str = "sparsity",
-    sparsity=0.0,
-    selection: str = "channel",
-    normalize: bool = False,
-    dead: tf.Tensor | None = None,
-) -> tf.Tensor:
+def support_ops(w2d, *, threshold: str = "sparsity", sparsity=0.0, selection: str = "channel",
+                normalize: bool = False, dead=None):
     """Boolean support mask of ``w2d`` (shape ``(n, C)``); equals :func:`support_np`."""
-    scores = _scores_tf(tf.convert_to_tensor(w2d, tf.float32), normalize)
+    ops = _ops()
+    scores = _scores_ops(ops.cast(w2d, "float32"), normalize)
     n, channels = scores.shape
     live = None
     if dead is not None:
-        live = tf.logical_not(tf.convert_to_tensor(dead, tf.bool))
-        scores = scores * tf.cast(live, tf.float32)[None, :]
+        live = ops.logical_not(ops.cast(dead, "bool"))
+        scores = scores * ops.cast(live, "float32")[None, :]
     if threshold == "twn":
         axis = None if selection == "tensor" else 0
-        mask = scores > TWN_FACTOR * tf.reduce_mean(scores, axis=axis, keepdims=True)
+        mask = scores > TWN_FACTOR * ops.mean(scores, axis=axis, keepdims=True)
     elif selection == "tensor":
         if threshold == "sparsity":
-            flat = tf.reshape(_keep_alive_tf(scores, live), (1, -1))
-            live_count = channels if live is None else tf.reduce_sum(tf.cast(live, tf.int32))
-            k = keep_count_tf(sparsity, n * live_count)
+            flat = ops.reshape(_keep_alive_ops(scores, live), (1, -1))
+            live_count = channels if live is None else ops.sum(ops.cast(live, "int32"))
+            k = keep_count_ops(sparsity, n * live_count)
         else:
-            flat = tf.reshape(scores, (1, -1))
-            k = _l2_keep_tf(flat)
-        mask = tf.reshape(_topk_mask_tf(flat, k), (n, channels))
+            flat = ops.reshape(scores, (1, -1))
+            k = _l2_keep_ops(flat)
+        mask = ops.reshape(_topk_mask_ops(flat, k), (n, channels))
     else:
-        columns = tf.transpose(scores)
-        k = keep_count_tf(sparsity, n) if threshold == "sparsity" else _l2_keep_tf(columns)
-        mask = tf.transpose(_topk_mask_tf(columns, k))
-    return mask if live is None else tf.logical_and(mask, live[None, :])
+        columns = ops.transpose(scores)
+        k = keep_count_ops(sparsity, n) if threshold == "sparsity" else _l2_keep_ops(columns)
+        mask = ops.transpose(_topk_mask_ops(columns, k))
+    return mask if live is None else ops.logical_and(mask, live[None, :])
 
 
-def scale_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:
-    absw = tf.abs(w2d) * tf.cast(mask, w2d.dtype)
+def scale_ops(w2d, mask, granularity: str = "channel"):
+    ops = _ops()
+    absw = ops.abs(w2d) * ops.cast(mask, w2d.dtype)
     axis = None if granularity == "tensor" else 0
-    total = tf.reduce_sum(absw, axis=axis)
-    count = tf.reduce_sum(tf.cast(absw > 0, w2d.dtype), axis=axis)
-    alpha = total / tf.maximum(count, 1.0)
-    return tf.broadcast_to(alpha, (w2d.shape[1],))
+    total = ops.sum(absw, axis=axis)
+    count = ops.sum(ops.cast(absw > 0, w2d.dtype), axis=axis)
+    alpha = total / ops.maximum(count, 1.0)
+    return ops.broadcast_to(alpha, (w2d.shape[1],))
 
 
-def project_tf(w2d: tf.Tensor, mask: tf.Tensor, granularity: str = "channel") -> tf.Tensor:
-    alpha = scale_tf(w2d, mask, granularity)
-    return alpha[None, :] * tf.sign(w2d) * tf.cast(mask, w2d.dtype)
+def project_ops(w2d, mask, granularity: str = "channel"):
+    ops = _ops()
+    alpha = scale_ops(w2d, mask, granularity)
+    return alpha[None, :] * ops.sign(w2d) * ops.cast(mask, w2d.dtype)

@@ -250,6 +250,8 @@ def ternarize(
             )
         from . import keras3_layers
 
+        if keras3().backend.backend() != "tensorflow":
+            _check_off_tensorflow([base, *per_layer.values()])
         qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)))
         attach(qmodel)
         qmodel.ptq_allocation = None
@@ -316,6 +318,30 @@ def ternarize(
     attach(qmodel)
     qmodel.ptq_allocation = allocation
     return qmodel
+
+
+def _check_off_tensorflow(option_sets) -> None:
+    """Options that need TensorFlow (state written in the backward pass or to trainable weights, or a schedule
+    that is TensorFlow code): refused on Keras 3's other backends."""
+    for options in option_sets:
+        if options["criterion"] == "taylor":
+            raise NotImplementedError(
+                "ternarize: criterion='taylor' keeps its score in the backward pass, which needs Keras 3's "
+                "TensorFlow backend (KERAS_BACKEND=tensorflow)."
+            )
+        if options["soft_decay"] < 1.0:
+            raise NotImplementedError(
+                "ternarize: soft_decay < 1 rewrites the trainable kernel inside the forward pass, which needs Keras "
+                "3's TensorFlow backend (KERAS_BACKEND=tensorflow)."
+            )
+        sparsity = options["sparsity"]
+        if isinstance(sparsity, schedules.PruningSchedule) and type(sparsity) not in (
+            schedules.ConstantSparsity, schedules.PolynomialDecay
+        ):  # fmt: skip
+            raise NotImplementedError(
+                f"ternarize: the schedule {type(sparsity).__name__} is TensorFlow code; off TensorFlow use a float, "
+                "ptq_keras.ConstantSparsity or ptq_keras.PolynomialDecay."
+            )
 
 
 def _producer(tensor):

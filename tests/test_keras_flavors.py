@@ -253,17 +253,66 @@ def test_keras3_refuses_what_only_tf_keras_has(data):
         ptq_keras.ternarize(model, sparsty=0.5)
 
 
-def test_keras3_on_another_backend_is_refused_with_the_fix(monkeypatch):
+def test_keras3_backends_other_than_tensorflow_are_refused_where_they_cannot_run(monkeypatch, data):
     import keras
 
-    from ptq_keras import compat
-
     model = build("keras3")
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow"):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(RuntimeError, match="'torch' backend.*KERAS_BACKEND=tensorflow"):
         ptq_keras.ternarize(model)
-    monkeypatch.undo()
-    compat.check_keras_model(model)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    for options, message in (({"criterion": "taylor"}, "taylor"), ({"soft_decay": 0.5}, "soft_decay")):
+        with pytest.raises(NotImplementedError, match=message + ".*KERAS_BACKEND=tensorflow"):
+            ptq_keras.ternarize(model, **options)
+    with pytest.raises(RuntimeError, match="TensorFlow backend.*ptq-convert --model q.keras"):
+        tflite.convert(model, data[0][:8], target="int8")
+
+
+JAX_SCRIPT = """
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import numpy as np
+import ptq_keras
+import keras
+assert keras.backend.backend() == "jax"
+sys.path.insert(0, {tests!r})
+from test_keras_flavors import build, _assert_ternary, _states
+x = np.load({x!r}); y = np.load({y!r})
+q = ptq_keras.ternarize(build("keras3"), sparsity=ptq_keras.PolynomialDecay(0.0, 0.7, 0, 8, frequency=1),
+                        regularizer="greg", ste="psg")
+q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+q.fit(x, y, epochs=2, batch_size=32, verbose=0)
+for name, _, v in _states(q):
+    assert int(v["step"]) == 16 and int(v["freeze_step"]) == 8, name
+    assert abs(float(np.mean(np.asarray(v["mask"]))) - 0.3) < 0.03, name
+plain = ptq_keras.strip(q)
+_assert_ternary(plain, "jax")
+np.testing.assert_allclose(plain.predict(x[:32], verbose=0), q.predict(x[:32], verbose=0), atol=1e-4)
+q.save({path!r})
+np.save({out!r}, q.predict(x[:32], verbose=0))
+"""
+
+
+def test_keras3_trains_on_jax_and_the_tensorflow_side_exports_what_it_saved(data, tmp_path):
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", data[0])
+    np.save(tmp_path / "y.npy", data[1])
+    path, out = str(tmp_path / "jax.keras"), str(tmp_path / "jax_out.npy")
+    script = JAX_SCRIPT.format(tests=os.path.dirname(__file__), x=str(tmp_path / "x.npy"),
+                               y=str(tmp_path / "y.npy"), path=path, out=out)  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # this process runs Keras 3 on TensorFlow: the JAX-trained file loads, computes the same, exports bit-exact
+    qmodel = ptq_keras.load_model(path)
+    np.testing.assert_allclose(qmodel.predict(data[0][:32], verbose=0), np.load(out), rtol=1e-4, atol=1e-4)
+    tflite.export(qmodel, data[0][:64], tmp_path / "out", targets=("int8", "micro"), measure=False)
+    report = tflite.verify(qmodel, tmp_path / "out" / "model_micro.tflite", data[0][:64],
+                           int8=tmp_path / "out" / "model_int8.tflite", min_top1=0.8)  # fmt: skip
+    assert report.ok and report.steps[-1].max_lsb == 0.0, str(report)
 
 
 def test_ptq_convert_reads_a_keras3_file(trained, data, tmp_path):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ptq_keras import ternary
+from ptq_keras import schedules, ternary
 from ptq_keras.compat import tf
 
 # No subnormals, also after normalization: TensorFlow's CPU kernels flush them to zero, numpy does not (real weights
@@ -22,7 +22,7 @@ matrices = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_s
 
 
 def _tf_support(w2d, **kw):
-    return ternary.support_tf(tf.constant(w2d), **kw).numpy()
+    return ternary.support_ops(tf.constant(w2d), **kw).numpy()
 
 
 @settings(max_examples=60, deadline=None)
@@ -43,7 +43,7 @@ def test_numpy_and_tensorflow_supports_are_equal(w, sparsity, threshold, selecti
 def test_numpy_and_tensorflow_projections_are_equal(w, granularity, sparsity):
     mask = ternary.support_np(w, sparsity=np.float32(sparsity))
     expected = ternary.project_np(w, mask, granularity)
-    got = ternary.project_tf(tf.constant(w), tf.constant(mask), granularity).numpy()
+    got = ternary.project_ops(tf.constant(w), tf.constant(mask), granularity).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -157,7 +157,7 @@ def test_tensor_selection_keeps_every_channel_alive():
     assert mask.sum() == ternary.keep_count(0.9, w.size)
     assert mask.sum(axis=0).min() >= 1 and mask[:, 2].sum() == 1
     assert mask[np.argmax(np.abs(w[:, 2])), 2]
-    got = ternary.support_tf(tf.constant(w), sparsity=0.9, selection="tensor").numpy()
+    got = ternary.support_ops(tf.constant(w), sparsity=0.9, selection="tensor").numpy()
     np.testing.assert_array_equal(got, mask)
 
 
@@ -172,9 +172,9 @@ def test_tensor_selection_keeps_every_channel_alive():
 def test_dead_channels_numpy_and_tensorflow_agree(w, sparsity, channel_sparsity, threshold, selection):
     """0-bit channels: the same dead set and support in both twins; dead columns empty, the rest as before."""
     count = ternary.dead_count(np.float32(channel_sparsity), w.shape[1])
-    assert count == int(ternary.dead_count_tf(np.float32(channel_sparsity), w.shape[1]))
+    assert count == int(ternary.dead_count_ops(np.float32(channel_sparsity), w.shape[1]))
     dead = ternary.dead_channels_np(w, count)
-    np.testing.assert_array_equal(dead, ternary.dead_channels_tf(tf.constant(w), count).numpy())
+    np.testing.assert_array_equal(dead, ternary.dead_channels_ops(tf.constant(w), count).numpy())
     assert dead.sum() == count < w.shape[1]
     kw = dict(threshold=threshold, sparsity=np.float32(sparsity), selection=selection)
     mask = ternary.support_np(w, dead=dead, **kw)
@@ -191,3 +191,20 @@ def test_dead_channels_are_the_smallest_norms_and_sparsity_counts_live_weights()
     mask = ternary.support_np(w, sparsity=0.5, selection="tensor", dead=dead)
     assert mask.sum() == 2 and mask[:, [0, 2]].any(axis=0).all()  # half of the 4 live weights, both channels alive
     assert ternary.dead_count(0.99, 4) == 3  # one channel always stays
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        schedules.ConstantSparsity(0.7, 0, frequency=3),
+        schedules.ConstantSparsity(0.5, begin_step=5, end_step=20, frequency=2),
+        schedules.PolynomialDecay(0.1, 0.8, 3, 40, power=3, frequency=4),
+        schedules.PolynomialDecay(0.0, 0.7, 0, 10, power=2, frequency=100),
+    ],
+)
+def test_schedule_evaluated_in_keras_ops_equals_tfmot(schedule):
+    for step in range(60):
+        want_update, want = schedule(tf.constant(step, tf.int64))
+        got_update, got = schedules.evaluate(schedule, tf.constant(step, tf.int64))
+        assert bool(want_update) == bool(got_update), step
+        assert np.float32(want) == np.float32(got), step

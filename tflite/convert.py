@@ -98,6 +98,8 @@ def plain_model(model):
     from ptq_keras.compat import check_keras_model
 
     check_keras_model(model)
+    if ptq_keras.compat.is_keras3(model):
+        ptq_keras.compat.check_tensorflow_backend("Exporting to TensorFlow Lite")
     if ptq_keras.is_ternarized(model):
         # Converting the tfmot-wrapped model directly gives wrong int32 bias scales: always go through strip.
         return ptq_keras.strip(model)
