@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 THRESHOLDS = ("sparsity", "l2", "twn")
 GRANULARITIES = ("channel", "tensor")
 TWN_FACTOR = 0.7
