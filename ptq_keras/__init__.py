@@ -1,6 +1,7 @@
-"""ptq_keras: Pruning Ternary Quantization for tf_keras models.
+"""ptq_keras: Pruning Ternary Quantization for tf_keras and Keras 3 models.
 
-``import ptq_keras`` selects Keras 2 (tf_keras) before TensorFlow loads; build models with ``ptq_keras.keras``.
+``import ptq_keras`` selects Keras 2 (tf_keras) for ``tf.keras`` before TensorFlow loads; build tf_keras models with
+``ptq_keras.keras``. Keras 3 models (``import keras``; TensorFlow or JAX backend) are accepted as they are.
 """
 
 from .compat import keras
