@@ -8,6 +8,7 @@ tests at the end check that both flavors give identical .tflite weights and that
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -318,7 +319,7 @@ def test_keras3_trains_on_jax_and_the_tensorflow_side_exports_what_it_saved(data
     assert report.ok and report.steps[-1].max_lsb == 0.0, str(report)
 
 
-def test_ptq_convert_reads_a_keras3_file(trained, data, tmp_path):
+def test_ptq_convert_reads_a_keras3_file_and_meets_its_ram_budget(trained, data, tmp_path):
     flavor, qmodel = trained
     if flavor != "keras3":
         pytest.skip("the .keras format holds Keras 3 models")
@@ -331,6 +332,9 @@ def test_ptq_convert_reads_a_keras3_file(trained, data, tmp_path):
     with flagsaver.flagsaver():
         cli.FLAGS.unparse_flags()
         cli.FLAGS(["ptq-convert", "--model", path, "--data", str(tmp_path / "x.npy"), "--out_dir",
-                   str(tmp_path / "out"), "--targets", "int8,micro", "--nomeasure"])  # fmt: skip
+                   str(tmp_path / "out"), "--targets", "int8,micro", "--ram_budget", "65536"])  # fmt: skip
         cli.main(["ptq-convert"])
     assert os.path.getsize(tmp_path / "out" / "model_micro.tflite") > 0
+    report = json.loads((tmp_path / "out" / "model_report.json").read_text())
+    micro = report["targets"]["micro"]
+    assert micro["ram_budget"] == 65536 and micro["arena_bytes"] <= 65536, micro
