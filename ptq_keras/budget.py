@@ -130,8 +130,11 @@ def _micro_bytes(model, kernels: dict, data, ram_budget: int | None = None) -> t
 
 
 def _check_bytes(value, name: str, example: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive number of bytes (e.g. {example}), got {value!r}.")
+    """The export's own check of a byte count (one place for the rule and its message); ``None`` is refused here."""
+    from .tflite.convert import byte_count
+
+    if value is None or byte_count(value, name, f"e.g. {example}") is None:
+        raise ValueError(f"{name} must be a positive number of bytes (e.g. {example}), got None.")
 
 
 def _inputs(data) -> np.ndarray:

@@ -67,7 +67,7 @@ class ExportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- options and inputs
-def _byte_count(value, name: str, what: str) -> int | None:
+def byte_count(value, name: str, what: str) -> int | None:
     """``value`` validated as None or a positive int of bytes; ``what`` says what it counts, with an example."""
     if value is None:
         return None
@@ -78,7 +78,7 @@ def _byte_count(value, name: str, what: str) -> int | None:
 
 def check_max_decode_bytes(max_decode_bytes) -> int | None:
     """``max_decode_bytes`` validated: None or a positive int."""
-    return _byte_count(max_decode_bytes, "max_decode_bytes", "e.g. 16384")
+    return byte_count(max_decode_bytes, "max_decode_bytes", "e.g. 16384")
 
 
 def _check_options(target: str, encoding: str, num_samples: int) -> None:
@@ -525,7 +525,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
 
 def check_ram_budget(ram_budget, max_decode_bytes) -> int | None:
     """``ram_budget`` validated: None or a positive int, and not together with ``max_decode_bytes``."""
-    ram_budget = _byte_count(ram_budget, "ram_budget", "TFLM arena, e.g. 65536")
+    ram_budget = byte_count(ram_budget, "ram_budget", "TFLM arena, e.g. 65536")
     if ram_budget is not None and max_decode_bytes is not None:
         raise ValueError("ram_budget chooses max_decode_bytes itself; pass one of the two, not both.")
     return ram_budget
