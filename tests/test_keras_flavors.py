@@ -239,6 +239,35 @@ def test_keras3_and_tf_keras_with_the_same_ternary_weights_give_identical_tflite
         assert _weight_tensors(a) == _weight_tensors(b), target
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_distill_with_alpha_one_trains_on_the_soft_targets_alone(flavor, data):
+    teacher = build(flavor)
+    x, y = data[0][:64], data[1][:64]
+    k = _api(flavor)
+    results = []
+    for labels in (y, (y + 1) % 4):
+        k.utils.set_random_seed(0)
+        student = ptq_keras.ternarize(teacher, sparsity=0.5)
+        model = ptq_keras.distill(student, teacher, alpha=1.0, temperature=2.0)
+        model.compile(k.optimizers.SGD(0.1), k.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, labels, epochs=1, batch_size=16, verbose=0, shuffle=False)
+        results.append(ptq_keras.strip(model).get_weights())
+    assert not np.allclose(results[0][0], teacher.get_weights()[0], atol=1e-4)  # the student trained
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=1e-6)  # the labels had no effect
+    # with no update, the loss fit reports is the soft-target term of the batch (tf_keras reports it apart, as
+    # distill_loss, next to the compiled loss; Keras 3's loss is the total, here alpha=1: the soft term alone)
+    from ptq_keras.distill import soft_target_loss
+
+    student = ptq_keras.ternarize(teacher, sparsity=0.5)
+    model = ptq_keras.distill(student, teacher, alpha=1.0, temperature=4.0)
+    model.compile(k.optimizers.SGD(0.0), k.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x[:16], y[:16], epochs=1, batch_size=16, verbose=0).history
+    loss = history["distill_loss" if flavor == "tf_keras" else "loss"][0]
+    expected = float(soft_target_loss(teacher(x[:16], training=False), student(x[:16], training=True), 4.0))
+    assert loss == pytest.approx(expected, rel=1e-3) and expected > 1e-4
+
+
 def test_keras3_refuses_what_only_tf_keras_has(data):
     model = build("keras3")
     with pytest.raises(NotImplementedError, match="activations"):
@@ -246,8 +275,8 @@ def test_keras3_refuses_what_only_tf_keras_has(data):
     with pytest.raises(NotImplementedError, match="flash_budget"):
         ptq_keras.ternarize(model, flash_budget=10_000, budget_data=data[0][:32])
     qmodel = ptq_keras.ternarize(model)
-    with pytest.raises(NotImplementedError, match="distill"):
-        ptq_keras.distill(qmodel, model)
+    with pytest.raises(TypeError, match="both be tf_keras or both be Keras 3"):
+        ptq_keras.distill(qmodel, build("tf_keras"))
     with pytest.raises(ValueError, match="option|sparsity"):
         ptq_keras.ternarize(model, sparsity=1.5)
     with pytest.raises(TypeError, match="unknown option"):
@@ -294,6 +323,12 @@ _assert_ternary(plain, "jax")
 np.testing.assert_allclose(plain.predict(x[:32], verbose=0), q.predict(x[:32], verbose=0), atol=1e-4)
 q.save({path!r})
 np.save({out!r}, q.predict(x[:32], verbose=0))
+teacher = build("keras3")
+before = [w.copy() for w in teacher.get_weights()]
+d = ptq_keras.distill(ptq_keras.ternarize(teacher), teacher)
+d.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+assert np.isfinite(d.fit(x, y, epochs=1, batch_size=32, verbose=0).history["loss"][0])
+assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))  # the teacher never trains
 """
 
 
