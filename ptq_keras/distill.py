@@ -113,8 +113,7 @@ def distill(qmodel, teacher, *, temperature: float = 4.0, alpha: float = 0.9) ->
     Args:
       qmodel: the model returned by :func:`ptq_keras.ternarize` (the student; trained in place).
       teacher: a model of the same Keras API (tf_keras or Keras 3) with the same inputs and outputs (typically the
-        float model ``qmodel`` came
-        from); it is frozen (never trained) and runs in inference mode.
+        float model ``qmodel`` came from); it is frozen (never trained) and runs in inference mode.
       temperature: softening temperature ``T`` of both distributions (> 0).
       alpha: weight of the soft-target term in [0, 1]; ``1 - alpha`` weighs the compiled (label) loss.
 
