@@ -124,8 +124,10 @@ def ternarize(model, targets: set, options_of) -> object:
     the other layers are copies with the same weights."""
     copies = []
 
+    from .wrap import _fresh_copy
+
     def wrap(layer):
-        fresh = layer.__class__.from_config(layer.get_config())
+        fresh = _fresh_copy(layer)
         copies.append((layer, fresh))
         if layer.name not in targets:
             return fresh
@@ -141,11 +143,13 @@ def ternarize(model, targets: set, options_of) -> object:
 def strip(model, project):
     """A plain Keras 3 copy of a ternarized ``model``: every wrapper becomes its layer, whose kernels are
     ``project(wrapper)`` (``{attribute: exact ternary kernel}``); other weights are copied."""
+    from .wrap import _fresh_copy
+
     pairs = []
 
     def unwrap(layer):
         inner = layer.layer if is_wrapper(layer) else layer
-        fresh = inner.__class__.from_config(inner.get_config())
+        fresh = _fresh_copy(inner)
         pairs.append((layer, inner, fresh))
         return fresh
 
