@@ -7,8 +7,10 @@ zeros where they cost least:
 * **Size**: each layer's encoded bytes at each candidate come from the real encoders
   (``ptq_keras.tflite.decode``, what ``encoding="auto"`` picks) run on the layer's own float kernel projected to
   that sparsity, in the file's layout; the rest of the file (biases, scales, graph) from one real conversion of the
-  model, calibrated on ``budget_data``. The chosen allocation is converted once more and checked against the budget
-  (tightened and chosen again when the estimate was short).
+  model, calibrated on ``budget_data``, with biases and BatchNormalization parameters still at their initial
+  constants given per-channel values as training will (the converter folds and shares constant tensors, so an
+  untrained model's file is smaller than the trained one's). The chosen allocation is converted once more and
+  checked against the budget (tightened and chosen again when the estimate was short).
 * **Sensitivity**: for each layer and candidate, the float model with only that layer's kernels projected to that
   sparsity runs on ``budget_data``; the cost is the output's squared error relative to the float output's energy.
 * **Allocation**: every layer starts at the least sparse candidate; while the estimated file is over budget, the
@@ -28,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ternary
-from .compat import keras
-from .configs import kernel_attributes
+from .compat import is_keras3, keras, keras3
+from .configs import is_batchnorm, kernel_attributes
 
 __all__ = ["CANDIDATES", "Allocation", "allocate"]
 
@@ -69,11 +71,11 @@ class Allocation:
         return "\n".join(lines)
 
 
-def _tflite_layout(kernel: np.ndarray, attr: str, layer) -> tuple[np.ndarray, int]:
-    """The kernel as the int8 file stores it, and its channel axis there."""
-    if attr == "depthwise_kernel":  # (kh, kw, in, mult) -> (1, kh, kw, in * mult), channels last
+def _tflite_layout(kernel: np.ndarray, dims: int) -> tuple[np.ndarray, int]:
+    """The kernel (its last ``dims`` axes the channels) as the int8 file stores it, and its channel axis there."""
+    if dims == 2:  # depthwise (kh, kw, in, mult) -> (1, kh, kw, in * mult), channels last
         return kernel.reshape(1, *kernel.shape[:2], -1), 3
-    if isinstance(layer, keras.layers.Dense):  # (in, out) -> (out, in)
+    if kernel.ndim == 2:  # Dense (in, out) -> (out, in)
         return kernel.T, 0
     return np.moveaxis(kernel, -1, 0), 0  # convolutions: (..., in, out) -> (out, ..., in)
 
@@ -91,10 +93,10 @@ def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> n
     )
 
 
-def _encoded_bytes(projected: np.ndarray, attr: str, layer) -> int:
+def _encoded_bytes(projected: np.ndarray, dims: int) -> int:
     from .tflite import decode, encoders
 
-    stored, axis = _tflite_layout(projected, attr, layer)
+    stored, axis = _tflite_layout(projected, dims)
     codes = (np.sign(stored) * 127).astype(np.int8)
     channels = stored.shape[axis]
     layout = (
@@ -104,13 +106,35 @@ def _encoded_bytes(projected: np.ndarray, attr: str, layer) -> int:
     return int(chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
 
 
-def _plain_copy(model, kernels: dict) -> keras.Model:
-    """A copy of ``model`` with ``kernels`` ({(layer, attr): array}) in place of its own."""
-    copy = keras.models.clone_model(model)
+def _plain_copy(model, kernels: dict):
+    """A copy of ``model`` (tf_keras or Keras 3) with ``kernels`` ({(layer, attr): array}) in place of its own."""
+    copy = (keras3() if is_keras3(model) else keras).models.clone_model(model)
     copy.set_weights(model.get_weights())
     for (name, attr), value in kernels.items():
         getattr(copy.get_layer(name), attr).assign(value)
     return copy
+
+
+_BATCHNORM_PARAMS = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def _as_trained(model) -> dict:
+    """Values, for sizing the file only, of the biases and BatchNormalization parameters of ``model`` that are
+    still at their initial constant: training makes each of them differ per channel. The converter folds or
+    shares constant tensors (one buffer and shorter fused tensor names for equal biases, a BatchNormalization
+    without offset adds no bias), so an untrained model's file is smaller than the trained model's."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for layer in model.layers:
+        for attr in _BATCHNORM_PARAMS if is_batchnorm(layer) else ("bias",):
+            variable = getattr(layer, attr, None)
+            if variable is None or not hasattr(variable, "numpy"):
+                continue
+            value = np.asarray(variable.numpy(), np.float32)
+            if value.size and np.all(value == value.flat[0]):
+                scale = 0.05 * abs(float(value.flat[0])) or 1e-3
+                values[(layer.name, attr)] = value + scale * rng.uniform(0.5, 1.0, value.shape).astype(np.float32)
+    return values
 
 
 def _output(model, x) -> np.ndarray:
@@ -189,20 +213,14 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
     layer_bytes, sensitivity = {}, {}
     log(f"flash budget {int(flash_budget):,} B: measuring {len(layers)} layer(s) at {len(candidates)} sparsities ...")
     for name, parts in kernels.items():
-        layer = model.get_layer(name)
         layer_bytes[name], sensitivity[name] = {}, {}
         for s in candidates:
             projected = {(name, attr): _project(w, dims, s, layers[name]) for attr, dims, w in parts}
-            layer_bytes[name][s] = sum(_encoded_bytes(p, attr, layer) for (_, attr), p in projected.items())
+            layer_bytes[name][s] = sum(_encoded_bytes(projected[(name, attr)], dims) for attr, dims, _ in parts)
             error = np.mean((_output(_plain_copy(model, projected), x) - reference) ** 2) / energy
             sensitivity[name][s] = float(error)
 
-    # Training makes every bias nonzero; the converter drops all-zero ones, so size the file with them present.
-    biases = {}
-    for name in layers:
-        bias = getattr(model.get_layer(name), "bias", None)
-        if bias is not None and not np.any(bias.numpy()):
-            biases[(name, "bias")] = np.full(bias.shape, 1e-3, np.float32)
+    biases = _as_trained(model)
 
     def kernels_at(choice: dict) -> dict:
         projected = {(name, attr): _project(w, dims, choice[name], layers[name])

@@ -54,12 +54,13 @@ def check_keras_model(model, what: str = "model") -> None:
 TRAINING_BACKENDS = ("tensorflow", "jax")
 
 
-def check_tensorflow_backend(what: str) -> None:
-    """Keras 3 runs ``what`` on its TensorFlow backend only (the TFLite converter and tf_keras are TensorFlow)."""
+def check_tensorflow_backend(what: str, fix: str | None = None) -> None:
+    """Keras 3 runs ``what`` on its TensorFlow backend only (the TFLite converter and tf_keras are TensorFlow);
+    ``fix`` replaces the default advice (save the model and convert it in a TensorFlow process)."""
     backend = keras3().backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(
-            f"{what} needs Keras 3's TensorFlow backend; this process runs Keras 3 on {backend!r}. Save the model "
-            "(model.save('q.keras')) and convert it in a process with KERAS_BACKEND=tensorflow (for example "
-            "`KERAS_BACKEND=tensorflow ptq-convert --model q.keras ...`)."
-        )
+            f"{what} needs Keras 3's TensorFlow backend; this process runs Keras 3 on {backend!r}. "
+            + (fix or "Save the model (model.save('q.keras')) and convert it in a process with "
+               "KERAS_BACKEND=tensorflow (for example `KERAS_BACKEND=tensorflow ptq-convert --model q.keras ...`).")
+        )  # fmt: skip

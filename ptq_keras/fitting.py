@@ -18,21 +18,22 @@ from .compat import is_keras3, keras
 from .configs import is_ternary_wrapper
 
 
-def _layers(model) -> Iterator:
+def all_layers(model) -> Iterator:
+    """The layers of ``model``, nested models flattened (a distill wrapper: its student's)."""
     student = getattr(model, "student", None)
     if student is not None:  # a ptq_keras.distill wrapper
-        yield from _layers(student)
+        yield from all_layers(student)
         return
     for layer in getattr(model, "layers", ()):
         if isinstance(layer, keras.Model) or (is_keras3(layer) and hasattr(layer, "layers")):
-            yield from _layers(layer)
+            yield from all_layers(layer)
         else:
             yield layer
 
 
 def quantizer_states(model) -> Iterator[tuple[str, object, dict]]:
     """``(layer name, TernaryQuantizer, its variables)`` for every ternary kernel of ``model``."""
-    for layer in _layers(model):
+    for layer in all_layers(model):
         if is_ternary_wrapper(layer):
             for _, quantizer, qvars in layer._weight_vars:
                 yield layer.layer.name, quantizer, qvars
@@ -96,7 +97,7 @@ def _set_schedule(model, name, quantizer, schedule) -> None:
     """Replace a quantizer's schedule, also in its layer's saved config."""
     quantizer.schedule = schedule
     quantizer.options["sparsity"] = schedule
-    for layer in _layers(model):
+    for layer in all_layers(model):
         if getattr(getattr(layer, "layer", None), "name", None) == name:
             layer.quantize_config.options["sparsity"] = schedules.serialize(schedule)
 

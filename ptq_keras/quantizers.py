@@ -6,7 +6,7 @@ import numpy as np
 from keras import ops
 
 from . import schedules, ste, ternary
-from .compat import keras, tf, tfmot
+from .compat import check_tensorflow_backend, keras, tf, tfmot
 
 SELECTIONS = ternary.GRANULARITIES
 
@@ -35,18 +35,6 @@ DEFAULTS = {
 }
 CRITERIA = ("magnitude", "taylor")
 REGULARIZERS = (None, "greg")
-
-
-def _check_tensorflow_ops(name: str) -> None:
-    import keras as keras_3
-
-    backend = keras_3.backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"Layer {name!r} is a tf_keras layer, but Keras 3 (whose keras.ops compute ptq_keras' ternary math) runs "
-            f"on {backend!r} in this process: tf_keras models need KERAS_BACKEND=tensorflow (or unset). Keras 3 "
-            "models train on JAX too."
-        )
 
 
 def _after(effects, value):
@@ -84,7 +72,11 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     # -- tfmot Quantizer interface
     def build(self, tensor_shape, name, layer):
         if isinstance(layer, keras.layers.Layer):  # tf_keras: its tensors are TensorFlow's, and so must keras.ops be
-            _check_tensorflow_ops(layer.name)
+            check_tensorflow_backend(
+                f"Layer {layer.name!r}, a tf_keras layer,",
+                "keras.ops compute ptq_keras' ternary math, and tf_keras models need them on TensorFlow tensors: set "
+                "KERAS_BACKEND=tensorflow (or leave it unset). Keras 3 models train on JAX too.",
+            )
         self.compute_dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or tf.float32).name  # mixed precision
         # Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
         # weights; ONLY_FIRST_REPLICA makes that explicit (the first replica's value is written to all). The Taylor

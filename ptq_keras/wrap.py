@@ -11,7 +11,7 @@ import numpy as np
 
 from . import activations as act
 from . import fitting, schedules, ste, ternary
-from .compat import check_keras_model, is_keras3, keras, keras3, tf, tfmot
+from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras, keras3, tf, tfmot
 from .configs import TernaryQuantizeConfig, TernaryScheme, is_batchnorm, is_ternary_wrapper, kernel_attributes
 from .quantizers import CRITERIA, DEFAULTS, REGULARIZERS, TernaryQuantizer
 
@@ -154,8 +154,8 @@ def ternarize(
 
     ``model`` is a tf_keras model (the result is a tf_keras model) or a Keras 3 model on the TensorFlow backend
     (the result is a Keras 3 model whose ternarized layers are :class:`ptq_keras.keras3_layers.TernaryWrapper`,
-    saved and loaded in the ``.keras`` format; ``activations``, ``flash_budget`` and ``ram_budget`` are tf_keras
-    only).
+    saved and loaded in the ``.keras`` format; ``activations`` is tf_keras only, and ``flash_budget`` /
+    ``ram_budget`` need Keras 3's TensorFlow backend).
 
     Quantizable layers: Dense, Conv2D, Conv1D, DepthwiseConv2D, SeparableConv2D. The user's model is not modified.
 
@@ -201,6 +201,11 @@ def ternarize(
     base = _validate_options(options, "ternarize")
     if activations not in act.ACTIVATIONS:
         raise ValueError(f"ternarize: activations={activations!r} is not one of {list(act.ACTIVATIONS)}.")
+    if activations is not None and is_keras3(model):
+        raise NotImplementedError(
+            "ternarize: activations='int8' is available for tf_keras models only; rebuild the model with "
+            "`from ptq_keras import keras` (tf_keras) for it."
+        )
     names = {layer.name for layer in model.layers}
     keep_float = list(keep_float)
     for name in keep_float:
@@ -238,25 +243,6 @@ def ternarize(
         print(f"ptq_keras: channel_sparsity is not applied to {skipped}: their output channels are the model's outputs "
               "(set it in overrides for such a layer to force it).")  # fmt: skip
 
-    if is_keras3(model):
-        unsupported = {"activations": activations, "flash_budget": flash_budget, "ram_budget": ram_budget,
-                       "budget_data": budget_data}  # fmt: skip
-        given = sorted(name for name, value in unsupported.items() if value is not None)
-        if given:
-            raise NotImplementedError(
-                f"ternarize: {given} are available for tf_keras models only; a Keras 3 model takes the per-kernel "
-                "options (sparsity, ste, criterion, ...). Budgets: export the trained model with ram_budget=, or "
-                "rebuild the model with `from ptq_keras import keras` (tf_keras) for flash_budget and activations."
-            )
-        from . import keras3_layers
-
-        if keras3().backend.backend() != "tensorflow":
-            _check_off_tensorflow([base, *per_layer.values()])
-        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)))
-        attach(qmodel)
-        qmodel.ptq_allocation = None
-        return qmodel
-
     allocation = None
     if flash_budget is not None:
         if "sparsity" in options:
@@ -271,6 +257,8 @@ def ternarize(
             )
         from . import budget
 
+        if is_keras3(model):
+            check_tensorflow_backend("flash_budget (which converts the model to measure it)")
         free = {
             name: per_layer.get(name, base) for name in sorted(targets) if "sparsity" not in overrides.get(name, {})
         }
@@ -287,11 +275,23 @@ def ternarize(
             )
         from . import budget
 
+        if is_keras3(model):
+            check_tensorflow_backend("ram_budget (which converts the model to measure it)")
         layers = {name: per_layer.get(name, base) for name in sorted(targets)}
         allocation = budget.check_ram(model, ram_budget, budget_data, layers, log=lambda line: print(
             f"ptq_keras: {line}"))  # fmt: skip
     elif budget_data is not None:
         raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
+
+    if is_keras3(model):
+        from . import keras3_layers
+
+        if keras3().backend.backend() != "tensorflow":
+            _check_off_tensorflow([base, *per_layer.values()])
+        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)))
+        attach(qmodel)
+        qmodel.ptq_allocation = allocation
+        return qmodel
 
     if activations == "int8":
         model, aliases = act.insert(model)
@@ -513,8 +513,8 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
             "recalibrate_batchnorm takes a plain model: call ptq_keras.strip(qmodel) first (running a ternarized "
             "model in training mode would advance its sparsity schedule)."
         )
-    bns = [layer for layer in _all_layers(model) if is_batchnorm(layer)]
-    aqs = [layer for layer in _all_layers(model) if isinstance(layer, act.ActivationQuantizer)]
+    bns = [layer for layer in fitting.all_layers(model) if is_batchnorm(layer)]
+    aqs = [layer for layer in fitting.all_layers(model) if isinstance(layer, act.ActivationQuantizer)]
     if not bns:
         return model
     if isinstance(data, np.ndarray):
@@ -551,11 +551,3 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
         print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
     return model
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) or (is_keras3(layer) and hasattr(layer, "layers")):
-            yield from _all_layers(layer)
-        else:
-            yield layer

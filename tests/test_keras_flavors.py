@@ -239,6 +239,37 @@ def test_keras3_and_tf_keras_with_the_same_ternary_weights_give_identical_tflite
         assert _weight_tensors(a) == _weight_tensors(b), target
 
 
+def test_keras3_budgets_measure_what_tf_keras_measures_and_the_file_keeps_them(data):
+    """flash_budget and ram_budget on a Keras 3 model: per layer, the same encoded bytes and output errors as its
+    tf_keras twin with the same weights; the chosen sparsities train, and the exported file fits both budgets."""
+    from ptq_keras.fitting import quantizer_states
+
+    model = build("keras3")
+    twin = build("tf_keras")
+    twin.set_weights(model.get_weights())
+    x = data[0][:64]
+    budgets = {"flash_budget": 9_550, "ram_budget": 16_384, "budget_data": x}
+    qmodel = ptq_keras.ternarize(model, **budgets)
+    chosen = qmodel.ptq_allocation
+    reference = ptq_keras.ternarize(twin, **budgets).ptq_allocation
+    assert chosen.layer_bytes == reference.layer_bytes
+    for name, errors in chosen.sensitivity.items():
+        assert errors == pytest.approx(reference.sensitivity[name], rel=1e-3, abs=1e-7), name
+    assert chosen.file_bytes <= 9_550 and chosen.arena_bytes <= 16_384
+    assert max(chosen.sparsities.values()) > min(chosen.sparsities.values())  # the budget made a choice per layer
+    _fit(qmodel, "keras3", data, epochs=1)
+    for name, _, qvars in quantizer_states(qmodel):
+        mask = qvars["mask"].numpy()
+        assert abs(1.0 - mask.mean() - chosen.sparsities[name]) < 0.02 + 1.0 / mask.size, name
+    buf = tflite.convert(qmodel, x, target="micro", encoding="auto", ram_budget=16_384)
+    assert len(buf) <= 9_550
+    from ptq_keras.tflite import micro
+
+    assert micro.measure_arena(buf) <= 16_384
+    with pytest.raises(ValueError, match="flash_budget=2,000 B cannot be met"):
+        ptq_keras.ternarize(build("keras3"), flash_budget=2_000, budget_data=x)
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_distill_with_alpha_one_trains_on_the_soft_targets_alone(flavor, data):
     teacher = build(flavor)
@@ -272,8 +303,6 @@ def test_keras3_refuses_what_only_tf_keras_has(data):
     model = build("keras3")
     with pytest.raises(NotImplementedError, match="activations"):
         ptq_keras.ternarize(model, activations="int8")
-    with pytest.raises(NotImplementedError, match="flash_budget"):
-        ptq_keras.ternarize(model, flash_budget=10_000, budget_data=data[0][:32])
     qmodel = ptq_keras.ternarize(model)
     with pytest.raises(TypeError, match="both be tf_keras or both be Keras 3"):
         ptq_keras.distill(qmodel, build("tf_keras"))
