@@ -14,30 +14,48 @@ them, so the exported int8 file computes what the trained model computes.
 
 from __future__ import annotations
 
-from .compat import keras, tf
+from keras import ops
+
+from .compat import keras, keras3, tf
 
 __all__ = ["ActivationQuantizer", "insert", "quantizers"]
 
 ACTIVATIONS = (None, "int8")
 
 L = keras.layers
-# Layers whose int8 output keeps its input's scale: no quantizer after them.
-_PASSTHROUGH = (
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.Flatten,
-    L.Reshape,
-    L.Dropout,
-    L.SpatialDropout1D,
-    L.SpatialDropout2D,
-    L.ZeroPadding1D,
-    L.ZeroPadding2D,
-    L.Cropping1D,
-    L.Cropping2D,
-)
-_KERNEL_LAYERS = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
+# Layers whose int8 output keeps its input's scale: no quantizer after them. The graph rules name layer classes,
+# so that they read tf_keras and Keras 3 graphs alike.
+_PASSTHROUGH = frozenset(
+    {"MaxPooling1D", "MaxPooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D", "Flatten", "Reshape", "Dropout",
+     "SpatialDropout1D", "SpatialDropout2D", "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D",
+     "ActivationQuantizer"}
+)  # fmt: skip
+_KERNEL_LAYERS = frozenset({"Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"})
+
+
+def _is(layer, names) -> bool:
+    """Whether ``layer`` is (a subclass of) a Keras layer class named in ``names`` (either Keras API)."""
+    return any(cls.__name__ in names for cls in type(layer).__mro__)
+
+
+def range_update(x, low, high, calibrated, ema_decay):
+    """The new ``(min, max)`` after a training batch ``x``: the batch's range (always containing 0) in an
+    ``ema_decay`` moving average; the first batch (``calibrated`` 0) sets it. ``keras.ops``: both Keras APIs."""
+    batch_min = ops.minimum(ops.min(x), 0.0)
+    batch_max = ops.maximum(ops.max(x), 0.0)
+    decay = ops.where(calibrated > 0.5, ema_decay, 0.0)
+    return decay * low + (1.0 - decay) * batch_min, decay * high + (1.0 - decay) * batch_max
+
+
+def fake_quant(x, low, high, num_bits: int):
+    """``num_bits`` fake quantization over ``[low, high]`` (nudged so that 0 is exact), straight-through gradient.
+    On TensorFlow this is ``tf.quantization.fake_quant_with_min_max_vars``, the op the TFLite converter reads."""
+    return keras3().quantizers.fake_quant_with_min_max_vars(x, low, high, num_bits=num_bits, narrow_range=False)
+
+
+def is_activation_quantizer(layer) -> bool:
+    """A tf_keras or Keras 3 :class:`ActivationQuantizer`."""
+    return type(layer).__name__ == "ActivationQuantizer" and hasattr(layer, "ema_decay")
 
 
 @keras.utils.register_keras_serializable(package="ptq_keras")
@@ -67,9 +85,7 @@ class ActivationQuantizer(L.Layer):
         super().build(input_shape)
 
     def _fake_quant(self, x):
-        return tf.quantization.fake_quant_with_min_max_vars(
-            x, self.min, self.max, num_bits=self.num_bits, narrow_range=False
-        )
+        return fake_quant(x, self.min, self.max, self.num_bits)
 
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
@@ -85,11 +101,7 @@ class ActivationQuantizer(L.Layer):
         return tf.cond(self.calibrated > 0.5, lambda: self._fake_quant(x), lambda: tf.identity(x))
 
     def _train(self, x):
-        batch_min = tf.minimum(tf.reduce_min(x), 0.0)
-        batch_max = tf.maximum(tf.reduce_max(x), 0.0)
-        decay = tf.where(self.calibrated > 0.5, self.ema_decay, 0.0)
-        new_min = decay * self.min + (1.0 - decay) * batch_min
-        new_max = decay * self.max + (1.0 - decay) * batch_max
+        new_min, new_max = range_update(x, self.min, self.max, self.calibrated, self.ema_decay)
         with tf.control_dependencies(
             [self.min.assign(new_min), self.max.assign(new_max), self.calibrated.assign(1.0)]
         ):
@@ -99,18 +111,18 @@ class ActivationQuantizer(L.Layer):
         return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
 
 
-def quantizers(model) -> list[ActivationQuantizer]:
-    return [layer for layer in model.layers if isinstance(layer, ActivationQuantizer)]
+def quantizers(model) -> list:
+    return [layer for layer in model.layers if is_activation_quantizer(layer)]
 
 
 def _is_fused_activation(layer) -> bool:
-    if isinstance(layer, L.ReLU):
+    if _is(layer, {"ReLU"}):
         return (
             float(layer.negative_slope) == 0.0
             and float(layer.threshold) == 0.0
             and (layer.max_value is None or float(layer.max_value) == 6.0)
         )
-    if isinstance(layer, L.Activation):
+    if _is(layer, {"Activation"}):
         return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
     return False
 
@@ -121,17 +133,17 @@ def _linear(layer) -> bool:
 
 def _fuses_into(layer, consumer) -> bool:
     """True when the converter computes ``consumer`` inside ``layer``'s int8 op (no int8 tensor between them)."""
-    if isinstance(layer, _KERNEL_LAYERS) and _linear(layer):
-        return isinstance(consumer, L.BatchNormalization) or _is_fused_activation(consumer)
-    if isinstance(layer, (L.BatchNormalization, L.Add)):
+    if _is(layer, _KERNEL_LAYERS) and _linear(layer):
+        return _is(consumer, {"BatchNormalization"}) or _is_fused_activation(consumer)
+    if _is(layer, {"BatchNormalization", "Add"}):
         return _is_fused_activation(consumer)
     return False
 
 
 def _needs_quantizer(layer, consumers) -> bool:
-    if isinstance(layer, L.InputLayer):
+    if _is(layer, {"InputLayer"}):
         return True
-    if isinstance(layer, _PASSTHROUGH) or isinstance(layer, ActivationQuantizer):
+    if _is(layer, _PASSTHROUGH):
         return False
     return not (len(consumers) == 1 and _fuses_into(layer, consumers[0]))
 
@@ -142,8 +154,10 @@ def _functional(model):
     return model
 
 
-def _split_separable(layer):
-    """A SeparableConv2D as the two ops the converter makes of it: DepthwiseConv2D, then a 1x1 Conv2D."""
+def split_separable(layer, layers=L):
+    """A SeparableConv2D as the two ops the converter makes of it: DepthwiseConv2D, then a 1x1 Conv2D (of the
+    Keras API whose ``layers`` module is given)."""
+    L = layers
     c = layer.get_config()
     depthwise = L.DepthwiseConv2D(
         c["kernel_size"],
@@ -212,7 +226,7 @@ def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, li
         if isinstance(layer, L.InputLayer):
             continue
         if isinstance(layer, L.SeparableConv2D):
-            depthwise, pointwise = _split_separable(layer)
+            depthwise, pointwise = split_separable(layer)
             aliases[layer.name] = [depthwise.name, pointwise.name]
 
             def fresh(x, depthwise=depthwise, pointwise=pointwise):
@@ -232,11 +246,17 @@ def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, li
                 emit(layer, (layer.name, node_index, i), tensor)
     outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
     new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
+    copy_weights(copies)
+    return new, aliases
+
+
+def copy_weights(copies) -> None:
+    """Give each fresh copy (a layer, or the two halves of a split SeparableConv2D) the weights of its original:
+    ``copies`` is ``[(original, fresh), ...]`` (either Keras API)."""
     for layer, fresh in copies:
         if isinstance(fresh, tuple):
             depthwise, pointwise = fresh
             depthwise.set_weights([layer.depthwise_kernel.numpy()])
             pointwise.set_weights([layer.pointwise_kernel.numpy()] + ([layer.bias.numpy()] if layer.use_bias else []))
-        else:
+        elif layer.weights:
             fresh.set_weights(layer.get_weights())
-    return new, aliases

@@ -10,6 +10,7 @@ Keras 3 is imported here only; ``ptq_keras`` imports this module when it first m
 
 from __future__ import annotations
 
+from . import activations as act
 from .compat import keras3, tf
 from .configs import TernaryQuantizeConfig
 
@@ -150,6 +151,8 @@ def strip(model, project):
     def unwrap(layer):
         inner = layer.layer if is_wrapper(layer) else layer
         fresh = _fresh_copy(inner)
+        if act.is_activation_quantizer(inner):  # trained ranges: a plain fake-quant the converter reads
+            fresh.static = bool(inner.calibrated.numpy() > 0.5)
         pairs.append((layer, inner, fresh))
         return fresh
 
@@ -169,3 +172,87 @@ def strip(model, project):
 def load_model(filepath, *, compile: bool = True, **kwargs):
     """``keras.saving.load_model`` of a ``.keras`` file (the wrapper is registered as ``ptq_keras>TernaryWrapper``)."""
     return k3.saving.load_model(filepath, compile=compile, **kwargs)
+
+
+@k3.saving.register_keras_serializable(package="ptq_keras")
+class ActivationQuantizer(k3.layers.Layer):
+    """The Keras 3 twin of :class:`ptq_keras.activations.ActivationQuantizer` (the same variables, options and math:
+    :func:`~ptq_keras.activations.range_update` and :func:`~ptq_keras.activations.fake_quant`), on any backend."""
+
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_bits = int(num_bits)
+        self.ema_decay = float(ema_decay)
+        self.static = bool(static)
+
+    def build(self, input_shape):
+        for name in ("min", "max", "calibrated"):  # the replicas' mean under tf.distribute
+            setattr(self, name, self.add_weight(name=name, shape=(), initializer="zeros", trainable=False,
+                                                aggregation="mean", autocast=False))  # fmt: skip
+        self.built = True
+
+    def call(self, inputs, training=False):
+        if self.static:
+            return act.fake_quant(inputs, self.min, self.max, self.num_bits)
+        if training:
+            low, high = act.range_update(inputs, self.min, self.max, self.calibrated, self.ema_decay)
+            self.min.assign(low)
+            self.max.assign(high)
+            self.calibrated.assign(1.0)
+            return act.fake_quant(inputs, low, high, self.num_bits)
+        return k3.ops.cond(
+            self.calibrated > 0.5, lambda: act.fake_quant(inputs, self.min, self.max, self.num_bits), lambda: inputs
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
+
+
+def insert_activation_quantizers(model, ema_decay: float = 0.99):
+    """The Keras 3 :func:`ptq_keras.activations.insert`: a functional copy of ``model`` (fresh layers, same
+    weights) with an :class:`ActivationQuantizer` on each input and where the int8 converter puts an int8 tensor
+    (the same graph rules); each SeparableConv2D split in two. Returns the model and ``{separable: [halves]}``."""
+    from .wrap import _fresh_copy
+
+    if isinstance(model, k3.Sequential):
+        model = k3.Model(model.inputs, model.outputs, name=model.name)
+    consumers = {layer.name: [] for layer in model.layers}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                consumers.setdefault(tensor._keras_history.operation.name, []).append(layer)
+    for tensor in model.outputs:
+        consumers[tensor._keras_history.operation.name].append(None)  # a model output: never fused
+
+    inputs = [k3.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
+              for t in model.inputs]  # fmt: skip
+    quantized = {id(t): ActivationQuantizer(ema_decay=ema_decay, name=f"{t.name}_act_quant")(t) for t in inputs}
+    copies, aliases = [], {}
+
+    def clone(layer):
+        fresh = act.split_separable(layer, k3.layers) if type(layer).__name__ == "SeparableConv2D" else None
+        fresh = fresh or _fresh_copy(layer)
+        copies.append((layer, fresh))
+        return fresh
+
+    def call(fresh, *args, **kwargs):
+        args = k3.tree.map_structure(lambda t: quantized.get(id(t), t), args)
+        original = next(layer for layer, copy in copies if copy is fresh)
+        if isinstance(fresh, tuple):
+            depthwise, pointwise = fresh
+            aliases[original.name] = [depthwise.name, pointwise.name]
+            inner = ActivationQuantizer(ema_decay=ema_decay, name=f"{depthwise.name}_act_quant")
+            out = pointwise(inner(depthwise(*args, **kwargs)))
+        else:
+            out = fresh(*args, **kwargs)
+        if act._needs_quantizer(original, consumers[original.name]):
+            out = ActivationQuantizer(ema_decay=ema_decay, name=f"{original.name}_act_quant")(out)
+        return out
+
+    outputs = model._run_through_graph(inputs, operation_fn=clone, call_fn=call)
+    new = k3.Model(inputs, outputs, name=model.name)
+    act.copy_weights(copies)
+    return new, aliases

@@ -154,8 +154,8 @@ def ternarize(
 
     ``model`` is a tf_keras model (the result is a tf_keras model) or a Keras 3 model on the TensorFlow backend
     (the result is a Keras 3 model whose ternarized layers are :class:`ptq_keras.keras3_layers.TernaryWrapper`,
-    saved and loaded in the ``.keras`` format; ``activations`` is tf_keras only, and ``flash_budget`` /
-    ``ram_budget`` need Keras 3's TensorFlow backend).
+    saved and loaded in the ``.keras`` format; ``flash_budget`` / ``ram_budget`` need Keras 3's TensorFlow
+    backend).
 
     Quantizable layers: Dense, Conv2D, Conv1D, DepthwiseConv2D, SeparableConv2D. The user's model is not modified.
 
@@ -201,11 +201,6 @@ def ternarize(
     base = _validate_options(options, "ternarize")
     if activations not in act.ACTIVATIONS:
         raise ValueError(f"ternarize: activations={activations!r} is not one of {list(act.ACTIVATIONS)}.")
-    if activations is not None and is_keras3(model):
-        raise NotImplementedError(
-            "ternarize: activations='int8' is available for tf_keras models only; rebuild the model with "
-            "`from ptq_keras import keras` (tf_keras) for it."
-        )
     names = {layer.name for layer in model.layers}
     keep_float = list(keep_float)
     for name in keep_float:
@@ -283,6 +278,17 @@ def ternarize(
     elif budget_data is not None:
         raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
 
+    if activations == "int8":
+        if is_keras3(model):
+            from . import keras3_layers
+
+            model, aliases = keras3_layers.insert_activation_quantizers(model)
+        else:
+            model, aliases = act.insert(model)
+        # A SeparableConv2D becomes its depthwise and pointwise halves (an int8 tensor lies between them).
+        targets = {new for name in targets for new in aliases.get(name, [name])}
+        per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
+
     if is_keras3(model):
         from . import keras3_layers
 
@@ -293,11 +299,6 @@ def ternarize(
         qmodel.ptq_allocation = allocation
         return qmodel
 
-    if activations == "int8":
-        model, aliases = act.insert(model)
-        # A SeparableConv2D becomes its depthwise and pointwise halves (an int8 tensor lies between them).
-        targets = {new for name in targets for new in aliases.get(name, [name])}
-        per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
     copies = {}
 
     def annotate(layer):
@@ -464,7 +465,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
     def unwrap(layer):
         inner = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
         fresh = _fresh_copy(inner)
-        if isinstance(inner, act.ActivationQuantizer):
+        if act.is_activation_quantizer(inner):
             # Trained ranges: a plain fake-quant the converter reads (no branch in the graph).
             fresh.static = bool(inner.calibrated.numpy() > 0.5)
         pairs.append((layer, fresh))
@@ -514,7 +515,7 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
             "model in training mode would advance its sparsity schedule)."
         )
     bns = [layer for layer in fitting.all_layers(model) if is_batchnorm(layer)]
-    aqs = [layer for layer in fitting.all_layers(model) if isinstance(layer, act.ActivationQuantizer)]
+    aqs = [layer for layer in fitting.all_layers(model) if act.is_activation_quantizer(layer)]
     if not bns:
         return model
     if isinstance(data, np.ndarray):

@@ -270,6 +270,49 @@ def test_keras3_budgets_measure_what_tf_keras_measures_and_the_file_keeps_them(d
         ptq_keras.ternarize(build("keras3"), flash_budget=2_000, budget_data=x)
 
 
+QUANTIZED = ["image_act_quant", "relu1_act_quant", "relu2_act_quant", "sep_depthwise_act_quant", "sep_act_quant",
+             "conv1d_act_quant", "gap_act_quant", "logits_act_quant"]  # fmt: skip
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_activations_int8_trains_the_ranges_the_int8_file_uses(flavor, data, tmp_path):
+    """Quantizers where the converter makes int8 tensors (each block's end, the split SeparableConv2D's middle,
+    never between a kernel and its BatchNormalization / ReLU); ranges learned by fit, kept by save/load, made
+    static by strip; the int8 and micro files agree with the Keras model."""
+    from ptq_keras.activations import is_activation_quantizer
+
+    x, y = data
+    qmodel = ptq_keras.ternarize(build(flavor), sparsity=0.7, activations="int8")
+    assert [layer.name for layer in qmodel.layers if is_activation_quantizer(layer)] == QUANTIZED
+    assert {name for name, _, _ in _states(qmodel)} == {"conv", "dw", "sep_depthwise", "sep_pointwise", "conv1d",
+                                                        "logits"}  # fmt: skip
+    _fit(qmodel, flavor, data)
+    quantizers = [layer for layer in qmodel.layers if is_activation_quantizer(layer)]
+    assert all(float(q.calibrated.numpy()) == 1.0 and float(q.max.numpy()) > float(q.min.numpy()) for q in quantizers)
+    path = str(tmp_path / ("q.keras" if flavor == "keras3" else "q.h5"))
+    qmodel.save(path)
+    loaded = ptq_keras.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x[:32], verbose=0), qmodel.predict(x[:32], verbose=0), atol=1e-5)
+    plain = ptq_keras.strip(loaded)
+    assert all(layer.static for layer in plain.layers if is_activation_quantizer(layer))
+    np.testing.assert_allclose(plain.predict(x[:32], verbose=0), qmodel.predict(x[:32], verbose=0), atol=1e-4)
+    tflite.export(plain, x[:64], tmp_path / "out", targets=("int8", "micro"), measure=False)
+    report = tflite.verify(plain, tmp_path / "out" / "model_micro.tflite", x, int8=tmp_path / "out" /
+                           "model_int8.tflite", min_top1=0.995)  # fmt: skip
+    assert report.ok and report.steps[-1].max_lsb == 0.0, str(report)
+    if flavor == "keras3":  # the tf_keras twin with the same weights and ranges makes the same file
+        twin = ptq_keras.strip(ptq_keras.ternarize(build("tf_keras"), sparsity=0.7, activations="int8"))
+        twin.set_weights(plain.get_weights())
+        for layer in filter(is_activation_quantizer, twin.layers):
+            layer.static = True
+        a = tflite.convert(plain, x[:64], target="int8")
+        b = tflite.convert(twin, x[:64], target="int8")
+        assert _weight_tensors(a) == _weight_tensors(b)
+        qa = [t.quantization.scale for t in flatbuffer.read(a).subgraphs[0].tensors if t.quantization is not None]
+        qb = [t.quantization.scale for t in flatbuffer.read(b).subgraphs[0].tensors if t.quantization is not None]
+        assert sorted(map(str, qa)) == sorted(map(str, qb))
+
+
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_distill_with_alpha_one_trains_on_the_soft_targets_alone(flavor, data):
     teacher = build(flavor)
@@ -301,8 +344,6 @@ def test_distill_with_alpha_one_trains_on_the_soft_targets_alone(flavor, data):
 
 def test_keras3_refuses_what_only_tf_keras_has(data):
     model = build("keras3")
-    with pytest.raises(NotImplementedError, match="activations"):
-        ptq_keras.ternarize(model, activations="int8")
     qmodel = ptq_keras.ternarize(model)
     with pytest.raises(TypeError, match="both be tf_keras or both be Keras 3"):
         ptq_keras.distill(qmodel, build("tf_keras"))
@@ -341,7 +382,7 @@ sys.path.insert(0, {tests!r})
 from test_keras_flavors import build, _assert_ternary, _states
 x = np.load({x!r}); y = np.load({y!r})
 q = ptq_keras.ternarize(build("keras3"), sparsity=ptq_keras.PolynomialDecay(0.0, 0.7, 0, 8, frequency=1),
-                        regularizer="greg", ste="psg")
+                        regularizer="greg", ste="psg", activations="int8")
 q.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 q.fit(x, y, epochs=2, batch_size=32, verbose=0)
 for name, _, v in _states(q):

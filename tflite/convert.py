@@ -162,13 +162,13 @@ def check_layers(model, target: str, encoding: str = "lut") -> None:
     """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values."""
     if not needs_ternary(target, encoding):
         return
-    from ptq_keras.activations import ActivationQuantizer
+    from ptq_keras.activations import is_activation_quantizer
     from ptq_keras.configs import is_batchnorm, kernel_attributes
 
     for layer in _layers(model):
         attributes = kernel_attributes(layer)
         if not attributes:
-            if layer.weights and not (is_batchnorm(layer) or isinstance(layer, ActivationQuantizer)):
+            if layer.weights and not (is_batchnorm(layer) or is_activation_quantizer(layer)):
                 raise ExportError(
                     f"layer {layer.name!r} ({type(layer).__name__}) has weights that target {target!r} cannot pack "
                     "(packed targets store Dense, Conv1D, Conv2D, DepthwiseConv2D and SeparableConv2D kernels); "
