@@ -58,8 +58,21 @@ def is_activation_quantizer(layer) -> bool:
     return type(layer).__name__ == "ActivationQuantizer" and hasattr(layer, "ema_decay")
 
 
+class QuantizerOptions:
+    """The options of both Keras APIs' ``ActivationQuantizer`` (a mixin before the layer base class)."""
+
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_bits = int(num_bits)
+        self.ema_decay = float(ema_decay)
+        self.static = bool(static)
+
+    def get_config(self):
+        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
+
+
 @keras.utils.register_keras_serializable(package="ptq_keras")
-class ActivationQuantizer(L.Layer):
+class ActivationQuantizer(QuantizerOptions, L.Layer):
     """Fake-quantizes its input to 8 bits over a range learned in training.
 
     Variables (non-trainable): ``min``, ``max`` and ``calibrated`` (0 until the first training batch). In training
@@ -67,12 +80,6 @@ class ActivationQuantizer(L.Layer):
     first training batch the layer passes its input through. ``static=True`` (what ``strip`` writes) always
     fake-quantizes, with no branch in the graph, which is what the TFLite converter reads.
     """
-
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.num_bits = int(num_bits)
-        self.ema_decay = float(ema_decay)
-        self.static = bool(static)
 
     def build(self, input_shape):
         # Under tf.distribute each replica sees its own part of the batch: the range is the replicas' mean.
@@ -107,8 +114,6 @@ class ActivationQuantizer(L.Layer):
         ):
             return self._fake_quant(tf.identity(x))
 
-    def get_config(self):
-        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
 
 
 def quantizers(model) -> list:

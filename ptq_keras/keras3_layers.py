@@ -175,15 +175,9 @@ def load_model(filepath, *, compile: bool = True, **kwargs):
 
 
 @k3.saving.register_keras_serializable(package="ptq_keras")
-class ActivationQuantizer(k3.layers.Layer):
+class ActivationQuantizer(act.QuantizerOptions, k3.layers.Layer):
     """The Keras 3 twin of :class:`ptq_keras.activations.ActivationQuantizer` (the same variables, options and math:
     :func:`~ptq_keras.activations.range_update` and :func:`~ptq_keras.activations.fake_quant`), on any backend."""
-
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.num_bits = int(num_bits)
-        self.ema_decay = float(ema_decay)
-        self.static = bool(static)
 
     def build(self, input_shape):
         for name in ("min", "max", "calibrated"):  # the replicas' mean under tf.distribute
@@ -207,8 +201,6 @@ class ActivationQuantizer(k3.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
 
 
 def insert_activation_quantizers(model, ema_decay: float = 0.99):
