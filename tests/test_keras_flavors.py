@@ -214,6 +214,19 @@ def test_export_micro_is_bit_exact_with_int8_on_tflm(trained, data, tmp_path):
         assert report.steps[-1].max_lsb == 0.0, str(report)
 
 
+def test_keras3_exports_int4_and_ethos_u(data, tmp_path):
+    """The other two targets take Keras 3 models too: int4 (LiteRT; Dense with one scale per tensor) verified on
+    LiteRT, and ethos-u compiled by Vela wholly onto the NPU."""
+    qmodel = ptq_keras.ternarize(build("keras3"), sparsity=0.7, overrides={"logits": {"granularity": "tensor"}})
+    _fit(qmodel, "keras3", data, epochs=1)
+    x = data[0]
+    result = tflite.export(qmodel, x[:64], tmp_path, targets=("int8", "int4", "ethos-u"), measure=False)
+    report = tflite.verify(qmodel, result.files["int4"], x[64:], int8=result.files["int8"], min_top1=0.9)
+    assert report.ok, str(report)
+    ethos_u = result.report.targets["ethos-u"].ethos_u
+    assert ethos_u["cpu_ops"] == 0 and ethos_u["npu_ops"] > 0, ethos_u
+
+
 def _weight_tensors(buf: bytes) -> list[bytes]:
     model = flatbuffer.read(buf)
     graph = model.subgraphs[0]
