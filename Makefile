@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test bench bench-all fuzz lint setup data clean
+.PHONY: demo test test-slow bench bench-all fuzz lint setup data clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,11 @@ demo: setup data
 	$(PY) examples/demo.py
 
 test: setup data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# The end-to-end tests marked slow (a few minutes each); CI runs them after `make test`.
+test-slow: setup data
+	$(PY) -m pytest -q -m slow tests
 
 # The accuracy-vs-size table and plot over 3 seeds on small_cnn and ds_cnn (several hours on 2 cores: see README;
 # interrupted runs continue where they stopped) and the training step-time ratio.

@@ -83,6 +83,7 @@ def test_activations_option_saves_loads_and_is_validated(tmp_path):
         ptq_keras.ternarize(small_cnn(), activations="int4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["ds_cnn", "ds_resnet"])
 def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_path):
     """The int8 (and micro) file computes what the Keras model computes."""

@@ -101,6 +101,7 @@ def test_mirrored_replicas_agree_and_match_one_device(results, index):
         assert replicas[0][0] == pytest.approx(replicas[0][-1])
 
 
+@pytest.mark.slow
 def test_train_script_runs_mirrored_on_two_cpu_devices_and_resumes(tmp_path):
     """examples/train.py --strategy=mirrored --cpu_devices=2: two replicas, the global batch, exact sparsity,
     and --resume continues the checkpoint under the strategy."""
@@ -134,6 +135,7 @@ _IMAGENET_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_imagenet_resnet18_path_runs_end_to_end_on_mock_data_under_mirrored(tmp_path):
     """The paper's setting, one command away: imagenet2012 streamed with the ImageNet preprocessing (random resized
     crop + flip, resize + central crop), torchvision's ResNet-18, two replicas, strip, export and TFLM accuracy."""

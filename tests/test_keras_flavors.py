@@ -421,6 +421,7 @@ assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights())) 
 """
 
 
+@pytest.mark.slow
 def test_keras3_trains_on_jax_and_the_tensorflow_side_exports_what_it_saved(data, tmp_path):
     pytest.importorskip("jax")
     import subprocess

@@ -132,6 +132,7 @@ def _two_dense() -> keras.Model:
     return tm.ternarize_kernels(model, sparsity=0.7)
 
 
+@pytest.mark.slow
 def test_ram_budget_chooses_the_split_and_then_int8_weights(tmp_path):
     """``ram_budget``: the first candidate whose measured arena fits is taken (a split when that suffices, the
     largest weights kept plain int8 when even the split parts' bookkeeping is too much); bit-exact either way."""
