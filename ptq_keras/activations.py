@@ -115,7 +115,6 @@ class ActivationQuantizer(QuantizerOptions, L.Layer):
             return self._fake_quant(tf.identity(x))
 
 
-
 def quantizers(model) -> list:
     return [layer for layer in model.layers if is_activation_quantizer(layer)]
 

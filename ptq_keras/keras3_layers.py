@@ -202,7 +202,6 @@ class ActivationQuantizer(act.QuantizerOptions, k3.layers.Layer):
         return input_shape
 
 
-
 def insert_activation_quantizers(model, ema_decay: float = 0.99):
     """The Keras 3 :func:`ptq_keras.activations.insert`: a functional copy of ``model`` (fresh layers, same
     weights) with an :class:`ActivationQuantizer` on each input and where the int8 converter puts an int8 tensor
@@ -222,17 +221,18 @@ def insert_activation_quantizers(model, ema_decay: float = 0.99):
     inputs = [k3.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history.operation.name)
               for t in model.inputs]  # fmt: skip
     quantized = {id(t): ActivationQuantizer(ema_decay=ema_decay, name=f"{t.name}_act_quant")(t) for t in inputs}
-    copies, aliases = [], {}
+    copies, original_of, aliases = [], {}, {}
 
     def clone(layer):
         fresh = act.split_separable(layer, k3.layers) if type(layer).__name__ == "SeparableConv2D" else None
         fresh = fresh or _fresh_copy(layer)
         copies.append((layer, fresh))
+        original_of[id(fresh)] = layer
         return fresh
 
     def call(fresh, *args, **kwargs):
         args = k3.tree.map_structure(lambda t: quantized.get(id(t), t), args)
-        original = next(layer for layer, copy in copies if copy is fresh)
+        original = original_of[id(fresh)]
         if isinstance(fresh, tuple):
             depthwise, pointwise = fresh
             aliases[original.name] = [depthwise.name, pointwise.name]

@@ -239,6 +239,8 @@ def ternarize(
               "(set it in overrides for such a layer to force it).")  # fmt: skip
 
     allocation = None
+    if is_keras3(model) and (flash_budget is not None or ram_budget is not None):
+        check_tensorflow_backend("flash_budget / ram_budget (which convert the model to measure it)")
     if flash_budget is not None:
         if "sparsity" in options:
             raise ValueError(
@@ -252,8 +254,6 @@ def ternarize(
             )
         from . import budget
 
-        if is_keras3(model):
-            check_tensorflow_backend("flash_budget (which converts the model to measure it)")
         free = {
             name: per_layer.get(name, base) for name in sorted(targets) if "sparsity" not in overrides.get(name, {})
         }
@@ -270,8 +270,6 @@ def ternarize(
             )
         from . import budget
 
-        if is_keras3(model):
-            check_tensorflow_backend("ram_budget (which converts the model to measure it)")
         layers = {name: per_layer.get(name, base) for name in sorted(targets)}
         allocation = budget.check_ram(model, ram_budget, budget_data, layers, log=lambda line: print(
             f"ptq_keras: {line}"))  # fmt: skip

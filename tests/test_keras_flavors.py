@@ -385,6 +385,8 @@ def test_keras3_backends_other_than_tensorflow_are_refused_where_they_cannot_run
             ptq_keras.ternarize(model, **options)
     with pytest.raises(RuntimeError, match="TensorFlow backend.*ptq-convert --model q.keras"):
         tflite.convert(model, data[0][:8], target="int8")
+    with pytest.raises(RuntimeError, match="flash_budget / ram_budget.*TensorFlow backend"):
+        ptq_keras.ternarize(model, ram_budget=65_536, budget_data=data[0][:32])
     # tf_keras tensors are TensorFlow's: keras.ops (the ternary math) must run on TensorFlow for them
     with pytest.raises(RuntimeError, match="tf_keras layer.*'jax'.*KERAS_BACKEND=tensorflow"):
         ptq_keras.ternarize(build("tf_keras"))
