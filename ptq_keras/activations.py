@@ -10,10 +10,21 @@ Each quantizer learns its range in training (a moving average of the batch minim
 containing 0) and computes ``tf.quantization.fake_quant_with_min_max_vars`` (8 bits, zero exactly representable),
 with its straight-through gradient. The converter reads these ranges from the stripped model instead of calibrating
 them, so the exported int8 file computes what the trained model computes.
+
+One int8 kernel rounds visibly differently from a float mean followed by fake quantization: TFLite's (and TFLM's)
+int8 MEAN folds the division by the pooled count into its fixed-point multiplier and keeps only a few fraction bits
+before the final rounding (on a 7x7 map, 3 bits), so about 6% of its outputs come out 1 LSB higher than the rounded
+mean. :func:`link_means` (called by ``strip`` and ``recalibrate_batchnorm``) gives each static quantizer after a
+global average pooling the integer parameters of that MEAN, and the stripped model then computes the kernel's exact
+arithmetic there (:func:`tflite_mean`); under :func:`exporting` the converter sees the plain fake quantization.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+import numpy as np
 from keras import ops
 
 from .compat import keras, keras3, tf
@@ -30,6 +41,7 @@ _PASSTHROUGH = frozenset(
      "SpatialDropout1D", "SpatialDropout2D", "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D",
      "ActivationQuantizer"}
 )  # fmt: skip
+_GLOBAL_AVERAGE = frozenset({"GlobalAveragePooling1D", "GlobalAveragePooling2D"})
 _KERNEL_LAYERS = frozenset({"Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"})
 
 
@@ -53,6 +65,122 @@ def fake_quant(x, low, high, num_bits: int):
     return keras3().quantizers.fake_quant_with_min_max_vars(x, low, high, num_bits=num_bits, narrow_range=False)
 
 
+_exporting = 0
+
+
+@contextlib.contextmanager
+def exporting():
+    """While a model is converted to TFLite: static quantizers give the converter the plain fake quantization it
+    reads (no emulation of the int8 MEAN kernel, see :func:`link_means`)."""
+    global _exporting
+    _exporting += 1
+    try:
+        yield
+    finally:
+        _exporting -= 1
+
+
+def int8_params(low: float, high: float, num_bits: int = 8) -> tuple[float, int]:
+    """``(scale, zero_point)`` of the int8 tensor the converter makes of a fake quantization over ``[low, high]``
+    (the same nudging as ``tf.quantization.fake_quant_with_min_max_vars``: zero exactly representable)."""
+    qmax = 2**num_bits - 1
+    low, high = float(np.float32(low)), float(np.float32(high))
+    scale = (high - low) / qmax
+    zero_from_min = -low / scale
+    zero = min(max(math.floor(zero_from_min + 0.5), 0), qmax)
+    return float(np.float32(scale)), zero - 2 ** (num_bits - 1)  # the file stores float32 scales
+
+
+def _quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite's ``QuantizeMultiplier``: ``real = multiplier * 2**(shift - 31)``, multiplier a Q31 integer."""
+    fraction, shift = math.frexp(real)
+    multiplier = math.floor(fraction * 2**31 + 0.5)
+    if multiplier == 2**31:
+        multiplier, shift = multiplier // 2, shift + 1
+    return multiplier, shift
+
+
+def mean_parameters(input_range, output_range, count: int) -> dict:
+    """The integer parameters of TFLite's int8 MEAN over ``count`` elements, from a tensor quantized over
+    ``input_range`` to one quantized over ``output_range``: the kernel folds the division by ``count`` into its
+    fixed-point multiplier (``keepdims`` or not), which leaves few fraction bits before the last rounding."""
+    input_scale, _ = int8_params(*input_range)
+    output_scale, output_zero = int8_params(*output_range)
+    multiplier, shift = _quantize_multiplier(input_scale / output_scale)
+    folded = min(count.bit_length() - 1, 32, 31 + shift)
+    return {
+        "count": int(count),
+        "input_scale": input_scale,
+        "multiplier": int((multiplier << folded) // count),
+        "shift": int(shift - folded),
+        "output_scale": output_scale,
+        "output_zero_point": int(output_zero),
+    }
+
+
+def _multiply_by_quantized_multiplier(x, multiplier: int, shift: int):
+    """TFLite's ``MultiplyByQuantizedMultiplier`` on integral float64 values: a rounding doubling high multiply,
+    then a rounding right shift (two roundings, as the kernels do)."""
+    left, right = max(shift, 0), max(-shift, 0)
+    product = x * float(2**left * multiplier)
+    nudge = 2.0**30 - ops.cast(product < 0, "float64") * (2.0**31 - 1.0)  # 2**30, or 1 - 2**30 below zero
+    high = ops.sign(product + nudge) * ops.floor(ops.abs(product + nudge) / 2.0**31)  # C++ division: toward zero
+    if right == 0:
+        return high
+    power = 2.0**right
+    floor = ops.floor(high / power)  # arithmetic shift
+    remainder = high - floor * power
+    threshold = float((2**right - 1) >> 1) + ops.cast(high < 0, "float64")
+    return floor + ops.cast(remainder > threshold, "float64")
+
+
+def tflite_mean(x, p: dict):
+    """The output of TFLite's int8 MEAN, dequantized, from ``x``, the float mean of the int8 input values (the
+    global average pooling of fake-quantized values); ``p`` from :func:`mean_parameters`. Straight-through gradient."""
+    count = p["count"]
+    total = ops.round(ops.cast(x, "float64") * (count / p["input_scale"]))  # the int32 sum, less the zero points
+    q = _multiply_by_quantized_multiplier(total, p["multiplier"], p["shift"])
+    zero = p["output_zero_point"]
+    q = ops.clip(q + zero, -128.0, 127.0) - zero
+    y = ops.cast(q * p["output_scale"], x.dtype)
+    return x + ops.stop_gradient(y - x)
+
+
+def _producer(tensor):
+    return tensor._keras_history[0]  # tf_keras KerasHistory.layer, Keras 3 KerasHistory.operation
+
+
+def link_means(model) -> int:
+    """Give every static quantizer right after a global average pooling the parameters of the int8 MEAN the
+    converter makes there (:func:`mean_parameters`), so that the model computes that kernel's rounding; clears
+    them elsewhere. Called by ``strip`` and ``recalibrate_batchnorm`` (the ranges are final then). Returns how many
+    quantizers were linked."""
+    linked = 0
+    for layer in (layer for layer in getattr(model, "layers", ()) if is_activation_quantizer(layer)):
+        layer.mean_input = None
+        try:
+            pool = _producer(layer.input)
+            source = _producer(pool.input) if _is(pool, _GLOBAL_AVERAGE) else None
+            while source is not None and _is(source, _PASSTHROUGH) and not is_activation_quantizer(source):
+                source = _producer(source.input)
+        except (AttributeError, ValueError, IndexError, TypeError):  # a layer used several times, no graph
+            continue
+        if source is None or not is_activation_quantizer(source) or not (layer.static and source.static):
+            continue
+        if getattr(pool, "data_format", "channels_last") != "channels_last":
+            continue
+        spatial = [int(d) for d in pool.input.shape[1:-1]]
+        if float(source.max.numpy()) <= float(source.min.numpy()) or float(layer.max.numpy()) <= float(
+            layer.min.numpy()
+        ):
+            continue
+        layer.mean_input = mean_parameters(
+            (source.min.numpy(), source.max.numpy()), (layer.min.numpy(), layer.max.numpy()), math.prod(spatial)
+        )
+        linked += 1
+    return linked
+
+
 def is_activation_quantizer(layer) -> bool:
     """A tf_keras or Keras 3 :class:`ActivationQuantizer`."""
     return type(layer).__name__ == "ActivationQuantizer" and hasattr(layer, "ema_decay")
@@ -61,14 +189,23 @@ def is_activation_quantizer(layer) -> bool:
 class QuantizerOptions:
     """The options of both Keras APIs' ``ActivationQuantizer`` (a mixin before the layer base class)."""
 
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, **kwargs):
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, mean_input=None, **kwargs):
         super().__init__(**kwargs)
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
         self.static = bool(static)
+        self.mean_input = dict(mean_input) if mean_input else None  # see link_means
 
     def get_config(self):
-        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static}
+        return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static,
+                "mean_input": dict(self.mean_input) if self.mean_input else None}  # fmt: skip
+
+    def _static(self, x):
+        """A static quantizer's output: the fake quantization, or after a global average pooling the int8 MEAN
+        kernel's own rounding (:func:`link_means`; not while :func:`exporting`)."""
+        if self.mean_input and not _exporting and self.num_bits == 8:
+            return tflite_mean(x, self.mean_input)
+        return fake_quant(x, self.min, self.max, self.num_bits)
 
 
 @keras.utils.register_keras_serializable(package="ptq_keras")
@@ -97,7 +234,7 @@ class ActivationQuantizer(QuantizerOptions, L.Layer):
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
         if self.static:
-            return self._fake_quant(x)
+            return self._static(x)
         if training is None:
             training = keras.backend.learning_phase()
         if isinstance(training, bool):  # fit passes a Python bool: no tf.cond (a replica merge inside a cond fails)

@@ -187,7 +187,7 @@ class ActivationQuantizer(act.QuantizerOptions, k3.layers.Layer):
 
     def call(self, inputs, training=False):
         if self.static:
-            return act.fake_quant(inputs, self.min, self.max, self.num_bits)
+            return self._static(inputs)
         if training:
             low, high = act.range_update(inputs, self.min, self.max, self.calibrated, self.ema_decay)
             self.min.assign(low)

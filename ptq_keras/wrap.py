@@ -457,6 +457,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
         })  # fmt: skip
         if batchnorm_data is not None:
             recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
+        act.link_means(plain)
         return plain
     pairs = []
 
@@ -489,6 +490,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
         fresh.set_weights(values)
     if batchnorm_data is not None:
         recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
+    act.link_means(plain)
     return plain
 
 
@@ -546,6 +548,8 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
             aq.ema_decay, aq.static = decay, static or seen > 0
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: the data gave no batch.")
+    if aqs:
+        act.link_means(model)  # the ranges moved: the int8 MEAN parameters with them
     if verbose:
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
         print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")

@@ -114,3 +114,84 @@ def test_int8_file_agrees_with_the_trained_model(builder, fashion_mnist, tmp_pat
         assert parity.ok, str(parity)
         # What a misplaced or missing fake-quant gives, as calibration after training does: 50+ LSB at the output.
         assert parity.steps[0].max_lsb <= 8.0 and parity.steps[0].mean_lsb <= 1.0, str(parity)
+
+
+def _pooling_model(flavor, size, input_range, output_range, keepdims):
+    """A static input quantizer, global average pooling, a static output quantizer: the int8 MEAN alone."""
+    if flavor == "tf_keras":
+        k, quantizer = keras, ActivationQuantizer
+    else:
+        import keras as k
+
+        from ptq_keras.keras3_layers import ActivationQuantizer as quantizer
+    inp = k.Input((size, size, 16))
+    first, last = quantizer(static=True, name="q_in"), quantizer(static=True, name="q_out")
+    out = last(k.layers.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(first(inp)))
+    model = k.Model(inp, out)
+    first.set_weights([np.float32(input_range[0]), np.float32(input_range[1]), np.float32(1)])
+    last.set_weights([np.float32(output_range[0]), np.float32(output_range[1]), np.float32(1)])
+    return model, first, last
+
+
+@pytest.mark.parametrize("flavor", ["tf_keras", "keras3"])
+@pytest.mark.parametrize(
+    "size, input_range, output_range, keepdims",
+    [(7, (0.0, 5.3), (0.0, 2.1), False), (7, (0.0, 5.3), (0.0, 2.1), True), (6, (-1.0, 4.3), (-0.3, 1.1), False),
+     (3, (0.0, 5.3), (0.0, 0.4), False), (14, (0.0, 6.0), (0.0, 3.7), False)],
+)  # fmt: skip
+def test_int8_mean_rounding_is_what_the_stripped_model_computes(flavor, size, input_range, output_range, keepdims,
+                                                                tmp_path):  # fmt: skip
+    """TFLite's int8 MEAN keeps few fraction bits before its last rounding (about 6% of its outputs 1 LSB above the
+    rounded mean); the stripped model computes exactly that, on LiteRT's and TFLM's files alike."""
+    import importlib
+
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    from ptq_keras import activations as act
+
+    convert = importlib.import_module("ptq_keras.tflite.convert")
+    model, first, last = _pooling_model(flavor, size, input_range, output_range, keepdims)
+    rng = np.random.default_rng(size)
+    x = (rng.random((256, size, size, 16)) * rng.random((256, 1, 1, 16)) * (input_range[1] - input_range[0])
+         + input_range[0]).astype("float32")  # fmt: skip
+    unlinked = model(x).numpy().reshape(len(x), -1)
+    assert act.link_means(model) == 1 and first.mean_input is None and last.mean_input["count"] == size * size
+    buf = convert.int8_tflite(model, x[:64])
+    with act.exporting():  # what the converter saw: the plain fake quantization
+        np.testing.assert_array_equal(model(x).numpy().reshape(len(x), -1), unlinked)
+    linked = model(x).numpy().reshape(len(x), -1)
+
+    from ptq_keras.compat import tf
+
+    reference = tf.lite.experimental.OpResolverType.BUILTIN_REF
+    lite = tf.lite.Interpreter(model_content=buf, experimental_op_resolver_type=reference)
+    lite.allocate_tensors()
+    assert [op["op_name"] for op in lite._get_ops_details()] == ["MEAN"]  # no emulation ops in the file
+    (scale_in, zero_in), (scale_out, zero_out) = (lite.get_input_details()[0]["quantization"],
+                                                  lite.get_output_details()[0]["quantization"])  # fmt: skip
+    assert scale_out == pytest.approx(last.mean_input["output_scale"], rel=1e-7)
+    xq = np.clip(np.round(x / scale_in) + zero_in, -128, 127).astype(np.int8)
+    x_grid = (xq.astype("float32") - zero_in) * scale_in  # the file's input, as the model sees it
+    expected = model(x_grid).numpy().reshape(len(x), -1)
+    with act.exporting():
+        plain = model(x_grid).numpy().reshape(len(x), -1)
+    micro = tflm.Interpreter.from_bytes(buf)
+    files = []
+    for i in range(len(x)):
+        lite.set_tensor(lite.get_input_details()[0]["index"], xq[i : i + 1])
+        lite.invoke()
+        micro.set_input(xq[i : i + 1], 0)
+        micro.invoke()
+        files.append(lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1))
+        np.testing.assert_array_equal(micro.get_output(0).reshape(-1), files[-1])
+    got = (np.asarray(files, dtype="float32") - zero_out) * scale_out
+    np.testing.assert_allclose(got, expected, atol=scale_out * 1e-3)  # every output, to the LSB
+    flips = np.abs(got - plain) > scale_out / 2  # the float mean, then fake quantization
+    assert np.abs(got - plain).max() <= scale_out * 1.001
+    if last.mean_input["shift"] < 0:  # a right shift after the high multiply: two roundings
+        assert flips.any(), "the plain fake quantization already matched: the emulation is not exercised"
+    assert np.abs(linked - unlinked).max() <= scale_out * 1.001
+    path = str(tmp_path / ("m.h5" if flavor == "tf_keras" else "m.keras"))
+    model.save(path)
+    again = ptq_keras.load_model(path) if flavor == "tf_keras" else __import__("keras").saving.load_model(path)
+    np.testing.assert_array_equal(again(x_grid).numpy().reshape(len(x), -1), expected)

@@ -217,15 +217,21 @@ def float_tflite(model) -> bytes:
     from ptq_keras.compat import tf
 
     plain = plain_model(model)
-    with _quiet_keras3(plain):
+    with _converting(plain):
         return bytes(tf.lite.TFLiteConverter.from_keras_model(plain).convert())
 
 
-def _quiet_keras3(model):
-    """Keras 3 prints where it saved the temporary SavedModel of each conversion; that is noise here."""
+@contextlib.contextmanager
+def _converting(model):
+    """Around a conversion: static activation quantizers give the converter their plain fake quantization (not
+    the int8 MEAN rounding the stripped model computes, ``ptq_keras.activations.link_means``), and Keras 3's
+    message about the temporary SavedModel of each conversion is kept out of the output."""
+    from ptq_keras.activations import exporting
     from ptq_keras.compat import is_keras3
 
-    return contextlib.redirect_stdout(io.StringIO()) if is_keras3(model) else contextlib.nullcontext()
+    quiet = contextlib.redirect_stdout(io.StringIO()) if is_keras3(model) else contextlib.nullcontext()
+    with exporting(), quiet:
+        yield
 
 
 def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = False) -> bytes:
@@ -242,7 +248,7 @@ def int8_tflite(plain, calibration: np.ndarray, *, per_tensor_dense: bool = Fals
     if per_tensor_dense:
         converter._experimental_disable_per_channel_quantization_for_dense_layers = True
     try:
-        with _quiet_keras3(plain):
+        with _converting(plain):
             buf = bytes(converter.convert())
     except Exception as exc:  # the converter raises ConverterError with a long MLIR log
         raise ExportError(
