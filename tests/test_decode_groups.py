@@ -155,3 +155,20 @@ def test_reader_refuses_a_group_table_too_short_for_the_indices():
     with pytest.raises(flatbuffer.FlatbufferError, match="group table"):
         decode.describe(buf)
     assert verify_mod.detect_target(_grouped_fc(weights)) == "micro"
+
+
+def test_default_interpreter_arena_grows_for_files_that_decode_to_many_times_their_size():
+    """A 0.95-sparse grouped file is about 8 KB and decodes to 128 KB of weights plus the chain's tensors: more
+    than the first default arena (10x the file plus 64 KiB). The default interpreter and the arena measure grow it."""
+    from ptq_keras.tflite import micro
+
+    grouped = decode.compress(_big_fc(0.95), encoding="huffman_group")
+    first_default = 10 * len(grouped) + 65536
+    with pytest.raises(RuntimeError):
+        micro.interpreter(grouped, arena_size=first_default)  # an explicit arena is never grown
+    arena = micro.measure_arena(grouped)
+    assert arena > first_default
+    it = micro.interpreter(grouped)
+    it.set_input(np.eye(512, dtype=np.int8), 0)
+    it.invoke()
+    np.testing.assert_array_equal(it.get_output(0), run_tflm(_big_fc(0.95), [np.eye(512, dtype=np.int8)], 2_000_000)[0])

@@ -55,17 +55,27 @@ def tflm_supported(tflite: bytes) -> tuple[bool, str]:
     return True, ""
 
 
+_MAX_DEFAULT_ARENA = 1 << 31
+
+
 def interpreter(tflite: bytes, arena_size: int | None = None, alt_decompression_memory_size: int = 0):
-    """A TFLM Python interpreter for ``tflite`` (default arena: 10x the file plus 64 KiB)."""
+    """A TFLM Python interpreter for ``tflite``. Default arena: 10x the file plus 64 KiB, grown 4x at a time
+    while TFLM cannot allocate in it (an entropy-coded file decodes to many times its own size)."""
     from tflite_micro import runtime
 
     ok, why = tflm_supported(tflite)
     if not ok:
         raise ValueError(f"the TFLM interpreter cannot run this file: {why}.")
     size = arena_size if arena_size is not None else 10 * len(tflite) + 65536
-    return runtime.Interpreter.from_bytes(
-        bytes(tflite), arena_size=size, alt_decompression_memory_size=alt_decompression_memory_size
-    )
+    while True:
+        try:
+            return runtime.Interpreter.from_bytes(
+                bytes(tflite), arena_size=size, alt_decompression_memory_size=alt_decompression_memory_size
+            )
+        except RuntimeError:
+            if arena_size is not None or size * 4 > _MAX_DEFAULT_ARENA:
+                raise
+            size *= 4
 
 
 def allocation_report(tflite: bytes, alt_decompression_memory_size: int = 0) -> str:
