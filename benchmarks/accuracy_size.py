@@ -20,10 +20,12 @@ interrupted benchmark continues where it stopped. Writes ``benchmarks/results/ac
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -139,7 +141,12 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
     ste = train._ste(cfg) if cfg.method in ("ptq", "twn") else None
 
     def compute():
-        res = train.run(cfg)
+        try:  # a run killed after a checkpoint (or while exporting) continues from it
+            res = train.run(dataclasses.replace(cfg, resume=True))
+        except ValueError as exc:
+            if not str(exc).startswith("--resume:"):
+                raise
+            res = train.run(cfg)  # no checkpoint, or one of another run: train afresh
         return {
             "ste": ste,
             "keras_accuracy": res["keras_accuracy"],
@@ -153,6 +160,7 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
             if json.load(f).get("ste", ste) != ste:  # the library's default STE changed: this run is stale
                 common.log(f"{path}: trained with another STE than today's default; training again")
                 os.remove(path)
+                shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
     return _cached(path, compute)
 
 
