@@ -49,6 +49,8 @@ flags.DEFINE_float("variant_sparsity", 0.7, "Sparsity of the PTQ + distillation 
 flags.DEFINE_list("identity_sparsities", ["0.7", "0.85"],
                   "Sparsities of the PTQ rows with ste='identity' (the default STE before 'psg').")
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
+flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
+                  "how many seeds it has).")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where accuracy_size.md and .png go (--quick: --work_dir).")
 
@@ -162,6 +164,18 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
                 os.remove(path)
                 shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
     return _cached(path, compute)
+
+
+def _is_cached(model: str, seed: int, spec, work: str) -> bool:
+    """Whether the row has a result trained with today's default STE (``--cached_only``)."""
+    path = os.path.join(work, "bench.json")
+    if not os.path.exists(path):
+        return False
+    options = spec[3]
+    if options["method"] not in ("ptq", "twn"):
+        return True
+    with open(path) as f:
+        return json.load(f).get("ste") == train._ste(_config(model, seed, work, **options))
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -340,6 +354,9 @@ def main(argv) -> None:
         runs: dict = {}
         for seed in range(FLAGS.seeds):
             seed_dir = os.path.join(work, model, f"seed{seed}")
+            if FLAGS.cached_only and not os.path.exists(os.path.join(seed_dir, "float", "bench.json")):
+                common.log(f"{model} seed {seed}: no cached float model; skipped (--cached_only)")
+                continue
             common.log(f"{model} seed {seed}: float model")
             base = _float_run(model, seed, os.path.join(seed_dir, "float"), x_test, y_test)
             float_files = base["files"]
@@ -348,6 +365,8 @@ def main(argv) -> None:
                 {**base, "files": {"int8": float_files["int8"]}}
             )
             for spec in specs:
+                if FLAGS.cached_only and not _is_cached(model, seed, spec, os.path.join(seed_dir, spec[0])):
+                    continue
                 common.log(f"{model} seed {seed}: {spec[1]}")
                 res = _finetune_run(model, seed, spec, base["model"], os.path.join(seed_dir, spec[0]), x_test, y_test)
                 runs.setdefault(spec[:3], []).append(res)
