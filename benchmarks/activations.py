@@ -3,7 +3,9 @@
 For each model (``ds_cnn`` and the residual depthwise ``ds_resnet``) a float model trains on Fashion-MNIST, then
 ternarizes with ``activations=None`` and with ``activations="int8"``, fine-tunes, strips (BatchNorm and activation
 ranges re-estimated), exports ``int8`` and ``micro``, and ``ptq_keras.tflite.verify`` compares the files with the
-Keras model over the whole test set.
+Keras model over the whole test set. For ``activations="int8"`` a layer trace follows: for each int8 tensor of the
+file, the share of its values that differ from the Keras quantizer's output there (the file run on LiteRT's reference
+kernels with every tensor kept; differences carry forward, so the shares add up along the graph).
 
     .venv/bin/python benchmarks/activations.py                 # about 30 minutes on 2 cores
     .venv/bin/python benchmarks/activations.py --quick         # smoke run, numbers meaningless
@@ -32,6 +34,41 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2048 training and test examples, one epoch each.")
 flags.DEFINE_string("work_dir", "out/bench/activations", "Where the exported files go.")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where activations.md goes (--quick: --work_dir).")
+flags.DEFINE_string("results_name", "activations", "Name of the results file (<name>.md).")
+
+
+def _trace(plain, tflite_bytes: bytes, x) -> list[tuple[str, float, float]]:
+    """``(quantizer, share of values off by more than half an LSB, max LSB)`` per int8 op output of the file, matched
+    in graph order with the model's quantizers (each op of these models ends in one)."""
+    import numpy as np
+
+    from ptq_keras import activations as act
+    from ptq_keras import keras
+    from ptq_keras.compat import tf
+
+    quantizers = [layer for layer in plain.layers if act.is_activation_quantizer(layer)][1:]  # the input's is not an op
+    keras_out = keras.Model(plain.inputs, [q.output for q in quantizers])(x)
+    reference = tf.lite.experimental.OpResolverType.BUILTIN_REF
+    it = tf.lite.Interpreter(model_content=tflite_bytes, experimental_op_resolver_type=reference,
+                             experimental_preserve_all_tensors=True)  # fmt: skip
+    it.allocate_tensors()
+    tensors = {d["index"]: d for d in it.get_tensor_details()}
+    outputs = [tensors[op["outputs"][0]] for op in it._get_ops_details() if op["op_name"] != "DELEGATE"]
+    if len(outputs) != len(quantizers):
+        return []
+    inp = it.get_input_details()[0]
+    scale_in, zero_in = inp["quantization"]
+    off, largest = np.zeros(len(outputs)), np.zeros(len(outputs))
+    for i in range(len(x)):
+        it.set_tensor(inp["index"], np.clip(np.round(x[i : i + 1] / scale_in) + zero_in, -128, 127).astype(np.int8))
+        it.invoke()
+        for j, (tensor, expected) in enumerate(zip(outputs, keras_out)):
+            scale, zero = tensor["quantization"]
+            got = (it.get_tensor(tensor["index"]).astype(np.float32) - zero) * scale
+            lsb = np.abs(got - np.asarray(expected[i : i + 1]).reshape(got.shape)) / scale
+            off[j] += np.mean(lsb > 0.5) / len(x)
+            largest[j] = max(largest[j], float(lsb.max()))
+    return [(q.name, float(o), float(m)) for q, o, m in zip(quantizers, off, largest)]
 
 
 def _run(name, x, y, x_test, y_test, work):
@@ -75,6 +112,7 @@ def _run(name, x, y, x_test, y_test, work):
                 "mean_lsb": keras_rung.mean_lsb,
                 "micro_bit_exact": micro.steps[-1].max_lsb == 0,
                 "ok": parity.ok,
+                "trace": _trace(plain, open(result.files["int8"], "rb").read(), x_test[:500]) if activations else [],
             }
         )
     return rows
@@ -116,8 +154,18 @@ def main(argv):
             f"| {r['model']} | {r['activations']} | {100 * r['float']:.2f}% | {100 * r['keras']:.2f}% "
             f"| {100 * r['top1']:.2f}% | {r['max_lsb']:.2f} / {r['mean_lsb']:.3f} | {r['micro_bit_exact']} |"
         )
+    for r in (r for r in rows if r["trace"]):
+        lines += [
+            "",
+            f"Layer trace, {r['model']} with int8 activations (first 500 test images): share of each int8 tensor's "
+            "values more than half an LSB from the Keras quantizer's output, and the largest difference.",
+            "",
+            "| quantizer (op output) | values off | max LSB |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {100 * share:.3f}% | {largest:.0f} |" for name, share, largest in r["trace"]]
     out_dir = work if FLAGS.quick else FLAGS.results_dir
-    path = os.path.join(out_dir, "activations.md")
+    path = os.path.join(out_dir, f"{FLAGS.results_name}.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
