@@ -27,7 +27,7 @@ import math
 import numpy as np
 from keras import ops
 
-from .compat import keras, keras3, tf
+from .compat import is_keras3, keras, keras3, tf
 
 __all__ = ["ActivationQuantizer", "insert", "quantizers"]
 
@@ -146,6 +146,15 @@ def tflite_mean(x, p: dict):
     return x + ops.stop_gradient(y - x)
 
 
+def _has_float64(layer) -> bool:
+    """The emulation needs exact float64 integers (JAX computes float32 unless x64 is enabled)."""
+    if not is_keras3(layer) or keras3().backend.backend() != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
 def _producer(tensor):
     return tensor._keras_history[0]  # tf_keras KerasHistory.layer, Keras 3 KerasHistory.operation
 
@@ -203,7 +212,7 @@ class QuantizerOptions:
     def _static(self, x):
         """A static quantizer's output: the fake quantization, or after a global average pooling the int8 MEAN
         kernel's own rounding (:func:`link_means`; not while :func:`exporting`)."""
-        if self.mean_input and not _exporting and self.num_bits == 8:
+        if self.mean_input and not _exporting and self.num_bits == 8 and _has_float64(self):
             return tflite_mean(x, self.mean_input)
         return fake_quant(x, self.min, self.max, self.num_bits)
 
