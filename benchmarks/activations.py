@@ -165,6 +165,7 @@ def main(argv):
         ]
         lines += [f"| {name} | {100 * share:.3f}% | {largest:.0f} |" for name, share, largest in r["trace"]]
     out_dir = work if FLAGS.quick else FLAGS.results_dir
+    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{FLAGS.results_name}.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
