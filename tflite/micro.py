@@ -55,27 +55,47 @@ def tflm_supported(tflite: bytes) -> tuple[bool, str]:
     return True, ""
 
 
-_MAX_DEFAULT_ARENA = 1 << 31
+def tensor_bytes_bound(tflite: bytes) -> int | None:
+    """The bytes of every tensor of the file at its full shape, plus TFLM's per-tensor overhead: more than any
+    arena it needs (constants and decode outputs included). None when the file does not parse."""
+    try:
+        model = flatbuffer.read(tflite, "tflite")
+    except Exception:  # a damaged file: the interpreter's own error is the one to report
+        return None
+    total = 0
+    for graph in model.subgraphs or []:
+        for t in graph.tensors or []:
+            shape = [int(d) for d in t.shape] if t.shape is not None else []
+            itemsize = np.dtype(flatbuffer._NUMPY_TYPES[t.type]).itemsize if t.type in flatbuffer._NUMPY_TYPES else 1
+            total += int(np.prod(shape, dtype=np.float64)) * itemsize + 256
+    return total
 
 
 def interpreter(tflite: bytes, arena_size: int | None = None, alt_decompression_memory_size: int = 0):
-    """A TFLM Python interpreter for ``tflite``. Default arena: 10x the file plus 64 KiB, grown 4x at a time
-    while TFLM cannot allocate in it (an entropy-coded file decodes to many times its own size)."""
+    """A TFLM Python interpreter for ``tflite``. Default arena: 10x the file plus 64 KiB; when TFLM cannot allocate
+    in that (an entropy-coded file decodes to many times its own size), once more with room for every tensor of
+    the file at once (:func:`tensor_bytes_bound`)."""
     from tflite_micro import runtime
 
     ok, why = tflm_supported(tflite)
     if not ok:
         raise ValueError(f"the TFLM interpreter cannot run this file: {why}.")
-    size = arena_size if arena_size is not None else 10 * len(tflite) + 65536
-    while True:
-        try:
-            return runtime.Interpreter.from_bytes(
-                bytes(tflite), arena_size=size, alt_decompression_memory_size=alt_decompression_memory_size
-            )
-        except RuntimeError:
-            if arena_size is not None or size * 4 > _MAX_DEFAULT_ARENA:
-                raise
-            size *= 4
+
+    def make(size):
+        return runtime.Interpreter.from_bytes(
+            bytes(tflite), arena_size=size, alt_decompression_memory_size=alt_decompression_memory_size
+        )
+
+    if arena_size is not None:
+        return make(arena_size)
+    size = 10 * len(tflite) + 65536
+    try:
+        return make(size)
+    except RuntimeError:
+        bound = tensor_bytes_bound(tflite)
+        if bound is None or not size < bound + 65536 <= 1 << 31:
+            raise
+        return make(bound + 65536)
 
 
 def allocation_report(tflite: bytes, alt_decompression_memory_size: int = 0) -> str:
