@@ -97,6 +97,8 @@ def _quantize_multiplier(real: float) -> tuple[int, int]:
     multiplier = math.floor(fraction * 2**31 + 0.5)
     if multiplier == 2**31:
         multiplier, shift = multiplier // 2, shift + 1
+    if shift < -31:  # too small for a Q31 multiplier: the kernels compute 0
+        return 0, 0
     return multiplier, shift
 
 
@@ -118,19 +120,20 @@ def mean_parameters(input_range, output_range, count: int) -> dict:
     }
 
 
-def _multiply_by_quantized_multiplier(x, multiplier: int, shift: int):
+def _multiply_by_quantized_multiplier(x, multiplier, shift):
     """TFLite's ``MultiplyByQuantizedMultiplier`` on integral float64 values: a rounding doubling high multiply,
-    then a rounding right shift (two roundings, as the kernels do)."""
-    left, right = max(shift, 0), max(-shift, 0)
-    product = x * float(2**left * multiplier)
+    then a rounding right shift (two roundings, as the kernels do). ``multiplier`` and ``shift`` are integers or
+    arrays of them, one per channel (the last axis of ``x``)."""
+    multiplier = np.asarray(multiplier, np.float64)
+    shift = np.asarray(shift, np.int64)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    product = x * (2.0**left * multiplier)
     nudge = 2.0**30 - ops.cast(product < 0, "float64") * (2.0**31 - 1.0)  # 2**30, or 1 - 2**30 below zero
     high = ops.sign(product + nudge) * ops.floor(ops.abs(product + nudge) / 2.0**31)  # C++ division: toward zero
-    if right == 0:
-        return high
     power = 2.0**right
     floor = ops.floor(high / power)  # arithmetic shift
     remainder = high - floor * power
-    threshold = float((2**right - 1) >> 1) + ops.cast(high < 0, "float64")
+    threshold = np.floor((power - 1.0) / 2.0) + ops.cast(high < 0, "float64")
     return floor + ops.cast(remainder > threshold, "float64")
 
 
@@ -143,6 +146,46 @@ def tflite_mean(x, p: dict):
     zero = p["output_zero_point"]
     q = ops.clip(q + zero, -128.0, 127.0) - zero
     y = ops.cast(q * p["output_scale"], x.dtype)
+    return x + ops.stop_gradient(y - x)
+
+
+def requantize_parameters(units, real_multipliers, output_range, live=None, single_rounding=False) -> dict:
+    """The integer requantization of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED (per output channel)
+    or ADD: the op's int32 accumulator is the real output in ``units`` (one per channel, or one), multiplied by
+    ``real_multipliers`` in Q31 fixed point (TFLite's ``QuantizeMultiplier``) onto the output scale. ``live``: per
+    channel, False where the parameters are unknown (an all-zero kernel channel; plain fake quantization there).
+    ``single_rounding``: one rounding of the exact product instead of the high multiply and the rounding shift
+    (LiteRT's reference per-channel FULLY_CONNECTED; TFLM's rounds twice, see :func:`link_requantization`)."""
+    output_scale, output_zero = int8_params(*output_range)
+    pairs = [_quantize_multiplier(float(real)) for real in np.atleast_1d(real_multipliers)]
+    units = np.atleast_1d(np.asarray(units, np.float64))
+    return {
+        "unit": [float(u) for u in units],
+        "multiplier": [int(m) for m, _ in pairs],
+        "shift": [int(shift) for _, shift in pairs],
+        "live": [bool(v) for v in (np.ones(len(units), bool) if live is None else live)],
+        "rounding": "single" if single_rounding else "double",
+        "output_scale": output_scale,
+        "output_zero_point": int(output_zero),
+    }
+
+
+def tflite_requantize(x, p: dict, fallback):
+    """The output of an int8 kernel that requantizes its int32 accumulator (``p`` from
+    :func:`requantize_parameters`), dequantized, from ``x``, the float output the Keras layers compute (the
+    accumulator up to float rounding, in ``p["unit"]``). ``fallback()``: the plain fake quantization of ``x``, used
+    on channels that are not ``live``. Straight-through gradient."""
+    accumulator = ops.round(ops.cast(x, "float64") / np.asarray(p["unit"], np.float64))
+    if p.get("rounding") == "single":
+        scale = np.asarray(p["multiplier"], np.float64) * 2.0 ** (np.asarray(p["shift"], np.float64) - 31.0)
+        q = ops.floor(accumulator * scale + 0.5)
+    else:
+        q = _multiply_by_quantized_multiplier(accumulator, p["multiplier"], p["shift"])
+    zero = p["output_zero_point"]
+    q = ops.clip(q + zero, -128.0, 127.0) - zero
+    y = ops.cast(q * p["output_scale"], x.dtype)
+    if not all(p["live"]):
+        y = ops.where(np.asarray(p["live"]), y, fallback())
     return x + ops.stop_gradient(y - x)
 
 
@@ -190,6 +233,119 @@ def link_means(model) -> int:
     return linked
 
 
+def _range(quantizer):
+    return float(quantizer.min.numpy()), float(quantizer.max.numpy())
+
+
+def _source_quantizer(tensor):
+    """The static quantizer whose int8 tensor ``tensor`` is (through layers that keep the scale), or None."""
+    source = _producer(tensor)
+    while _is(source, _PASSTHROUGH) and not is_activation_quantizer(source):
+        source = _producer(source.input)
+    if not is_activation_quantizer(source) or not source.static:
+        return None
+    low, high = _range(source)
+    return source if high > low else None
+
+
+def _folded_magnitudes(kernel_layer, bn) -> np.ndarray | None:
+    """Per output channel, the largest |weight| of the kernel the converter quantizes (BatchNormalization folded
+    in): its int8 scale is that over 127."""
+    if _is(kernel_layer, {"DepthwiseConv2D"}):
+        kernel = getattr(kernel_layer, "depthwise_kernel", None)  # tf_keras; Keras 3 calls it kernel
+        kernel = (kernel_layer.kernel if kernel is None else kernel).numpy()
+        kernel = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1])
+    else:
+        kernel = kernel_layer.kernel.numpy()
+        kernel = kernel.reshape(-1, kernel.shape[-1])
+    magnitudes = np.abs(kernel.astype(np.float32)).max(axis=0)
+    if bn is not None:
+        variance = bn.moving_variance.numpy().astype(np.float32)
+        factor = np.float32(1.0) / np.sqrt(variance + np.float32(bn.epsilon))
+        if getattr(bn, "gamma", None) is not None:
+            factor = factor * bn.gamma.numpy().astype(np.float32)
+        if factor.shape != magnitudes.shape:
+            return None
+        magnitudes = magnitudes * np.abs(factor)
+    return magnitudes
+
+
+def _requantization(layer) -> dict | None:
+    """:func:`requantize_parameters` of the int8 op whose output ``layer`` (a static quantizer) is: a kernel layer
+    (with its folded BatchNormalization and fused ReLU) or a two-input Add, whose inputs are static quantizers."""
+    op = _producer(layer.input)
+    fused = _is_fused_activation(op)
+    if fused:
+        op = _producer(op.input)
+    bn = None
+    if _is(op, {"BatchNormalization"}) and _is(_producer(op.input), _KERNEL_LAYERS - {"SeparableConv2D"}):
+        bn, op = op, _producer(op.input)
+        if getattr(bn, "axis", -1) not in (-1, [-1], len(op.output.shape) - 1, [len(op.output.shape) - 1]):
+            return None
+    output_range = _range(layer)
+    if _is(op, {"Add"}):
+        if bn is not None or len(op.input) != 2:
+            return None
+        sources = [_source_quantizer(t) for t in op.input]
+        if None in sources:
+            return None
+        scales = [int8_params(*_range(q))[0] for q in sources]
+        twice_max = 2.0 * max(scales)
+        unit = twice_max / 2**20  # TFLite's int8 ADD: both inputs rescaled onto 2 * max scale / 2**20
+        output_scale, _ = int8_params(*output_range)
+        return requantize_parameters([unit], [unit / output_scale], output_range)
+    if not _is(op, _KERNEL_LAYERS - {"SeparableConv2D"}) or getattr(op, "data_format", None) == "channels_first":
+        return None
+    if not _linear(op) and (fused or bn is not None or not _is_fused_activation_name(op)):
+        return None
+    source = _source_quantizer(op.input)
+    if source is None:
+        return None
+    magnitudes = _folded_magnitudes(op, bn)
+    if magnitudes is None:
+        return None
+    input_scale, _ = int8_params(*_range(source))
+    output_scale, _ = int8_params(*output_range)
+    filter_scales = (magnitudes / np.float32(127.0)).astype(np.float32).astype(np.float64)
+    live = filter_scales > 0
+    units = np.where(live, input_scale * filter_scales, 1.0)
+    reals = np.where(live, units / output_scale, 0.0)
+    return requantize_parameters(units, reals, output_range, live, single_rounding=_is(op, {"Dense"}))
+
+
+def _is_fused_activation_name(layer) -> bool:
+    return getattr(getattr(layer, "activation", None), "__name__", "") in ("relu", "relu6")
+
+
+def link_requantization(model) -> int:
+    """Give every static quantizer at the output of an int8 convolution, depthwise convolution, fully connected
+    layer or residual add the integer parameters of that op's requantization (:func:`requantize_parameters`), so
+    that the stripped model rounds as the int8 kernels do (a fixed-point multiply with two roundings); clears them
+    elsewhere. Returns how many quantizers were linked.
+
+    The rounding is LiteRT's reference kernels', which ``verify`` checks int8 files against. The one place TFLM
+    rounds otherwise is the per-channel FULLY_CONNECTED: LiteRT rounds the product once, TFLM twice, so a micro
+    file's Dense outputs may be 1 LSB from the stripped model's on a small share of values (well within ``verify``'s
+    1-LSB check of TFLM against LiteRT)."""
+    linked = 0
+    for layer in (layer for layer in getattr(model, "layers", ()) if is_activation_quantizer(layer)):
+        layer.requant = None
+        if not layer.static or _range(layer)[1] <= _range(layer)[0]:
+            continue
+        try:
+            layer.requant = _requantization(layer)
+        except (AttributeError, ValueError, IndexError, TypeError):  # a layer used several times, no graph
+            layer.requant = None
+        linked += layer.requant is not None
+    return linked
+
+
+def link(model) -> int:
+    """:func:`link_means` and :func:`link_requantization`: after ``strip`` or a change of ranges or BatchNormalization
+    statistics, the stripped model computes the int8 kernels' rounding. Returns how many quantizers were linked."""
+    return link_means(model) + link_requantization(model)
+
+
 def is_activation_quantizer(layer) -> bool:
     """A tf_keras or Keras 3 :class:`ActivationQuantizer`."""
     return type(layer).__name__ == "ActivationQuantizer" and hasattr(layer, "ema_decay")
@@ -198,23 +354,33 @@ def is_activation_quantizer(layer) -> bool:
 class QuantizerOptions:
     """The options of both Keras APIs' ``ActivationQuantizer`` (a mixin before the layer base class)."""
 
-    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, mean_input=None, **kwargs):
+    def __init__(self, num_bits: int = 8, ema_decay: float = 0.99, static: bool = False, mean_input=None,
+                 requant=None, **kwargs):  # fmt: skip
         super().__init__(**kwargs)
         self.num_bits = int(num_bits)
         self.ema_decay = float(ema_decay)
         self.static = bool(static)
         self.mean_input = dict(mean_input) if mean_input else None  # see link_means
+        self.requant = dict(requant) if requant else None  # see link_requantization
 
     def get_config(self):
         return {**super().get_config(), "num_bits": self.num_bits, "ema_decay": self.ema_decay, "static": self.static,
-                "mean_input": dict(self.mean_input) if self.mean_input else None}  # fmt: skip
+                "mean_input": dict(self.mean_input) if self.mean_input else None,
+                "requant": dict(self.requant) if self.requant else None}  # fmt: skip
 
     def _static(self, x):
         """A static quantizer's output: the fake quantization, or after a global average pooling the int8 MEAN
         kernel's own rounding (:func:`link_means`; not while :func:`exporting`)."""
-        if self.mean_input and not _exporting and self.num_bits == 8 and _has_float64(self):
+        def plain():
+            return fake_quant(x, self.min, self.max, self.num_bits)
+
+        if _exporting or self.num_bits != 8 or not _has_float64(self):
+            return plain()
+        if self.requant:
+            return tflite_requantize(x, self.requant, plain)
+        if self.mean_input:
             return tflite_mean(x, self.mean_input)
-        return fake_quant(x, self.min, self.max, self.num_bits)
+        return plain()
 
 
 @keras.utils.register_keras_serializable(package="ptq_keras")

@@ -457,7 +457,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
         })  # fmt: skip
         if batchnorm_data is not None:
             recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
-        act.link_means(plain)
+        act.link(plain)
         return plain
     pairs = []
 
@@ -490,7 +490,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
         fresh.set_weights(values)
     if batchnorm_data is not None:
         recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
-    act.link_means(plain)
+    act.link(plain)
     return plain
 
 
@@ -549,7 +549,7 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: the data gave no batch.")
     if aqs:
-        act.link_means(model)  # the ranges moved: the int8 MEAN parameters with them
+        act.link(model)  # the ranges moved: the int8 MEAN parameters with them
     if verbose:
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
         print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")

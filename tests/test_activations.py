@@ -63,7 +63,10 @@ def test_ranges_are_learned_then_static_after_strip_and_reestimated_with_batchno
     np.testing.assert_allclose(grid, np.round(grid), atol=1e-2)  # outputs on the 8-bit grid
     plain = ptq_keras.strip(q)
     assert all(layer.static for layer in plain.layers if isinstance(layer, ActivationQuantizer))
-    np.testing.assert_allclose(plain.predict(x[:64], verbose=0), outputs, atol=1e-4)
+    with ptq_keras.activations.exporting():  # what the converter reads: the trained fake quantization, unchanged
+        np.testing.assert_allclose(plain(x[:64]).numpy(), outputs, atol=1e-4)
+    # Outside exporting the stripped model rounds as the int8 kernels do (link_requantization): within one LSB.
+    np.testing.assert_allclose(plain(x[:64]).numpy(), outputs, atol=step * 1.001)
     ranges = [float(layer.max.numpy()) for layer in plain.layers if isinstance(layer, ActivationQuantizer)]
     ptq_keras.recalibrate_batchnorm(plain, x, steps=4, verbose=False)
     after = [float(layer.max.numpy()) for layer in plain.layers if isinstance(layer, ActivationQuantizer)]
@@ -195,3 +198,57 @@ def test_int8_mean_rounding_is_what_the_stripped_model_computes(flavor, size, in
     model.save(path)
     again = ptq_keras.load_model(path) if flavor == "tf_keras" else __import__("keras").saving.load_model(path)
     np.testing.assert_array_equal(again(x_grid).numpy().reshape(len(x), -1), expected)
+
+
+def test_stripped_model_rounds_as_the_int8_convolutions_and_adds(tmp_path):
+    """The int8 CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and ADD requantize their int32 accumulators with a
+    fixed-point multiply and two roundings; the stripped model computes that rounding (link_requantization), so its
+    outputs are the file's, where plain fake quantization after the float op is off by an LSB here and there."""
+    import importlib
+
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    from ptq_keras import activations as act
+    from ptq_keras.compat import tf
+
+    convert = importlib.import_module("ptq_keras.tflite.convert")
+    rng = np.random.default_rng(3)
+    x = rng.random((512, 16, 16, 3)).astype("float32")
+    q = ptq_keras.ternarize(residual_dw(), sparsity=0.5, activations="int8")
+    _compile(q)
+    q.fit(x[:256], rng.integers(0, 10, 256), epochs=1, batch_size=32, verbose=0)
+    plain = ptq_keras.strip(q)
+    linked = sorted(layer.name for layer in plain.layers if getattr(layer, "requant", None))
+    assert linked == ["add_act_quant", "dw_relu_act_quant", "head_act_quant", "pw_act_quant", "sep_act_quant",
+                      "sep_depthwise_act_quant", "stem_act_quant"]  # fmt: skip
+    assert [layer.name for layer in plain.layers if getattr(layer, "mean_input", None)] == ["gap_act_quant"]
+    buf = convert.int8_tflite(plain, x[:64])
+    lite = tf.lite.Interpreter(model_content=buf, experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_REF)
+    lite.allocate_tensors()
+    (scale_in, zero_in), (scale_out, zero_out) = (lite.get_input_details()[0]["quantization"],
+                                                  lite.get_output_details()[0]["quantization"])  # fmt: skip
+    xq = np.clip(np.round(x / scale_in) + zero_in, -128, 127).astype(np.int8)
+    x_grid = (xq.astype("float32") - zero_in) * scale_in  # the file's input, as the model sees it
+    micro = tflm.Interpreter.from_bytes(buf)
+    files = []
+    for i in range(len(x)):
+        lite.set_tensor(lite.get_input_details()[0]["index"], xq[i : i + 1])
+        lite.invoke()
+        files.append(lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1))
+        if i < 64:
+            micro.set_input(xq[i : i + 1], 0)
+            micro.invoke()
+            # TFLM's kernels agree with LiteRT's reference kernels to an LSB on this model (verify's tolerance).
+            assert np.abs(micro.get_output(0).reshape(-1).astype(int) - files[-1]).max() <= 1
+    got = np.asarray(files, dtype="float32") - zero_out
+    expected = plain(x_grid).numpy() / scale_out  # (eager calls: predict would reuse its first trace)
+    with act.exporting():
+        unlinked = plain(x_grid).numpy() / scale_out
+    off = np.abs(got - expected) > 0.5
+    off_plain = np.abs(got - unlinked) > 0.5
+    assert np.abs(got - expected).max() <= 1.001 and off.mean() <= 0.001, (off.mean(), off_plain.mean())
+    assert off_plain.mean() >= 0.01, "plain fake quantization already matched: the emulation is not exercised"
+    path = str(tmp_path / "m.h5")
+    plain.save(path)
+    again = ptq_keras.load_model(path)  # the requantization parameters are saved with the quantizers
+    np.testing.assert_array_equal(again(x_grid).numpy(), plain(x_grid).numpy())
