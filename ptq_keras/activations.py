@@ -11,12 +11,15 @@ containing 0) and computes ``tf.quantization.fake_quant_with_min_max_vars`` (8 b
 with its straight-through gradient. The converter reads these ranges from the stripped model instead of calibrating
 them, so the exported int8 file computes what the trained model computes.
 
-One int8 kernel rounds visibly differently from a float mean followed by fake quantization: TFLite's (and TFLM's)
-int8 MEAN folds the division by the pooled count into its fixed-point multiplier and keeps only a few fraction bits
-before the final rounding (on a 7x7 map, 3 bits), so about 6% of its outputs come out 1 LSB higher than the rounded
-mean. :func:`link_means` (called by ``strip`` and ``recalibrate_batchnorm``) gives each static quantizer after a
-global average pooling the integer parameters of that MEAN, and the stripped model then computes the kernel's exact
-arithmetic there (:func:`tflite_mean`); under :func:`exporting` the converter sees the plain fake quantization.
+The int8 kernels round differently from a float op followed by fake quantization. CONV_2D, DEPTHWISE_CONV_2D,
+FULLY_CONNECTED and ADD requantize their int32 accumulators with a Q31 fixed-point multiplier and two roundings
+(under 1% of each op's outputs 1 LSB away, adding up along a residual model); TFLite's (and TFLM's) int8 MEAN folds
+the division by the pooled count into its fixed-point multiplier and keeps only a few fraction bits before the final
+rounding (on a 7x7 map, 3 bits), so about 6% of its outputs come out 1 LSB higher than the rounded mean.
+:func:`link` (called by ``strip`` and ``recalibrate_batchnorm``) gives each static quantizer the integer parameters
+of the op whose output it is (:func:`link_requantization`, :func:`link_means`), and the stripped model then computes
+those kernels' arithmetic (:func:`tflite_requantize`, :func:`tflite_mean`); under :func:`exporting` the converter
+sees the plain fake quantization.
 """
 
 from __future__ import annotations

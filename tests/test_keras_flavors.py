@@ -312,6 +312,9 @@ def test_activations_int8_trains_the_ranges_the_int8_file_uses(flavor, data, tmp
     with exporting():  # strip changes nothing but the rounding of the int8 MEAN after the pooling (link_means)
         np.testing.assert_allclose(plain(x[:32]).numpy(), expected, atol=1e-4)
     assert [layer.name for layer in plain.layers if getattr(layer, "mean_input", None)] == ["gap_act_quant"]
+    # every other op output: the requantization of its int8 kernel (link_requantization), on both Keras APIs
+    assert [layer.name for layer in plain.layers if getattr(layer, "requant", None)] == [
+        name for name in QUANTIZED if name not in ("image_act_quant", "gap_act_quant")]  # fmt: skip
     lsb = max(float(q.max.numpy() - q.min.numpy()) / 255 for q in plain.layers if is_activation_quantizer(q))
     np.testing.assert_allclose(plain(x[:32]).numpy(), expected, atol=lsb * 1.01)  # within an LSB
     # batchnorm_data re-estimates the ranges with the BatchNorm statistics; the file agrees with that model
@@ -324,6 +327,7 @@ def test_activations_int8_trains_the_ranges_the_int8_file_uses(flavor, data, tmp
     report = tflite.verify(recalibrated, tmp_path / "out" / "model_micro.tflite", x, int8=tmp_path / "out" /
                            "model_int8.tflite", min_top1=0.995)  # fmt: skip
     assert report.ok and report.steps[-1].max_lsb == 0.0, str(report)
+    assert report.steps[0].max_lsb <= 1.0 and report.steps[0].mean_lsb <= 0.01, str(report)  # Keras vs the file
     if flavor == "keras3":  # the tf_keras twin with the same weights and ranges makes the same file
         twin = ptq_keras.strip(ptq_keras.ternarize(build("tf_keras"), sparsity=0.7, activations="int8"))
         twin.set_weights(plain.get_weights())
