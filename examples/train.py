@@ -92,9 +92,9 @@ flags.DEFINE_float(
     upper_bound=1.0,
 )
 flags.DEFINE_bool("distill", False, "ptq / twn: distill from the --init_from float model (ptq_keras.distill).")
-flags.DEFINE_float("temperature", 4.0, "--distill: softening temperature.", lower_bound=0.0)
+flags.DEFINE_float("temperature", 1.0, "--distill: softening temperature.", lower_bound=0.0)
 flags.DEFINE_float(
-    "alpha", 0.9, "--distill: weight of the soft-target loss in [0, 1].", lower_bound=0.0, upper_bound=1.0
+    "alpha", 0.5, "--distill: weight of the soft-target loss in [0, 1].", lower_bound=0.0, upper_bound=1.0
 )
 flags.DEFINE_enum(
     "activations", "none", ["none", "int8"], "ptq / twn: 'int8' trains with 8-bit activation fake-quantization."
@@ -183,8 +183,8 @@ class Config:
     ramp_epochs: int = 0
     freeze_at: float = 0.5
     distill: bool = False
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = 1.0
+    alpha: float = 0.5
     activations: str = "none"
     recalibrate_bn_steps: int = 200
     epochs: int = 4
