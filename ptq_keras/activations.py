@@ -126,7 +126,22 @@ def mean_parameters(input_range, output_range, count: int) -> dict:
 def _multiply_by_quantized_multiplier(x, multiplier, shift):
     """TFLite's ``MultiplyByQuantizedMultiplier`` on integral float64 values: a rounding doubling high multiply,
     then a rounding right shift (two roundings, as the kernels do). ``multiplier`` and ``shift`` are integers or
-    arrays of them, one per channel (the last axis of ``x``)."""
+    arrays of them, one per channel (the last axis of ``x``).
+
+    On magnitudes both roundings are ``floor(|v| + 1/2)``: the high multiply ``(p + nudge) / 2**31`` (C++ division)
+    rounds half up, and half towards zero below zero (``- 2**-31`` there); the rounding shift rounds half away
+    from zero. Few elementwise ops: the stripped model runs this on every int8 tensor."""
+    multiplier = np.asarray(multiplier, np.float64)
+    shift = np.asarray(shift, np.int64)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    sign = ops.sign(x)
+    magnitude = ops.abs(x) * (2.0**left * multiplier * 2.0**-31)  # |x * multiplier| / 2**31: exact scaling
+    high = ops.floor(magnitude + (sign * 2.0**-32 + (0.5 - 2.0**-32)))  # + 1/2, less 2**-31 below zero
+    return sign * ops.floor(high * 2.0**-right + 0.5)
+
+
+def _multiply_by_quantized_multiplier_reference(x, multiplier, shift):
+    """The kernels' integer steps one by one (``nudge``, truncating division, mask and threshold), for the tests."""
     multiplier = np.asarray(multiplier, np.float64)
     shift = np.asarray(shift, np.int64)
     left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
@@ -178,15 +193,14 @@ def tflite_requantize(x, p: dict, fallback):
     :func:`requantize_parameters`), dequantized, from ``x``, the float output the Keras layers compute (the
     accumulator up to float rounding, in ``p["unit"]``). ``fallback()``: the plain fake quantization of ``x``, used
     on channels that are not ``live``. Straight-through gradient."""
-    accumulator = ops.round(ops.cast(x, "float64") / np.asarray(p["unit"], np.float64))
+    accumulator = ops.round(ops.cast(x, "float64") * (1.0 / np.asarray(p["unit"], np.float64)))
     if p.get("rounding") == "single":
         scale = np.asarray(p["multiplier"], np.float64) * 2.0 ** (np.asarray(p["shift"], np.float64) - 31.0)
         q = ops.floor(accumulator * scale + 0.5)
     else:
         q = _multiply_by_quantized_multiplier(accumulator, p["multiplier"], p["shift"])
     zero = p["output_zero_point"]
-    q = ops.clip(q + zero, -128.0, 127.0) - zero
-    y = ops.cast(q * p["output_scale"], x.dtype)
+    y = ops.cast(ops.clip(q, -128.0 - zero, 127.0 - zero) * p["output_scale"], x.dtype)
     if not all(p["live"]):
         y = ops.where(np.asarray(p["live"]), y, fallback())
     return x + ops.stop_gradient(y - x)

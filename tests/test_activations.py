@@ -249,3 +249,21 @@ def test_stripped_model_rounds_as_the_int8_convolutions_and_adds(tmp_path):
     plain.save(path)
     again = ptq_keras.load_model(path)  # the requantization parameters are saved with the quantizers
     np.testing.assert_array_equal(again(x_grid).numpy(), plain(x_grid).numpy())
+
+
+def test_compact_fixed_point_multiply_is_the_kernels_integer_steps():
+    """The stripped model's few-op form of MultiplyByQuantizedMultiplier equals the kernels' steps (nudge,
+    truncating division, mask and threshold), ties and negative values included."""
+    from ptq_keras.activations import _multiply_by_quantized_multiplier as compact
+    from ptq_keras.activations import _multiply_by_quantized_multiplier_reference as steps
+
+    rng = np.random.default_rng(0)
+    ties = np.arange(-4096, 4096, dtype=np.float64)
+    for shift, multiplier in [(0, 2**30), (-1, 2**30), (-3, 3 * 2**28), (2, 2**31 - 1), (-9, 1 << 30)]:
+        np.testing.assert_array_equal(np.asarray(compact(ties, multiplier, shift)),
+                                      np.asarray(steps(ties, multiplier, shift)))  # fmt: skip
+    for _ in range(20):
+        x = rng.integers(-(2**22), 2**22, (500, 4)).astype(np.float64)
+        multipliers, shifts = rng.integers(2**30, 2**31, 4), rng.integers(-20, 3, 4)  # one per channel
+        np.testing.assert_array_equal(np.asarray(compact(x, multipliers, shifts)),
+                                      np.asarray(steps(x, multipliers, shifts)))  # fmt: skip
