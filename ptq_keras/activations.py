@@ -386,8 +386,9 @@ class QuantizerOptions:
                 "requant": dict(self.requant) if self.requant else None}  # fmt: skip
 
     def _static(self, x):
-        """A static quantizer's output: the fake quantization, or after a global average pooling the int8 MEAN
-        kernel's own rounding (:func:`link_means`; not while :func:`exporting`)."""
+        """A static quantizer's output: the rounding of the int8 kernel whose output it is (the requantization of a
+        convolution, dense layer or add, :func:`link_requantization`; the MEAN after a global average pooling,
+        :func:`link_means`), else the fake quantization, which is also what the converter sees (:func:`exporting`)."""
         def plain():
             return fake_quant(x, self.min, self.max, self.num_bits)
 
