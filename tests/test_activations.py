@@ -267,3 +267,32 @@ def test_compact_fixed_point_multiply_is_the_kernels_integer_steps():
         multipliers, shifts = rng.integers(2**30, 2**31, 4), rng.integers(-20, 3, 4)  # one per channel
         np.testing.assert_array_equal(np.asarray(compact(x, multipliers, shifts)),
                                       np.asarray(steps(x, multipliers, shifts)))  # fmt: skip
+
+
+def test_keras3_stripped_model_rounds_as_the_int8_kernels(tmp_path):
+    """The same emulation on a Keras 3 residual depthwise model (its own layer classes and graph): every int8 op
+    output linked, and the int8 file agrees with the stripped model to the LSB."""
+    import keras as k3
+
+    from ptq_keras import tflite
+
+    L = k3.layers
+    k3.utils.set_random_seed(0)
+    inp = k3.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inp)
+    y = L.ReLU(name="dw_relu")(L.BatchNormalization(name="dw_bn")(L.DepthwiseConv2D(3, padding="same", name="dw")(x)))
+    x = L.Add(name="add")([x, L.Conv2D(8, 1, name="pw")(y)])
+    x = L.SeparableConv2D(12, 3, padding="same", depth_multiplier=2, name="sep")(x)
+    model = k3.Model(inp, L.Dense(10, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    q = ptq_keras.ternarize(model, sparsity=0.5, activations="int8")
+    q.compile(k3.optimizers.Adam(2e-3), k3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 16, 16, 3)).astype("float32")
+    q.fit(x, rng.integers(0, 10, 256), epochs=1, batch_size=32, verbose=0)
+    plain = ptq_keras.strip(q)
+    assert sorted(layer.name for layer in plain.layers if getattr(layer, "requant", None)) == [
+        "add_act_quant", "dw_relu_act_quant", "head_act_quant", "pw_act_quant", "sep_act_quant",
+        "sep_depthwise_act_quant", "stem_act_quant"]  # fmt: skip
+    result = tflite.export(plain, x[:64], tmp_path, targets=("int8",), measure=False)
+    parity = tflite.verify(plain, result.files["int8"], x, num_samples=256, min_top1=0.99)
+    assert parity.ok and parity.steps[0].max_lsb <= 1.0 and parity.steps[0].mean_lsb <= 0.005, str(parity)
