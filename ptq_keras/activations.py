@@ -157,14 +157,13 @@ def _multiply_by_quantized_multiplier_reference(x, multiplier, shift):
 
 def tflite_mean(x, p: dict):
     """The output of TFLite's int8 MEAN, dequantized, from ``x``, the float mean of the int8 input values (the
-    global average pooling of fake-quantized values); ``p`` from :func:`mean_parameters`. Straight-through gradient."""
-    count = p["count"]
-    total = ops.round(ops.cast(x, "float64") * (count / p["input_scale"]))  # the int32 sum, less the zero points
-    q = _multiply_by_quantized_multiplier(total, p["multiplier"], p["shift"])
-    zero = p["output_zero_point"]
-    q = ops.clip(q + zero, -128.0, 127.0) - zero
-    y = ops.cast(q * p["output_scale"], x.dtype)
-    return x + ops.stop_gradient(y - x)
+    global average pooling of fake-quantized values); ``p`` from :func:`mean_parameters`. Its accumulator is the
+    int32 sum (less the zero points): ``x`` in units of ``input_scale / count``; then the requantization of
+    :func:`tflite_requantize`. Straight-through gradient."""
+    return tflite_requantize(x, {
+        "unit": [p["input_scale"] / p["count"]], "multiplier": [p["multiplier"]], "shift": [p["shift"]],
+        "live": [True], "output_scale": p["output_scale"], "output_zero_point": p["output_zero_point"],
+    }, fallback=None)  # fmt: skip
 
 
 def requantize_parameters(units, real_multipliers, output_range, live=None, single_rounding=False) -> dict:

@@ -549,7 +549,7 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
     if seen == 0:
         raise ValueError("recalibrate_batchnorm: the data gave no batch.")
     if aqs:
-        act.link(model)  # the ranges moved: the int8 MEAN parameters with them
+        act.link(model)  # the ranges moved: the int8 kernels' parameters with them
     if verbose:
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
         print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")

@@ -224,7 +224,7 @@ def float_tflite(model) -> bytes:
 @contextlib.contextmanager
 def _converting(model):
     """Around a conversion: static activation quantizers give the converter their plain fake quantization (not
-    the int8 MEAN rounding the stripped model computes, ``ptq_keras.activations.link_means``), and Keras 3's
+    the int8 kernels' rounding the stripped model computes, ``ptq_keras.activations.link``), and Keras 3's
     message about the temporary SavedModel of each conversion is kept out of the output."""
     from ptq_keras.activations import exporting
     from ptq_keras.compat import is_keras3
