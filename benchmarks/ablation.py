@@ -88,6 +88,13 @@ def _variants():
         keras.utils.set_random_seed(int(np.random.randint(1 << 30)))
         return ptq_keras.ternarize(twin, sparsity=sparsity)
 
+    def allocated(rule):
+        def build(model, steps, sparsity):
+            overrides = {name: {"sparsity": s} for name, s in rule(model, sparsity).items()}
+            return ptq_keras.ternarize(model, sparsity=sparsity, overrides=overrides)
+
+        return _uses_default_ste(build, True)
+
     # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
         "defaults": (f"the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='{_default_ste()}')",
@@ -116,11 +123,49 @@ def _variants():
         "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0), "defaults"),
         "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor"),
                                "defaults"),
+        "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
+                allocated(_erk), "defaults"),
+        "fan_in_floor": ("a layer keeps >= 4 weights per output channel on average (sparsity <= 1 - 4 / fan-in)",
+                         allocated(_fan_in_floor), "defaults"),
         "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
                    _uses_default_ste(keras3, True), "defaults"),
         "keras3_jax": ("the defaults on the same model as a Keras 3 model on JAX (KERAS_BACKEND=jax)",
                        _uses_default_ste(lambda m, t, s: keras3(m, t, s, "jax"), True), "defaults"),
     }  # fmt: skip
+
+
+def _kernels(model) -> dict:
+    """{layer name: (kernel shape as (..., fan-in, outputs), fan-in per output channel)} of the ternarizable layers."""
+    out = {}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "DepthwiseConv2D":
+            shape = tuple(layer.depthwise_kernel.shape)
+            out[layer.name] = (shape, int(np.prod(shape[:2])))
+        elif kind in ("Conv2D", "Dense"):
+            shape = tuple(layer.kernel.shape)
+            out[layer.name] = (shape, int(np.prod(shape[:-1])))
+    return out
+
+
+def _erk(model, sparsity: float) -> dict:
+    """Erdos-Renyi-Kernel densities (sum of the kernel's dimensions / their product, scaled to the total; layers
+    that would exceed density 1 stay dense and the rest is rescaled)."""
+    kernels = _kernels(model)
+    size = {k: int(np.prod(shape)) for k, (shape, _) in kernels.items()}
+    raw = {k: sum(shape) / np.prod(shape) for k, (shape, _) in kernels.items()}
+    dense: set = set()
+    while True:
+        budget = (1 - sparsity) * sum(size.values()) - sum(size[k] for k in dense)
+        eps = budget / sum(raw[k] * size[k] for k in size if k not in dense)
+        over = {k for k in size if k not in dense and eps * raw[k] > 1}
+        if not over:
+            return {k: 0.0 if k in dense else float(1 - eps * raw[k]) for k in size}
+        dense |= over
+
+
+def _fan_in_floor(model, sparsity: float, keep: int = 4) -> dict:
+    return {k: float(min(sparsity, max(0.0, 1 - keep / fan_in))) for k, (_, fan_in) in _kernels(model).items()}
 
 
 def _default_ste() -> str:
@@ -202,6 +247,8 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
         "accuracy": _accuracy(plain, x_test, y_test),
         "accuracy_before_bn": before_bn,
         "sparsity": float(np.mean([r.sparsity for r in ptq_keras.summary(plain, print_fn=None).layers if r.ternary])),
+        "zeros": _zeros(plain),
+        "micro_bytes": len(_convert()(plain, x[:256], target="micro", encoding="auto")),
         "train_seconds": seconds,
     }
     os.makedirs(run_dir, exist_ok=True)
@@ -209,6 +256,20 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
         json.dump(result, f, indent=1)
     os.replace(cache + ".tmp", cache)
     return result
+
+
+def _convert():
+    from ptq_keras.tflite import convert
+
+    return convert
+
+
+def _zeros(model) -> float:
+    """Fraction of zeros over all ternary kernels (weighted by size)."""
+    import ptq_keras
+
+    layers = [r for r in ptq_keras.summary(model, print_fn=None).layers if r.ternary]
+    return float(sum(r.sparsity * r.params for r in layers) / sum(r.params for r in layers))
 
 
 def _stats(runs) -> dict:
@@ -220,6 +281,12 @@ def _stats(runs) -> dict:
         "worst": float(diff.min()),
         "raw": float(np.mean([100 * (r["accuracy_before_bn"] - r["float_accuracy"]) for r in runs])),
     }
+
+
+def _mean_of(runs, key: str, fmt: str) -> str:
+    """The mean of a field over the runs that recorded it (runs cached before it was recorded lack it): '-' if none."""
+    values = [r[key] for r in runs if key in r]
+    return fmt.format(np.mean(values)) if values else "-"
 
 
 def _markdown(sections, names, baselines, meta) -> str:
@@ -242,8 +309,8 @@ def _markdown(sections, names, baselines, meta) -> str:
             f"## {model}, sparsity {sparsity:g}",
             "",
             "| variant | seeds | accuracy (mean) | vs float, mean | sd | worst seed | vs its baseline, same seed: "
-            "mean +- sd | without BN re-estimation: vs float |",
-            "|---|---|---|---|---|---|---|---|",
+            "mean +- sd | without BN re-estimation: vs float | zeros (all ternary weights) | micro file bytes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, runs in rows.items():
             st = _stats(runs)
@@ -254,7 +321,8 @@ def _markdown(sections, names, baselines, meta) -> str:
             ) + f" (vs {baselines[key]})"
             lines.append(
                 f"| {names[key]} | {len(runs)} | {st['accuracy']:.2f}% | {st['diff']:+.2f} | {st['sd']:.2f} "
-                f"| {st['worst']:+.2f} | {vs} | {st['raw']:+.2f} |"
+                f"| {st['worst']:+.2f} | {vs} | {st['raw']:+.2f} | {_mean_of(runs, 'zeros', '{:.3f}')} "
+                f"| {_mean_of(runs, 'micro_bytes', '{:,.0f}')} |"
             )
         floats = sorted({(r["seed"], r["float_accuracy"]) for runs in rows.values() for r in runs})
         lines += ["", "Float models: " + ", ".join(f"seed {s} {100 * a:.2f}%" for s, a in floats) + ".", ""]

@@ -32,6 +32,7 @@ import numpy as np
 from . import ternary
 from .compat import is_keras3, keras, keras3
 from .configs import is_batchnorm, kernel_attributes
+from .quantizers import DEFAULTS
 
 __all__ = ["CANDIDATES", "Allocation", "allocate"]
 
@@ -81,11 +82,13 @@ def _tflite_layout(kernel: np.ndarray, dims: int) -> tuple[np.ndarray, int]:
 
 
 def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> np.ndarray:
+    """The kernel as the quantizer projects it at ``sparsity`` (capped as ``min_kept`` caps it in training)."""
+    cap = ternary.max_sparsity(kernel.shape, dims, options.get("min_kept", DEFAULTS["min_kept"]))
     return ternary.ternarize_np(
         kernel,
         dims,
         threshold="sparsity",
-        sparsity=sparsity,
+        sparsity=min(float(sparsity), cap),
         selection=options.get("selection", "tensor"),
         granularity=options.get("granularity", "channel"),
         normalize=options.get("normalize", False),

@@ -22,6 +22,9 @@ DEFAULTS = {
     "decay": 1e-3,
     "freeze_at": 0.5,
     "frequency": 1,
+    # A layer keeps at least this many weights per output channel on average: its sparsity is capped at
+    # 1 - min_kept / fan-in (stems and depthwise 3x3 filters; measured: benchmarks/results/min_kept.md)
+    "min_kept": 4,
     # Related methods (docs/METHODS.md)
     "criterion": "magnitude",  # support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020)
     "taylor_decay": 0.9,  # the running mean's decay per step
@@ -124,6 +127,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if training:
             now = ops.copy(step)
             should_update, target = schedules.evaluate(self.schedule, now)
+            target = ops.minimum(ops.cast(target, "float32"), self.max_sparsity(w.shape))
             update = ops.logical_or(now == 0, should_update)
             ramp_end = schedules.end_step(self.schedule)
             if ramp_end >= 0:
@@ -206,13 +210,19 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             return w
         return ops.where(step > 0, ops.copy(weights["score"]), ops.abs(w))
 
+    def max_sparsity(self, shape) -> float:
+        """The highest sparsity this kernel is pruned to (``min_kept`` weights per output channel kept)."""
+        return ternary.max_sparsity(tuple(shape), self.channel_dims, self.options["min_kept"])
+
     def support(self, w, sparsity):
-        """Support mask (float32, shape of ``w``) for the scheduled ``sparsity``."""
+        """Support mask (float32, shape of ``w``) for the scheduled ``sparsity`` (capped by ``max_sparsity``)."""
         w2d = ternary.as_groups_ops(w, self.channel_dims)
+        cap = self.max_sparsity(w.shape)
+        sparsity = ops.minimum(ops.cast(sparsity, "float32"), cap)
         dead = None
         if self.options["channel_sparsity"] > 0:
             # Dead channels follow the schedule: their share grows with the scheduled sparsity.
-            final = schedules.final_sparsity(self.schedule)
+            final = min(schedules.final_sparsity(self.schedule), cap)
             progress = ops.minimum(ops.cast(sparsity, "float32") / final, 1.0) if final > 0 else 1.0
             count = ternary.dead_count_ops(self.options["channel_sparsity"] * progress, int(w2d.shape[1]))
             dead = ternary.dead_channels_ops(w2d, count)

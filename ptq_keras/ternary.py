@@ -35,6 +35,17 @@ def as_groups(w: np.ndarray, channel_dims: int) -> np.ndarray:
     return np.reshape(w, (-1, channels))
 
 
+def max_sparsity(shape, channel_dims: int, min_kept: float) -> float:
+    """The highest sparsity at which a kernel of ``shape`` keeps ``min_kept`` weights per output channel on
+    average: ``1 - min_kept / fan_in`` (0 when the fan-in is ``min_kept`` or less; 1, no cap, for ``min_kept=0``).
+    The fan-in is the number of weights per output channel (9 for a 3x3 depthwise filter)."""
+    if min_kept <= 0:
+        return 1.0
+    channels = int(np.prod(shape[len(shape) - channel_dims :]))
+    fan_in = int(np.prod(shape)) // max(channels, 1)
+    return float(max(0.0, 1.0 - float(min_kept) / fan_in))
+
+
 def keep_count(sparsity, n):
     """Number of weights kept in a group of ``n`` at ``sparsity``: ``max(1, floor((1 - s) * n + 0.5))``.
 

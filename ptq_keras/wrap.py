@@ -86,6 +86,7 @@ _NUMBERS = {
     "taylor_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "soft_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: pruned weights keep their values)"),
     "channel_sparsity": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of output channels to zero whole"),
+    "min_kept": (lambda v: v >= 0, "a number >= 0 of weights kept per output channel on average (0: no cap)"),
 }
 
 
@@ -191,6 +192,11 @@ def ternarize(
         support; never before a sparsity schedule ends); an int is a step number; ``None`` freezes at the
         schedule's ``end_step`` (never, for a constant target).
       frequency: for a float ``sparsity``, re-select the support every ``frequency`` steps.
+      min_kept: every layer keeps at least this many weights per output channel on average (default 4): a layer
+        whose fan-in (weights per output channel: 9 for a 3x3 depthwise filter or a 3x3 stem on one channel) is
+        small is pruned to at most ``1 - min_kept / fan_in`` rather than ``sparsity`` (``ternarize`` names those
+        layers). Such layers hold few of a model's weights, so this costs few bytes; ``min_kept=0`` prunes every
+        layer to ``sparsity``.
     """
     _check_graph_model(model)
     if is_ternarized(model):
@@ -276,6 +282,8 @@ def ternarize(
     elif budget_data is not None:
         raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
 
+    _report_capped(model, sorted(targets), lambda name: per_layer.get(name, base))
+
     if activations == "int8":
         if is_keras3(model):
             from . import keras3_layers
@@ -317,6 +325,24 @@ def ternarize(
     attach(qmodel)
     qmodel.ptq_allocation = allocation
     return qmodel
+
+
+def _report_capped(model, targets, options_of) -> None:
+    """Say which layers ``min_kept`` holds under their target sparsity (few weights per output channel)."""
+    capped = []
+    for name in targets:
+        options = options_of(name)
+        if options["threshold"] != "sparsity":
+            continue
+        final = schedules.final_sparsity(schedules.to_schedule(options["sparsity"], 1))
+        layer = model.get_layer(name)
+        for attr, dims in kernel_attributes(layer):
+            cap = ternary.max_sparsity(tuple(getattr(layer, attr).shape), dims, options["min_kept"])
+            if cap < final:
+                capped.append(f"{name} {cap:.2f}")
+    if capped:
+        print(f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
+              f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off).")
 
 
 def _check_off_tensorflow(option_sets) -> None:

@@ -142,3 +142,13 @@ def test_flash_and_ram_budgets_together():
     allocation = ptq_keras.ternarize(model, flash_budget=15_000, ram_budget=24_000, budget_data=x).ptq_allocation
     assert allocation.file_bytes <= 15_000 and allocation.arena_bytes <= 24_000
     assert "TFLM arena" in allocation.table()
+
+
+def test_sizes_are_measured_at_the_sparsity_min_kept_allows():
+    # A 3x3 depthwise kernel keeps 4 weights per channel on average (as the quantizer keeps it in training), so
+    # the allocator never counts bytes that training would not save; min_kept=0 lifts the cap.
+    from ptq_keras.ternary import keep_count
+
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 16, 1)).astype("float32")
+    assert np.count_nonzero(budget._project(kernel, 2, 0.9, {})) == keep_count(1 - 4 / 9, kernel.size)
+    assert np.count_nonzero(budget._project(kernel, 2, 0.9, {"min_kept": 0})) == keep_count(0.9, kernel.size)

@@ -9,7 +9,8 @@ from conftest import conv1d_model, residual_dw, small_cnn
 import ptq_keras
 from ptq_keras import keras
 from ptq_keras.configs import kernel_attributes
-from ptq_keras.ternary import as_groups, keep_count
+from ptq_keras.quantizers import DEFAULTS
+from ptq_keras.ternary import as_groups, keep_count, max_sparsity
 
 
 def _data(model, n=64, seed=0):
@@ -28,17 +29,22 @@ def _steps(qmodel):
     return sorted({int(v.numpy()) for v in qmodel.weights if "_ptq_step" in v.name})
 
 
-def _ternary_kernels(plain):
-    """(layer name, kernel as (n, C)) for each quantizable kernel of a plain model."""
+def _ternary_kernels(plain, with_cap=False, min_kept=DEFAULTS["min_kept"]):
+    """(layer name, kernel as (n, C)) for each quantizable kernel of a plain model; with ``with_cap``, also the
+    highest sparsity ``min_kept`` allows that kernel."""
     for layer in plain.layers:
         for attr, dims in kernel_attributes(layer):
-            yield layer.name, as_groups(getattr(layer, attr).numpy(), dims)
+            kernel = getattr(layer, attr).numpy()
+            k2d = as_groups(kernel, dims)
+            yield (layer.name, k2d, max_sparsity(kernel.shape, dims, min_kept)) if with_cap else (layer.name, k2d)
 
 
-def assert_exactly_ternary(plain, sparsity, per_channel=False):
-    """Every channel holds {-a, 0, +a}; the zeros hit ``sparsity`` exactly per layer (the default layer-wide
-    selection, every channel alive) or per channel."""
-    for name, k2d in _ternary_kernels(plain):
+def assert_exactly_ternary(plain, target, per_channel=False, min_kept=DEFAULTS["min_kept"]):
+    """Every channel holds {-a, 0, +a}; the zeros hit the target exactly per layer (the default layer-wide
+    selection, every channel alive) or per channel; kernels with few weights per output channel at the sparsity
+    ``min_kept`` caps them to."""
+    for name, k2d, cap in _ternary_kernels(plain, with_cap=True, min_kept=min_kept):
+        sparsity = min(target, cap)
         for c in range(k2d.shape[1]):
             values = np.unique(k2d[:, c])
             nonzero = values[values != 0]
@@ -49,6 +55,37 @@ def assert_exactly_ternary(plain, sparsity, per_channel=False):
         if not per_channel:
             assert np.count_nonzero(k2d) == keep_count(sparsity, k2d.size), name
             assert np.count_nonzero(k2d, axis=0).min() >= 1, f"{name}: an empty channel"
+
+
+def test_max_sparsity_keeps_min_kept_weights_per_output_channel():
+    assert max_sparsity((3, 3, 64, 1), 2, 4) == pytest.approx(1 - 4 / 9)  # depthwise 3x3: fan-in 9
+    assert max_sparsity((3, 3, 1, 64), 1, 4) == pytest.approx(1 - 4 / 9)  # a stem on one channel
+    assert max_sparsity((1, 1, 64, 32), 1, 4) == pytest.approx(1 - 4 / 64)
+    assert max_sparsity((3, 32), 1, 4) == 0.0  # fan-in below min_kept: every weight kept
+    assert max_sparsity((3, 3, 1, 64), 1, 0) == 1.0  # min_kept=0: no cap
+
+
+@pytest.mark.parametrize("sparsity", [0.85, ptq_keras.PolynomialDecay(0.0, 0.85, 0, 6, frequency=1)])
+def test_min_kept_holds_layers_with_a_small_fan_in_under_the_target(sparsity, capsys):
+    model = residual_dw()
+    x, y = _data(model)
+    qmodel = ptq_keras.ternarize(model, sparsity=sparsity)
+    said = capsys.readouterr().out
+    _fit(qmodel, x, y, epochs=2, batch_size=16)
+    plain = ptq_keras.strip(qmodel)
+    zeros = {name: 1 - np.count_nonzero(k2d) / k2d.size for name, k2d in _ternary_kernels(plain)}
+    # stem: 3x3 on 3 channels (fan-in 27), dw: 3x3 depthwise (9), pw: 1x1 on 8 channels (8), head: 12 inputs
+    assert zeros["stem"] == pytest.approx(0.85, abs=0.01)
+    assert zeros["dw"] == pytest.approx(1 - 4 / 9, abs=0.01)
+    assert zeros["pw"] == pytest.approx(0.5, abs=0.01)
+    assert zeros["head"] == pytest.approx(1 - 4 / 12, abs=0.01)
+    assert_exactly_ternary(plain, 0.85)
+    assert "min_kept" in said and "dw 0.56" in said and "pw 0.50" in said and "stem" not in said
+
+    unbound = ptq_keras.ternarize(model, sparsity=0.85, min_kept=0)
+    _fit(unbound, x, y, epochs=1, batch_size=16)
+    assert_exactly_ternary(ptq_keras.strip(unbound), 0.85, min_kept=0)
+    assert "min_kept" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("builder", [small_cnn, residual_dw, conv1d_model])
@@ -83,7 +120,9 @@ def test_polynomial_schedule_ramps_then_freezes_with_masked_ste():
     np.testing.assert_array_equal(wrapper.weights[0].numpy()[pruned], latent_before[pruned])  # masked STE
     assert not np.array_equal(wrapper.weights[0].numpy()[~pruned], latent_before[~pruned])
     report = ptq_keras.summary(qmodel, print_fn=None)
-    assert all(r.target_sparsity == pytest.approx(0.8) for r in report.layers if r.ternary)
+    caps = {name: cap for name, _, cap in _ternary_kernels(model, with_cap=True)}
+    assert caps["conv1"] < 0.8  # 3x3 on one channel: min_kept holds it under the ramp's end
+    assert all(r.target_sparsity == pytest.approx(min(0.8, caps[r.name])) for r in report.layers if r.ternary)
     assert_exactly_ternary(ptq_keras.strip(qmodel), 0.8)
 
 
@@ -138,7 +177,7 @@ def test_starts_from_the_float_weights():
 
 def test_keep_float_and_overrides():
     model = residual_dw()
-    qmodel = ptq_keras.ternarize(model, sparsity=0.5, keep_float=["stem"], overrides={"head": {"sparsity": 0.9}})
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, keep_float=["stem"], overrides={"head": {"sparsity": 0.9, "min_kept": 0}})
     _fit(qmodel, *_data(model))
     names = {layer.name for layer in qmodel.layers}
     assert "stem" in names and "ptq_stem" not in names and "ptq_head" in names
