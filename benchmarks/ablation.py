@@ -91,7 +91,7 @@ def _variants():
     def allocated(rule):
         def build(model, steps, sparsity):
             overrides = {name: {"sparsity": s} for name, s in rule(model, sparsity).items()}
-            return ptq_keras.ternarize(model, sparsity=sparsity, overrides=overrides)
+            return ptq_keras.ternarize(model, sparsity=sparsity, overrides=overrides, min_kept=0)
 
         return _uses_default_ste(build, True)
 
@@ -123,6 +123,8 @@ def _variants():
         "no_decay": ("decay=0 (no discrepancy term)", ternarize(decay=0.0), "defaults"),
         "granularity_tensor": ("granularity='tensor' (one scale per layer)", ternarize(granularity="tensor"),
                                "defaults"),
+        "min_kept0": ("min_kept=0 (every layer at the target sparsity, the default before min_kept)",
+                      ternarize(min_kept=0), "defaults"),
         "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
                 allocated(_erk), "defaults"),
         "fan_in_floor": ("a layer keeps >= 4 weights per output channel on average (sparsity <= 1 - 4 / fan-in)",
@@ -174,6 +176,12 @@ def _default_ste() -> str:
     return DEFAULTS["ste"]
 
 
+def _default_min_kept() -> float:
+    from ptq_keras.quantizers import DEFAULTS
+
+    return DEFAULTS["min_kept"]
+
+
 def _uses_default_ste(build, uses: bool):
     build.uses_default_ste = uses  # a cached run of it is stale once the library's default STE changes
     return build
@@ -220,10 +228,11 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     if os.path.exists(cache):
         with open(cache) as f:
             cached = json.load(f)
-        # runs from before the STE was recorded trained with the default of that time, "identity"
-        if not build.uses_default_ste or cached.get("default_ste", "identity") == _default_ste():
+        # runs from before the STE (min_kept) was recorded trained with the default of that time, "identity" (0)
+        recipe = (cached.get("default_ste", "identity"), cached.get("default_min_kept", 0))
+        if not build.uses_default_ste or recipe == (_default_ste(), _default_min_kept()):
             return cached
-        print(f"{cache}: trained with another default STE than today's; training again", flush=True)
+        print(f"{cache}: trained with another default STE or min_kept than today's; training again", flush=True)
     float_model, float_acc = _float_model(name, seed, x, y, x_test, y_test, work)
     keras.utils.set_random_seed(1000 + seed)
     epochs = 1 if FLAGS.quick else FLAGS.epochs
@@ -243,6 +252,7 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
         "variant": key,
         "seed": seed,
         "default_ste": _default_ste(),
+        "default_min_kept": _default_min_kept(),
         "float_accuracy": float_acc,
         "accuracy": _accuracy(plain, x_test, y_test),
         "accuracy_before_bn": before_bn,

@@ -141,6 +141,7 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
     export = ("int8", "micro") if "micro" in targets else ("int8",)
     cfg = _config(model, seed, work, **options, epochs=epochs, init_from=init_from, export=export)
     ste = train._ste(cfg) if cfg.method in ("ptq", "twn") else None
+    min_kept = cfg.min_kept if cfg.method == "ptq" else None
 
     def compute():
         try:  # a run killed after a checkpoint (or while exporting) continues from it
@@ -151,6 +152,7 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
             res = train.run(cfg)  # no checkpoint, or one of another run: train afresh
         return {
             "ste": ste,
+            "min_kept": min_kept,
             "keras_accuracy": res["keras_accuracy"],
             "keras_accuracy_before_bn": res.get("stripped_accuracy"),
             "files": _files(res, targets, x_test, y_test),
@@ -159,8 +161,8 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
     path = os.path.join(work, "bench.json")
     if os.path.exists(path) and ste is not None:
         with open(path) as f:
-            if json.load(f).get("ste", ste) != ste:  # the library's default STE changed: this run is stale
-                common.log(f"{path}: trained with another STE than today's default; training again")
+            if not _same_recipe(json.load(f), ste, min_kept):  # a library default changed: this run is stale
+                common.log(f"{path}: trained with another STE or min_kept than today's defaults; training again")
                 os.remove(path)
                 shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
     return _cached(path, compute)
@@ -174,8 +176,14 @@ def _is_cached(model: str, seed: int, spec, work: str) -> bool:
     options = spec[3]
     if options["method"] not in ("ptq", "twn"):
         return True
+    cfg = _config(model, seed, work, **options)
     with open(path) as f:
-        return json.load(f).get("ste") == train._ste(_config(model, seed, work, **options))
+        return _same_recipe(json.load(f), train._ste(cfg), cfg.min_kept if cfg.method == "ptq" else None)
+
+
+def _same_recipe(cached: dict, ste: str, min_kept) -> bool:
+    """Whether a cached run trained with this STE and ``min_kept`` (runs from before ``min_kept`` existed: 0)."""
+    return cached.get("ste", ste) == ste and cached.get("min_kept", 0 if min_kept is not None else None) == min_kept
 
 
 def _mean_sd(values) -> tuple[float, float]:

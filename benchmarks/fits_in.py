@@ -74,7 +74,7 @@ def _run(model: str, seed: int, flash: int, ram: int, channel_sparsity: float, d
     from ptq_keras import keras
     from ptq_keras import tflite as ptq_tflite
 
-    key = f"f{flash}_r{ram}_c{channel_sparsity:g}_{common.default_ste()}_seed{seed}"
+    key = f"f{flash}_r{ram}_c{channel_sparsity:g}_{common.default_recipe()}_seed{seed}"
     path = os.path.join(FLAGS.work_dir, model, key + ".json")
     if (done := common.cached(path)) is not None:
         return done

@@ -73,7 +73,7 @@ def _run(key: str, seed: int, data) -> dict:
     from ptq_keras import keras
     from ptq_keras import tflite as ptq_tflite
 
-    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}_{common.default_ste()}", f"{key}_seed{seed}.json")
+    path = os.path.join(FLAGS.work_dir, f"b{FLAGS.budget}_{common.default_recipe()}", f"{key}_seed{seed}.json")
     if (done := common.cached(path)) is not None:
         return done
     x, y, x_test, y_test = data

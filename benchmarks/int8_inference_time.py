@@ -80,7 +80,8 @@ def main(argv):
     del argv
     rows = {name: _measure(name) for name in FLAGS.models}
     lines = [
-        "# Inference time of the stripped int8-activation model: the int8 kernels' rounding against plain fake quantization",
+        "# Inference time of the stripped int8-activation model: the int8 kernels' rounding against plain fake "
+        "quantization",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} "
         f"CPUs, Python {platform.python_version()}; `predict` on batches of {FLAGS.batch_size}, {FLAGS.rounds} "
@@ -94,7 +95,8 @@ def main(argv):
         first = next(iter(medians.values()))
         for label, seconds in medians.items():
             lines.append(f"| {name} | {label} | {seconds * 1e3:.1f} | {seconds / first:.2f}x |")
-    lines += ["", "The exported files are the same for both `int8` variants (the converter reads plain fake quantization)."]
+    lines += ["", "The exported files are the same for both `int8` variants (the converter reads plain fake "
+              "quantization)."]
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")

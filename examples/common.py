@@ -84,6 +84,13 @@ def default_ste() -> str:
     return DEFAULTS["ste"]
 
 
+def default_recipe() -> str:
+    """The library defaults that decide a run's result, as a cache key: the STE and ``min_kept``."""
+    from ptq_keras.quantizers import DEFAULTS
+
+    return f"{DEFAULTS['ste']}_k{DEFAULTS['min_kept']:g}"
+
+
 def cached(path: str) -> dict | None:
     """The JSON result cached at ``path``, or None."""
     import json

@@ -47,7 +47,7 @@ _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 # Settings that define a run: a checkpoint only resumes a run with the same values.
 _RUN_IDENTITY = (
     "dataset", "model", "method", "sparsity", "threshold", "ste", "granularity", "selection", "normalize", "decay",
-    "criterion", "regularizer", "soft_decay",
+    "min_kept", "criterion", "regularizer", "soft_decay",
     "ramp_epochs", "freeze_at", "distill", "temperature", "alpha", "activations", "batch_size", "learning_rate",
     "init_from", "seed", "limit", "max_steps_per_epoch", "image_size", "mixed_precision",
 )  # fmt: skip
@@ -75,6 +75,11 @@ flags.DEFINE_float(
 flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
 flags.DEFINE_enum("selection", "tensor", ["channel", "tensor"], "ptq: top-k support per layer or per channel.")
 flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
+flags.DEFINE_float(
+    "min_kept", DEFAULTS["min_kept"],
+    "ptq: every layer keeps at least this many weights per output channel on average (its sparsity is capped at "
+    "1 - min_kept / fan-in: stems, depthwise filters); 0 prunes every layer to --sparsity.", lower_bound=0.0,
+)  # fmt: skip
 flags.DEFINE_float("decay", 1e-3, "ptq / twn: strength of the discrepancy term lambda * (W - W_q) in the gradient.")
 flags.DEFINE_integer(
     "ramp_epochs",
@@ -180,6 +185,7 @@ class Config:
     selection: str = "tensor"
     normalize: bool = False
     decay: float = 1e-3
+    min_kept: float = DEFAULTS["min_kept"]
     ramp_epochs: int = 0
     freeze_at: float = 0.5
     distill: bool = False
@@ -258,8 +264,8 @@ def validate(cfg: Config) -> None:
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}.")
-    if cfg.decay < 0 or cfg.learning_rate <= 0:
-        raise ValueError("--decay must be >= 0 and --learning_rate > 0.")
+    if cfg.decay < 0 or cfg.learning_rate <= 0 or cfg.min_kept < 0:
+        raise ValueError("--decay and --min_kept must be >= 0 and --learning_rate > 0.")
     targets = cfg.targets()
     for target in targets:
         choice("export target", target, TARGETS)
@@ -368,6 +374,7 @@ def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> ker
                 criterion=cfg.criterion,
                 regularizer=None if cfg.regularizer == "none" else cfg.regularizer,
                 soft_decay=cfg.soft_decay,
+                min_kept=cfg.min_kept,
                 **options,
             )
         # The script fits one epoch at a time: state the whole run's length for the fractional freeze.

@@ -118,8 +118,8 @@ def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5) ->
       alpha: weight of the soft-target term in [0, 1]; ``1 - alpha`` weighs the compiled (label) loss.
 
     The defaults (``T=1``, ``alpha=0.5``: half the labels, half the teacher's own probabilities) are the mildest
-    pull towards the teacher measured (``benchmarks/results/ablation_distill*.md``): when the teacher is the float model the
-    student starts from, fine-tuning on labels still improves on it, and heavier soft targets (``T=4``,
+    pull towards the teacher measured (``benchmarks/results/ablation_distill*.md``): when the teacher is the float
+    model the student starts from, fine-tuning on labels still improves on it, and heavier soft targets (``T=4``,
     ``alpha=0.9``, Hinton et al.'s setting for a large teacher) held the student to the teacher's level, a point
     under the labels alone. With a stronger teacher (a larger or longer-trained model), raise both.
 

@@ -220,7 +220,8 @@ def test_stripped_model_rounds_as_the_int8_convolutions_and_adds(tmp_path):
                       "sep_depthwise_act_quant", "stem_act_quant"]  # fmt: skip
     assert [layer.name for layer in plain.layers if getattr(layer, "mean_input", None)] == ["gap_act_quant"]
     buf = convert.int8_tflite(plain, x[:64])
-    lite = tf.lite.Interpreter(model_content=buf, experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_REF)
+    reference = tf.lite.experimental.OpResolverType.BUILTIN_REF
+    lite = tf.lite.Interpreter(model_content=buf, experimental_op_resolver_type=reference)
     lite.allocate_tensors()
     (scale_in, zero_in), (scale_out, zero_out) = (lite.get_input_details()[0]["quantization"],
                                                   lite.get_output_details()[0]["quantization"])  # fmt: skip

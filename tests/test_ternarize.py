@@ -177,7 +177,8 @@ def test_starts_from_the_float_weights():
 
 def test_keep_float_and_overrides():
     model = residual_dw()
-    qmodel = ptq_keras.ternarize(model, sparsity=0.5, keep_float=["stem"], overrides={"head": {"sparsity": 0.9, "min_kept": 0}})
+    overrides = {"head": {"sparsity": 0.9, "min_kept": 0}}
+    qmodel = ptq_keras.ternarize(model, sparsity=0.5, keep_float=["stem"], overrides=overrides)
     _fit(qmodel, *_data(model))
     names = {layer.name for layer in qmodel.layers}
     assert "stem" in names and "ptq_stem" not in names and "ptq_head" in names
