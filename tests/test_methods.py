@@ -62,7 +62,8 @@ def test_taylor_score_equals_the_hand_computed_one_and_drives_the_support():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 6)).astype(np.float32)
     t = rng.normal(size=(8, 3)).astype(np.float32)
-    q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None, selection="channel")
+    q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None, selection="channel",
+                            min_kept=0)  # fmt: skip
     q.compile(keras.optimizers.SGD(0.0), "mse")  # no weight update: the step's gradient is easy to write down
     quantizer, qvars = _state(q)
     w = q.get_layer("ptq_d").weights[0].numpy()
@@ -134,7 +135,8 @@ def test_each_method_trains_exports_bit_exact_and_survives_h5(method, fashion_mn
     for layer in plain.layers:
         if hasattr(layer, "kernel"):
             k = layer.kernel.numpy().reshape(-1, layer.kernel.shape[-1])
-            assert np.count_nonzero(k) == ternary.keep_count(0.5 if layer.name == "logits" else 0.7, k.size)
+            target = min(0.5 if layer.name == "logits" else 0.7, ternary.max_sparsity(k.shape, 1, 4))  # min_kept
+            assert np.count_nonzero(k) == ternary.keep_count(target, k.size)
             assert all(len(np.unique(np.abs(k[:, c][k[:, c] != 0]))) == 1 for c in range(k.shape[1])), layer.name
     result = tflite.export(plain, x[:128], str(tmp_path / "out"), targets=("int8", "micro"))
     parity = tflite.verify(plain, result.files["micro"], x_test[:200], num_samples=200, min_top1=0.9)
