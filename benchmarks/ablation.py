@@ -127,8 +127,6 @@ def _variants():
                       ternarize(min_kept=0), "defaults"),
         "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
                 allocated(_erk), "defaults"),
-        "fan_in_floor": ("a layer keeps >= 4 weights per output channel on average (sparsity <= 1 - 4 / fan-in)",
-                         allocated(_fan_in_floor), "defaults"),
         "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
                    _uses_default_ste(keras3, True), "defaults"),
         "keras3_jax": ("the defaults on the same model as a Keras 3 model on JAX (KERAS_BACKEND=jax)",
@@ -164,10 +162,6 @@ def _erk(model, sparsity: float) -> dict:
         if not over:
             return {k: 0.0 if k in dense else float(1 - eps * raw[k]) for k in size}
         dense |= over
-
-
-def _fan_in_floor(model, sparsity: float, keep: int = 4) -> dict:
-    return {k: float(min(sparsity, max(0.0, 1 - keep / fan_in))) for k, (_, fan_in) in _kernels(model).items()}
 
 
 def _default_ste() -> str:
