@@ -59,7 +59,7 @@ def _variants():
         def build(model, steps, sparsity):
             return ptq_keras.ternarize(model, sparsity=sparsity, **options)
 
-        return _uses_default_ste(build, "ste" not in options)
+        return _uses_default_ste(build, "ste" not in options, "min_kept" not in options)
 
     def ramp(model, steps, sparsity):
         schedule = ptq_keras.PolynomialDecay(0.0, sparsity, 0, steps)  # tfmot's defaults otherwise
@@ -93,7 +93,7 @@ def _variants():
             overrides = {name: {"sparsity": s} for name, s in rule(model, sparsity).items()}
             return ptq_keras.ternarize(model, sparsity=sparsity, overrides=overrides, min_kept=0)
 
-        return _uses_default_ste(build, True)
+        return _uses_default_ste(build, True, False)  # min_kept=0: the overrides allocate
 
     # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
@@ -176,8 +176,10 @@ def _default_min_kept() -> float:
     return DEFAULTS["min_kept"]
 
 
-def _uses_default_ste(build, uses: bool):
-    build.uses_default_ste = uses  # a cached run of it is stale once the library's default STE changes
+def _uses_default_ste(build, uses: bool, uses_min_kept: bool = True):
+    # a cached run of it is stale once the library's default STE (or min_kept, where it uses it) changes
+    build.uses_default_ste = uses
+    build.uses_default_min_kept = uses_min_kept
     return build
 
 
@@ -224,7 +226,9 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
             cached = json.load(f)
         # runs from before the STE (min_kept) was recorded trained with the default of that time, "identity" (0)
         recipe = (cached.get("default_ste", "identity"), cached.get("default_min_kept", 0))
-        if not build.uses_default_ste or recipe == (_default_ste(), _default_min_kept()):
+        today = (_default_ste() if build.uses_default_ste else recipe[0],
+                 _default_min_kept() if build.uses_default_min_kept else recipe[1])  # fmt: skip
+        if recipe == today:
             return cached
         print(f"{cache}: trained with another default STE or min_kept than today's; training again", flush=True)
     float_model, float_acc = _float_model(name, seed, x, y, x_test, y_test, work)
