@@ -23,7 +23,7 @@ DEFAULTS = {
     "freeze_at": 0.5,
     "frequency": 1,
     # A layer keeps at least this many weights per output channel on average: its sparsity is capped at
-    # 1 - min_kept / fan-in (stems and depthwise 3x3 filters; measured: benchmarks/results/min_kept.md)
+    # 1 - min_kept / fan-in (stems, depthwise 3x3 filters; measured: benchmarks/results/min_kept_*.md)
     "min_kept": 4,
     # Related methods (docs/METHODS.md)
     "criterion": "magnitude",  # support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020)
