@@ -336,10 +336,11 @@ def _report_capped(model, targets, options_of) -> None:
             continue
         final = schedules.final_sparsity(schedules.to_schedule(options["sparsity"], 1))
         layer = model.get_layer(name)
-        for attr, dims in kernel_attributes(layer):
+        kernels = kernel_attributes(layer)
+        for attr, dims in kernels:
             cap = ternary.max_sparsity(tuple(getattr(layer, attr).shape), dims, options["min_kept"])
-            if cap < final:
-                capped.append(f"{name} {cap:.2f}")
+            if cap < final:  # a SeparableConv2D names which of its two kernels
+                capped.append(f"{name}{'.' + attr if len(kernels) > 1 else ''} {cap:.2f}")
     if capped:
         print(f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
               f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off).")

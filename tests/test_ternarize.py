@@ -81,6 +81,7 @@ def test_min_kept_holds_layers_with_a_small_fan_in_under_the_target(sparsity, ca
     assert zeros["head"] == pytest.approx(1 - 4 / 12, abs=0.01)
     assert_exactly_ternary(plain, 0.85)
     assert "min_kept" in said and "dw 0.56" in said and "pw 0.50" in said and "stem" not in said
+    assert "sep.depthwise_kernel 0.56" in said and "sep.pointwise_kernel 0.75" in said
 
     unbound = ptq_keras.ternarize(model, sparsity=0.85, min_kept=0)
     _fit(unbound, x, y, epochs=1, batch_size=16)
