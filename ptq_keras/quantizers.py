@@ -215,14 +215,13 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return ternary.max_sparsity(tuple(shape), self.channel_dims, self.options["min_kept"])
 
     def support(self, w, sparsity):
-        """Support mask (float32, shape of ``w``) for the scheduled ``sparsity`` (capped by ``max_sparsity``)."""
+        """Support mask (float32, shape of ``w``) for ``sparsity``, the scheduled target already capped by
+        ``max_sparsity``."""
         w2d = ternary.as_groups_ops(w, self.channel_dims)
-        cap = self.max_sparsity(w.shape)
-        sparsity = ops.minimum(ops.cast(sparsity, "float32"), cap)
         dead = None
         if self.options["channel_sparsity"] > 0:
-            # Dead channels follow the schedule: their share grows with the scheduled sparsity.
-            final = min(schedules.final_sparsity(self.schedule), cap)
+            # Dead channels follow the schedule: their share grows with the scheduled (capped) sparsity.
+            final = min(schedules.final_sparsity(self.schedule), self.max_sparsity(w.shape))
             progress = ops.minimum(ops.cast(sparsity, "float32") / final, 1.0) if final > 0 else 1.0
             count = ternary.dead_count_ops(self.options["channel_sparsity"] * progress, int(w2d.shape[1]))
             dead = ternary.dead_channels_ops(w2d, count)
