@@ -46,8 +46,9 @@ flags.DEFINE_integer("finetune_epochs", 4, "Epochs every compressed row fine-tun
 flags.DEFINE_list("ptq_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the PTQ rows.")
 flags.DEFINE_list("prune_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the tfmot pruning rows.")
 flags.DEFINE_float("variant_sparsity", 0.7, "Sparsity of the PTQ + distillation and PTQ + int8 activation rows.")
-flags.DEFINE_list("identity_sparsities", ["0.7", "0.85"],
-                  "Sparsities of the PTQ rows with ste='identity' (the default STE before 'psg').")
+flags.DEFINE_list("identity_sparsities", [],
+                  "Sparsities of extra PTQ rows with ste='identity' (the default STE before 'psg'; the ablation "
+                  "compares the STEs over seeds, so none by default).")
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
 flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
                   "how many seeds it has).")
@@ -144,8 +145,9 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
     min_kept = cfg.min_kept if cfg.method == "ptq" else None
 
     def compute():
+        checkpointed = os.path.exists(os.path.join(work, "checkpoints", "state.json"))
         try:  # a run killed after a checkpoint (or while exporting) continues from it
-            res = train.run(dataclasses.replace(cfg, resume=True))
+            res = train.run(dataclasses.replace(cfg, resume=checkpointed))
         except ValueError as exc:
             if not str(exc).startswith("--resume:"):
                 raise

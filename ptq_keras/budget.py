@@ -55,6 +55,9 @@ class Allocation:
     overhead_bytes: int = 0
     ram_budget: int | None = None  # TFLM arena bytes; every conversion here fitted it (``convert(ram_budget=)``)
     arena_bytes: int | None = None  # of the final micro file, with ``ram_budget``
+    # layer -> {kernel attribute: sparsity} for kernels ``min_kept`` holds below the layer's chosen sparsity
+    # (training prunes them to that cap; their bytes above are measured there)
+    capped: dict = field(default_factory=dict)
 
     def table(self) -> str:
         if self.flash_budget is None:
@@ -65,9 +68,10 @@ class Allocation:
         if self.ram_budget is not None:
             lines[0] += f", TFLM arena {self.arena_bytes:,} B (ram budget {self.ram_budget:,} B)"
         for name, s in self.sparsities.items():
+            held = ", ".join(f"{attr} {cap:.2f}" for attr, cap in self.capped.get(name, {}).items())
             lines.append(
                 f"  {name:<24} sparsity {s:.2f}  {self.layer_bytes[name][s]:>10,} B  "
-                f"output error {self.sensitivity[name][s]:.2e}"
+                f"output error {self.sensitivity[name][s]:.2e}" + (f"  (min_kept holds {held})" if held else "")
             )
         return "\n".join(lines)
 
@@ -94,6 +98,18 @@ def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> n
         normalize=options.get("normalize", False),
         channel_sparsity=options.get("channel_sparsity", 0.0),
     )
+
+
+def _capped(kernels: dict, choice: dict, layers: dict) -> dict:
+    """{layer: {attr: cap}} for the kernels ``min_kept`` keeps below the layer's chosen sparsity."""
+    out = {}
+    for name, parts in kernels.items():
+        min_kept = layers[name].get("min_kept", DEFAULTS["min_kept"])
+        caps = {attr: ternary.max_sparsity(w.shape, dims, min_kept) for attr, dims, w in parts}
+        held = {attr: cap for attr, cap in caps.items() if cap < choice[name]}
+        if held:
+            out[name] = held
+    return out
 
 
 def _encoded_bytes(projected: np.ndarray, dims: int) -> int:
@@ -257,7 +273,8 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
             f"flash_budget={int(flash_budget):,} B: the closest allocation found gives a {file_bytes:,} B micro file; "
             f"raise the budget a little (the smallest estimate is {smallest:,} B)."
         )
-    result = Allocation(int(flash_budget), choice, estimate, file_bytes, layer_bytes, sensitivity, overhead)
+    result = Allocation(int(flash_budget), choice, estimate, file_bytes, layer_bytes, sensitivity, overhead,
+                        capped=_capped(kernels, choice, layers))  # fmt: skip
     if ram_budget is not None:
         from .tflite import micro
 

@@ -152,3 +152,33 @@ def test_sizes_are_measured_at_the_sparsity_min_kept_allows():
     kernel = np.random.default_rng(0).normal(size=(3, 3, 16, 1)).astype("float32")
     assert np.count_nonzero(budget._project(kernel, 2, 0.9, {})) == keep_count(1 - 4 / 9, kernel.size)
     assert np.count_nonzero(budget._project(kernel, 2, 0.9, {"min_kept": 0})) == keep_count(0.9, kernel.size)
+
+
+def test_the_table_names_kernels_min_kept_holds_below_the_chosen_sparsity(capsys):
+    # A 1x1 convolution over 4 channels has a fan-in of 4: min_kept=4 keeps it dense whatever sparsity the
+    # allocator picks, and the 3x3 depthwise kernel (fan-in 9) is held at 1 - 4/9 when its layer goes above that.
+    from ptq_keras.ternary import max_sparsity
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 4)),
+            L.Conv2D(16, 1, activation="relu", name="mix"),
+            L.DepthwiseConv2D(3, activation="relu", name="dw"),
+            L.Flatten(name="flatten"),
+            L.Dense(10, name="logits"),
+        ]
+    )
+    x = np.random.default_rng(1).uniform(0, 1, (64, 12, 12, 4)).astype(np.float32)
+    allocation = ptq_keras.ternarize(model, flash_budget=7_000, budget_data=x).ptq_allocation
+    table = capsys.readouterr().out
+    assert allocation.capped["mix"] == {"kernel": 0.0}
+    assert "min_kept holds kernel 0.00" in table
+    # the depthwise kernel is named only when its layer's sparsity is above its cap
+    kernel = np.zeros((3, 3, 16, 1), np.float32)
+    parts = {"dw": [("depthwise_kernel", 2, kernel)]}
+    dw_cap = max_sparsity(kernel.shape, 2, 4)
+    assert budget._capped(parts, {"dw": 0.9}, {"dw": {}}) == {"dw": {"depthwise_kernel": pytest.approx(dw_cap)}}
+    assert budget._capped(parts, {"dw": 0.5}, {"dw": {}}) == {}
+    assert budget._capped(parts, {"dw": 0.9}, {"dw": {"min_kept": 0}}) == {}
+    assert "logits" not in allocation.capped  # fan-in 1600: no cap below any candidate
