@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from examples import common  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. N-1).", lower_bound=1)
 flags.DEFINE_list("variants", None, "Variants to run (default: all).")
@@ -97,8 +99,8 @@ def _variants():
 
     # key: (label, build, the baseline of the paired column: the same seed's run of that variant)
     return {
-        "defaults": (f"the four plain lines (defaults: selection='tensor', freeze_at=0.5, ste='{_default_ste()}')",
-                     ternarize(), None),
+        "defaults": ("the four plain lines (defaults: selection='tensor', freeze_at=0.5, "
+                     f"ste='{common.default_ste()}')", ternarize(), None),
         "psg": ("ste='psg' (PSG, Kim et al. 2020)", ternarize(ste="psg"), "defaults"),
         "identity": ("ste='identity' (plain straight-through)", ternarize(ste="identity"), "defaults"),
         "greg": ("regularizer='greg' (GReg, Wang et al. 2021)", ternarize(regularizer="greg"), "defaults"),
@@ -164,18 +166,6 @@ def _erk(model, sparsity: float) -> dict:
         dense |= over
 
 
-def _default_ste() -> str:
-    from ptq_keras.quantizers import DEFAULTS
-
-    return DEFAULTS["ste"]
-
-
-def _default_min_kept() -> float:
-    from ptq_keras.quantizers import DEFAULTS
-
-    return DEFAULTS["min_kept"]
-
-
 def _uses_default_ste(build, uses: bool, uses_min_kept: bool = True):
     # a cached run of it is stale once the library's default STE (or min_kept, where it uses it) changes
     build.uses_default_ste = uses
@@ -226,8 +216,8 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
             cached = json.load(f)
         # runs from before the STE (min_kept) was recorded trained with the default of that time, "identity" (0)
         recipe = (cached.get("default_ste", "identity"), cached.get("default_min_kept", 0))
-        today = (_default_ste() if build.uses_default_ste else recipe[0],
-                 _default_min_kept() if build.uses_default_min_kept else recipe[1])  # fmt: skip
+        today = (common.default_ste() if build.uses_default_ste else recipe[0],
+                 common.default_min_kept() if build.uses_default_min_kept else recipe[1])  # fmt: skip
         if recipe == today:
             return cached
         print(f"{cache}: trained with another default STE or min_kept than today's; training again", flush=True)
@@ -249,8 +239,8 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     result = {
         "variant": key,
         "seed": seed,
-        "default_ste": _default_ste(),
-        "default_min_kept": _default_min_kept(),
+        "default_ste": common.default_ste(),
+        "default_min_kept": common.default_min_kept(),
         "float_accuracy": float_acc,
         "accuracy": _accuracy(plain, x_test, y_test),
         "accuracy_before_bn": before_bn,

@@ -380,7 +380,11 @@ def main(argv) -> None:
                 common.log(f"{model} seed {seed}: {spec[1]}")
                 res = _finetune_run(model, seed, spec, base["model"], os.path.join(seed_dir, spec[0]), x_test, y_test)
                 runs.setdefault(spec[:3], []).append(res)
-        by_model[model] = _points(model, runs)
+        if runs:
+            by_model[model] = _points(model, runs)
+    if not by_model:  # only --cached_only gets here
+        raise app.UsageError(f"--cached_only: no cached float model of {FLAGS.models} in {work}; run without "
+                             "--cached_only first (or pass the --work_dir that has them).")  # fmt: skip
     minutes = (time.time() - started) / 60
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -84,11 +84,16 @@ def default_ste() -> str:
     return DEFAULTS["ste"]
 
 
-def default_recipe() -> str:
-    """The library defaults that decide a run's result, as a cache key: the STE and ``min_kept``."""
+def default_min_kept() -> float:
+    """The library's default ``min_kept`` (cached benchmark runs record it: a change retrains)."""
     from ptq_keras.quantizers import DEFAULTS
 
-    return f"{DEFAULTS['ste']}_k{DEFAULTS['min_kept']:g}"
+    return DEFAULTS["min_kept"]
+
+
+def default_recipe() -> str:
+    """The library defaults that decide a run's result, as a cache key: the STE and ``min_kept``."""
+    return f"{default_ste()}_k{default_min_kept():g}"
 
 
 def cached(path: str) -> dict | None:
