@@ -14,7 +14,8 @@ file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the base
     .venv/bin/python benchmarks/accuracy_size.py --quick                         # smoke run, minutes
 
 Every finished run is cached (``--work_dir/<model>/seed<N>/<row>/``); a rerun trains only what is missing, so an
-interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md`` and ``.png``
+interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md``, ``.json`` and ``.png``
+(``--results_name`` renames them)
 (``--quick``: into ``--work_dir``).
 """
 
@@ -54,6 +55,7 @@ flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from th
                   "how many seeds it has).")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where accuracy_size.md and .png go (--quick: --work_dir).")
+flags.DEFINE_string("results_name", "accuracy_size", "File name of the results: <results_name>.md, .json and .png.")
 
 BASELINE_KINDS = ("float", "int8", "qat", "prune", "twn")
 
@@ -326,8 +328,8 @@ def _markdown(by_model: dict, meta: dict) -> str:
     lines += [
         "- bits/weight: weight payload bits of the file per weight (scales, biases and the flatbuffer structure "
         "are in the file bytes, not here). TFLM arena: seed 0's file (decoded TFLM_DECODE weights live in it).",
-        "- Plot: `accuracy_size.png` (TFLM accuracy against file bytes, error bars one sd, Pareto front of the means "
-        "dashed).",
+        f"- Plot: `{meta['results_name']}.png` (TFLM accuracy against file bytes, error bars one sd, Pareto front of "
+        "the means dashed).",
         "",
     ]
     return "\n".join(lines)
@@ -345,6 +347,8 @@ def main(argv) -> None:
     for model in FLAGS.models:
         if model not in models.MODELS:
             raise app.UsageError(f"--models: unknown model {model!r}; choose from {sorted(models.MODELS)}.")
+    if not FLAGS.results_name or os.sep in FLAGS.results_name:
+        raise app.UsageError(f"--results_name: {FLAGS.results_name!r} is not a file name (e.g. accuracy_size_ds_cnn).")
     specs = _row_specs()
     keys = ["float"] + [s[0] for s in specs]
     if FLAGS.rows:
@@ -396,13 +400,15 @@ def main(argv) -> None:
         "finetune_epochs": 1 if FLAGS.quick else FLAGS.finetune_epochs,
         "train_examples": len(x_train),
         "test_examples": len(x_test),
+        "results_name": FLAGS.results_name,
     }
-    md_path = os.path.join(results_dir, "accuracy_size.md")
+    name = FLAGS.results_name
+    md_path = os.path.join(results_dir, f"{name}.md")
     atomic_write(md_path, _markdown(by_model, meta).encode())
-    atomic_write(os.path.join(results_dir, "accuracy_size.json"),
+    atomic_write(os.path.join(results_dir, f"{name}.json"),
                  json.dumps({"meta": meta, "points": by_model}, indent=1).encode())  # fmt: skip
-    _plot(by_model, os.path.join(results_dir, "accuracy_size.png"), f"Fashion-MNIST, {meta['date']}")
-    common.log(f"wrote {md_path} and accuracy_size.png")
+    _plot(by_model, os.path.join(results_dir, f"{name}.png"), f"Fashion-MNIST, {meta['date']}")
+    common.log(f"wrote {md_path}, {name}.json and {name}.png")
     print(open(md_path).read())
 
 

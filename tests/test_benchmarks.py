@@ -47,10 +47,11 @@ def test_the_markdown_names_the_beaten_row_with_its_numbers():
     points = [_point("float", "float32", 80_000, 89.0, 0.1, "fp32"), _point("ptq", "PTQ 0.7", 17_000, 87.0, 0.3),
               _point("prune", "pruning 0.9", 16_000, 88.0, 0.4)]  # fmt: skip
     meta = dict(date="d", machine="m", command="c", quick=False, float_epochs=6, finetune_epochs=4,
-                train_examples=60_000, test_examples=10_000)  # fmt: skip
+                train_examples=60_000, test_examples=10_000, results_name="accuracy_size_ds_cnn")  # fmt: skip
     text = accuracy_size._markdown({"ds_cnn": points}, meta)
     assert "PTQ 0.7 (micro, 17,000 B, 87.00 ± 0.30%) is beaten by pruning 0.9 (micro, 16,000 B, 88.00 ± 0.40%)" in text
     assert "No baseline file" not in text
+    assert "Plot: `accuracy_size_ds_cnn.png`" in text
     points[2]["accuracy"] = 87.2
     assert "No baseline file is both no larger" in accuracy_size._markdown({"ds_cnn": points}, meta)
 
@@ -80,6 +81,9 @@ def test_flag_errors_name_the_problem(tmp_path):
     FLAGS.unparse_flags()
     with pytest.raises(app.UsageError, match="--models: unknown model 'vgg'"):
         accuracy_size.main(FLAGS(["prog", "--models=vgg", f"--work_dir={tmp_path}"]))
+    FLAGS.unparse_flags()
+    with pytest.raises(app.UsageError, match="--results_name: 'a/b' is not a file name"):
+        accuracy_size.main(FLAGS(["prog", "--results_name=a/b", f"--work_dir={tmp_path}"]))
     FLAGS.unparse_flags()
     with pytest.raises(app.UsageError, match=r"--cached_only: no cached float model of \['small_cnn'\]"):
         accuracy_size.main(FLAGS(["prog", "--models=small_cnn", "--cached_only", f"--work_dir={tmp_path}",
