@@ -127,6 +127,8 @@ def _variants():
                                "defaults"),
         "min_kept0": ("min_kept=0 (every layer at the target sparsity, the default before min_kept)",
                       ternarize(min_kept=0), "defaults"),
+        "min_kept2": ("min_kept=2 (small fan-in layers keep 2 weights per channel)", ternarize(min_kept=2), "defaults"),
+        "min_kept8": ("min_kept=8 (small fan-in layers keep 8 weights per channel)", ternarize(min_kept=8), "defaults"),
         "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
                 allocated(_erk), "defaults"),
         "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
