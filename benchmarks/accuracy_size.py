@@ -15,8 +15,7 @@ file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the base
 
 Every finished run is cached (``--work_dir/<model>/seed<N>/<row>/``); a rerun trains only what is missing, so an
 interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md``, ``.json`` and ``.png``
-(``--results_name`` renames them)
-(``--quick``: into ``--work_dir``).
+(``--results_name`` renames them; ``--quick`` writes into ``--work_dir``).
 """
 
 from __future__ import annotations
