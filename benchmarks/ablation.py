@@ -370,7 +370,7 @@ def main(argv):
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; {int(time.time() - start)} s for the runs not cached)",
-        "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("benchmarks/ablation.py", sys.argv[1:]),
     }
     names = {k: variants[k][0] for k in keys}
     baselines = {k: variants[k][2] for k in keys}

@@ -393,7 +393,7 @@ def main(argv) -> None:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; {minutes:.0f} min for the runs not cached)",
-        "command": "python benchmarks/accuracy_size.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("benchmarks/accuracy_size.py", sys.argv[1:]),
         "quick": FLAGS.quick,
         "float_epochs": 1 if FLAGS.quick else FLAGS.float_epochs,
         "finetune_epochs": 1 if FLAGS.quick else FLAGS.finetune_epochs,

@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from examples import common  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["ds_cnn", "ds_resnet"], "Models of ptq_keras.models.")
 flags.DEFINE_integer("float_epochs", 3, "Epochs of the float model.", lower_bound=1)
@@ -137,7 +139,7 @@ def main(argv):
         "",
         f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} on {platform.node()} "
         f"({platform.machine()}, {os.cpu_count()} CPUs; {int(time.time() - start)} s) by "
-        f"`python benchmarks/activations.py {' '.join(sys.argv[1:])}`"
+        f"`{common.command_line('benchmarks/activations.py', sys.argv[1:])}`"
         + (" (**--quick smoke run: not meaningful**)" if FLAGS.quick else "")
         + ".",
         "",

@@ -159,7 +159,7 @@ def main(argv) -> None:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; {(time.time() - started) / 60:.0f} min)",
-        "command": "python benchmarks/ethos_u.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("benchmarks/ethos_u.py", sys.argv[1:]),
         "vela": ethosu.vela_version(),
         "quick": FLAGS.quick,
         "float_epochs": 1 if FLAGS.quick else FLAGS.float_epochs,

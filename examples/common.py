@@ -96,6 +96,21 @@ def default_recipe() -> str:
     return f"{default_ste()}_k{default_min_kept():g}"
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """``python <script> <argv>`` as a results file records it: paths inside the repository written relative to
+    its root (a run from another checkout or a worktree records the same command)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prefixes = {os.getcwd() + os.sep, root + os.sep}
+    args = []
+    for arg in argv:
+        for prefix in prefixes:
+            arg = arg.replace(prefix, "")
+        args.append(arg)
+    return " ".join(["python", script, *args])
+
+
 def cached(path: str) -> dict | None:
     """The JSON result cached at ``path``, or None."""
     import json

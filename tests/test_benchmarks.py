@@ -89,3 +89,14 @@ def test_flag_errors_name_the_problem(tmp_path):
         accuracy_size.main(FLAGS(["prog", "--models=small_cnn", "--cached_only", f"--work_dir={tmp_path}",
                                   f"--results_dir={tmp_path / 'results'}"]))  # fmt: skip
     assert not os.path.exists(tmp_path / "results" / "accuracy_size.md")
+
+
+def test_results_files_record_the_command_without_this_machine_s_paths(monkeypatch, tmp_path):
+    from examples import common
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)  # a worktree elsewhere, run with paths into this checkout
+    argv = [f"--work_dir={root}/out/bench/ablation", f"--results_dir={tmp_path}/results", "--seeds=3"]
+    assert common.command_line("benchmarks/ablation.py", argv) == (
+        "python benchmarks/ablation.py --work_dir=out/bench/ablation --results_dir=results --seeds=3"
+    )
