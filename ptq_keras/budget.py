@@ -87,7 +87,7 @@ def _tflite_layout(kernel: np.ndarray, dims: int) -> tuple[np.ndarray, int]:
 
 def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> np.ndarray:
     """The kernel as the quantizer projects it at ``sparsity`` (capped as ``min_kept`` caps it in training)."""
-    cap = ternary.max_sparsity(kernel.shape, dims, options.get("min_kept", DEFAULTS["min_kept"]))
+    cap = _cap(kernel.shape, dims, options)
     return ternary.ternarize_np(
         kernel,
         dims,
@@ -100,12 +100,16 @@ def _project(kernel: np.ndarray, dims: int, sparsity: float, options: dict) -> n
     )
 
 
+def _cap(shape, dims: int, options: dict) -> float:
+    """The highest sparsity a kernel of ``shape`` trains to with these layer options (``min_kept``)."""
+    return ternary.max_sparsity(shape, dims, options.get("min_kept", DEFAULTS["min_kept"]))
+
+
 def _capped(kernels: dict, choice: dict, layers: dict) -> dict:
     """{layer: {attr: cap}} for the kernels ``min_kept`` keeps below the layer's chosen sparsity."""
     out = {}
     for name, parts in kernels.items():
-        min_kept = layers[name].get("min_kept", DEFAULTS["min_kept"])
-        caps = {attr: ternary.max_sparsity(w.shape, dims, min_kept) for attr, dims, w in parts}
+        caps = {attr: _cap(w.shape, dims, layers[name]) for attr, dims, w in parts}
         held = {attr: cap for attr, cap in caps.items() if cap < choice[name]}
         if held:
             out[name] = held
