@@ -175,34 +175,23 @@ def _uses_default_ste(build, uses: bool, uses_min_kept: bool = True):
     return build
 
 
-def _loss():
-    from ptq_keras import keras
-
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
 def _accuracy(model, x, y) -> float:
     logits = model.predict(x, batch_size=512, verbose=0)
     return float(np.mean(np.argmax(logits, axis=1) == y))
 
 
 def _float_model(name: str, seed: int, x, y, x_test, y_test, work: str):
-    from ptq_keras import keras, models
-
-    path = os.path.join(work, f"float_seed{seed}.h5")
-    meta_path = path + ".json"
-    if os.path.exists(path) and os.path.exists(meta_path):
+    """The seed's float model (``common.float_model``, cached in ``work``) and its test accuracy (cached beside it)."""
+    model = common.float_model(name, seed, x, y, (work,), work, epochs=1 if FLAGS.quick else FLAGS.float_epochs,
+                               batch_size=BATCH)  # fmt: skip
+    meta_path = os.path.join(work, f"float_seed{seed}.h5.json")
+    if os.path.exists(meta_path):
         with open(meta_path) as f:
-            return keras.models.load_model(path, compile=False), json.load(f)["accuracy"]
-    keras.utils.set_random_seed(seed)
-    model = models.build(name, x.shape[1:], 10)
-    model.compile(keras.optimizers.Adam(1e-3), _loss(), ["accuracy"])
-    model.fit(x, y, epochs=1 if FLAGS.quick else FLAGS.float_epochs, batch_size=BATCH, verbose=2)
+            return model, json.load(f)["accuracy"]
     accuracy = _accuracy(model, x_test, y_test)
-    model.save(path + ".tmp.h5")
-    os.replace(path + ".tmp.h5", path)
-    with open(meta_path, "w") as f:
+    with open(meta_path + ".tmp", "w") as f:
         json.dump({"accuracy": accuracy}, f)
+    os.replace(meta_path + ".tmp", meta_path)
     return model, accuracy
 
 
