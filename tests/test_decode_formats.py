@@ -211,3 +211,20 @@ def test_runtime_rejects_one_channel_on_the_last_axis():
     with pytest.raises(RuntimeError):
         runtime_decode(enc, values, layout)
     np.testing.assert_array_equal(runtime_decode(enc, values, ChannelLayout(1, 0, (0,))), values)
+
+
+@pytest.mark.parametrize("axis", [0, 3], ids=["first-axis", "last-axis"])
+def test_lut_one_shared_table_with_stride_zero_decodes_every_channel_on_the_runtime(axis):
+    rng = np.random.default_rng(11)
+    shape = [4, 3, 3, 4] if axis == 0 else [1, 3, 3, 4]
+    values = (rng.choice([-1, 0, 1], size=shape, p=[0.2, 0.6, 0.2]) * 90).astype(np.int8)
+    if axis == 0:
+        values[1] = np.abs(values[1])  # a channel without -90 still reads the shared table
+    else:
+        values[..., 2] = np.abs(values[..., 2])
+    layout = ChannelLayout(4, axis, (0,) * 4)
+    enc = LUT.encode(values, layout)
+    assert enc.ancillary[6] == 0 and np.frombuffer(enc.ancillary[16:], np.int8).tolist() == [-90, 0, 90]
+    np.testing.assert_array_equal(runtime_decode(enc, values, layout), values)
+    np.testing.assert_array_equal(ref_lut(enc.data, enc.ancillary, shape, layout), values)
+    np.testing.assert_array_equal(LUT.decode(enc.data, enc.ancillary, values.size, layout), values.reshape(-1))

@@ -151,7 +151,8 @@ def _unpack_msb_first(data: bytes, count: int, width: int) -> np.ndarray:
 
 class LutEncoder:
     """LUT (type 0): ``byte 4`` version 1, ``byte 5`` = axis << 4 | index bits (axis 15: one table),
-    ``byte 6`` table stride; per-channel value tables from byte 16; indices MSB first."""
+    ``byte 6`` table stride; per-channel value tables from byte 16 (stride 0: one table that every channel
+    uses, written when all channels' values fit one table); indices MSB first."""
 
     name = "lut"
     decode_type = 0
@@ -173,10 +174,18 @@ class LutEncoder:
                 f"channel {worst} has {stride} distinct values; a {self.index_bitwidth}-bit LUT holds at most "
                 f"{capacity}. Use encoding 'huffman' or 'prune', or ternarize the layer."
             )
+        shared = np.unique(flat)
+        if len(tables) > 1 and len(shared) <= capacity:
+            # One table for every channel: stride 0 makes the decoder reuse it (a ternary layer's {-q, 0, +q}
+            # is the same for all channels), instead of a copy per channel.
+            tables, stride = [shared] * len(tables), 0
         indices = np.stack([np.searchsorted(t, row) for t, row in zip(tables, rows)])
-        padded = np.zeros((len(tables), stride), dtype=np.int8)
-        for c, table in enumerate(tables):
-            padded[c, : len(table)] = table
+        if stride == 0:
+            padded = shared.astype(np.int8)
+        else:
+            padded = np.zeros((len(tables), stride), dtype=np.int8)
+            for c, table in enumerate(tables):
+                padded[c, : len(table)] = table
         axis = layout.axis if layout.channels > 1 else 15
         header = _dcm(self.decode_type, bytes([1, (axis << 4) | self.index_bitwidth, stride]))
         data = _pack_msb_first(layout.to_memory_order(indices), self.index_bitwidth)
@@ -184,8 +193,11 @@ class LutEncoder:
 
     def decode(self, data: bytes, ancillary: bytes, count: int, layout: ChannelLayout) -> np.ndarray:
         width, stride = ancillary[5] & 0x07, ancillary[6]
-        tables = np.frombuffer(ancillary[DCM_SIZE:], dtype=np.int8).reshape(-1, stride)
+        values = np.frombuffer(ancillary[DCM_SIZE:], dtype=np.int8)
         indices = _unpack_msb_first(data, count, width)
+        if stride == 0:  # one table for every channel
+            return values[indices]
+        tables = values[: len(values) // stride * stride].reshape(-1, stride)
         return tables[layout.channel_of(count), indices]
 
 

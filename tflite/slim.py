@@ -1,0 +1,305 @@
+"""The ``micro`` file as TFLM reads it: only what the runtime uses, every repeated piece written once.
+
+On a model of a few tens of thousands of weights the flatbuffer's wrapping (tensor names, metadata, one empty
+buffer per activation, one copy of each shape, quantization table and option table per tensor or op) can outweigh
+the ternary weights themselves. Two steps remove it, each checked bit-exact against the ``int8`` file on TFLM by
+the tests:
+
+* :func:`slim_model` edits the parsed model: names, signatures, metadata and the description dropped (unless
+  ``keep_names``), ``shape_signature`` and ``min``/``max`` dropped (TFLM reads neither), identical constant tensors
+  merged (e.g. the ``TFLM_DECODE`` value tables shared by every ternary layer), every tensor without data pointed at
+  the empty buffer 0 and the buffers renumbered.
+* :func:`write` serializes with sharing: one copy of each identical vector (shapes, scales, zero points, constant
+  data, strings) and of each identical quantization or option table, constant data 16-byte aligned as TFLM
+  requires (no re-layout pass).
+
+:func:`breakdown` tells where a file's bytes go (weights, biases, scales, zero points, names, metadata, structure).
+"""
+
+from __future__ import annotations
+
+import flatbuffers
+import numpy as np
+
+from . import flatbuffer
+
+__all__ = ["slim_model", "write", "slim", "breakdown", "PARTS"]
+
+S = flatbuffer.schema
+_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+_ALIGN = 16  # TFLM's alignment for constant tensor data
+PARTS = ("weights", "biases", "scales", "zero_points", "names", "metadata", "structure")
+
+
+# ----------------------------------------------------------------------------- model edits
+def slim_model(model: S.ModelT, keep_names: bool = False) -> None:
+    """Drop what TFLM never reads and merge repeated constants, in place (see the module docstring)."""
+    if not keep_names:
+        for graph in model.subgraphs:
+            graph.name = None
+            for tensor in graph.tensors:
+                tensor.name = None
+        model.signatureDefs = None
+        model.description = None
+        model.metadata = None
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            tensor.shapeSignature = None
+            q = tensor.quantization
+            if q is not None:
+                q.min = q.max = None
+                if (q.scale is None or len(q.scale) == 0) and (q.zeroPoint is None or len(q.zeroPoint) == 0):
+                    tensor.quantization = None
+    _merge_constants(model)
+    _renumber_buffers(model)
+
+
+def _quantization_key(q) -> tuple:
+    if q is None:
+        return ()
+    return (
+        None if q.scale is None else np.asarray(q.scale, np.float32).tobytes(),
+        None if q.zeroPoint is None else np.asarray(q.zeroPoint, np.int64).tobytes(),
+        int(q.quantizedDimension or 0),
+    )
+
+
+def _merge_constants(model: S.ModelT) -> None:
+    """Point every op at one tensor per distinct constant (same data, type, shape, quantization and name)."""
+    for graph in model.subgraphs:
+        io = {int(i) for i in graph.inputs if graph.inputs is not None} | {
+            int(i) for i in graph.outputs if graph.outputs is not None
+        }
+        first: dict[tuple, int] = {}
+        remap: dict[int, int] = {}
+        for i, t in enumerate(graph.tensors):
+            data = model.buffers[t.buffer].data if 0 < t.buffer < len(model.buffers) else None
+            if data is None or len(data) == 0 or i in io or t.isVariable:
+                continue
+            key = (
+                np.asarray(data, np.uint8).tobytes(),
+                int(t.type),
+                tuple(int(d) for d in (t.shape if t.shape is not None else [])),
+                _quantization_key(t.quantization),
+                flatbuffer.tensor_name(t),
+            )
+            remap[i] = first.setdefault(key, i)
+        if not any(k != v for k, v in remap.items()):
+            continue
+        for op in graph.operators or []:
+            if op.inputs is not None:
+                op.inputs = np.array([remap.get(int(x), int(x)) for x in op.inputs], dtype=np.int32)
+        _drop_unused_tensors(graph)
+
+
+def _drop_unused_tensors(graph) -> None:
+    used = {int(i) for op in graph.operators or [] for i in list(op.inputs) + list(op.outputs) if int(i) >= 0}
+    used |= {int(i) for i in graph.inputs} | {int(i) for i in graph.outputs}
+    keep = [i for i in range(len(graph.tensors)) if i in used]
+    new = {old: n for n, old in enumerate(keep)}
+    graph.tensors = [graph.tensors[i] for i in keep]
+
+    def renumber(values):
+        return np.array([new[int(v)] if int(v) >= 0 else int(v) for v in values], dtype=np.int32)
+
+    for op in graph.operators or []:
+        op.inputs, op.outputs = renumber(op.inputs), renumber(op.outputs)
+        if op.intermediates is not None and len(op.intermediates):
+            op.intermediates = renumber(op.intermediates)
+    graph.inputs, graph.outputs = renumber(graph.inputs), renumber(graph.outputs)
+
+
+def _renumber_buffers(model: S.ModelT) -> None:
+    """Buffer 0 empty; one buffer per distinct constant; tensors without data (and dropped metadata) use none."""
+    empty = S.BufferT()
+    buffers, index = [empty], {}
+
+    def place(old: int) -> int:
+        data = model.buffers[old].data if 0 <= old < len(model.buffers) else None
+        if data is None or len(data) == 0:
+            if model.buffers[old].offset:  # data outside the flatbuffer: keep as is
+                buffers.append(model.buffers[old])
+                return len(buffers) - 1
+            return 0
+        key = np.asarray(data, np.uint8).tobytes()
+        if key not in index:
+            buffers.append(model.buffers[old])
+            index[key] = len(buffers) - 1
+        return index[key]
+
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            tensor.buffer = place(int(tensor.buffer))
+    for entry in model.metadata or []:
+        entry.buffer = place(int(entry.buffer))
+    model.buffers = buffers
+
+
+# ----------------------------------------------------------------------------- serialization with sharing
+class _SharingBuilder(flatbuffers.Builder):
+    """A builder that writes each distinct numpy vector and string once; uint8 vectors (constant tensor data)
+    start on a 16-byte boundary of the file."""
+
+    def __init__(self) -> None:
+        super().__init__(1024)
+        self._vectors: dict[tuple, int] = {}
+
+    def CreateNumpyVector(self, x):  # noqa: N802 (the flatbuffers API's name)
+        x = np.ascontiguousarray(x)
+        key = (x.dtype.str, x.size, x.tobytes())
+        if key in self._vectors:
+            return self._vectors[key]
+        if x.dtype == np.uint8:
+            payload = x.tobytes()
+            self.StartVector(1, len(payload), _ALIGN)
+            self.head -= len(payload)
+            self.Bytes[self.head : self.head + len(payload)] = payload
+            offset = self.EndVector()
+        else:
+            offset = super().CreateNumpyVector(x)
+        self._vectors[key] = offset
+        return offset
+
+    def CreateString(self, s, encoding="utf-8", errors="strict"):  # noqa: N802
+        key = ("str", s if isinstance(s, bytes) else str(s).encode(encoding, errors))
+        if key not in self._vectors:
+            self._vectors[key] = super().CreateString(s, encoding, errors)
+        return self._vectors[key]
+
+
+class _Shared:
+    """Stands in for a table object: packs it once per builder and key, then returns the same offset."""
+
+    def __init__(self, table, key: tuple, cache: dict) -> None:
+        self.table, self.key, self.cache = table, key, cache
+
+    def Pack(self, builder):  # noqa: N802 (the object API's name)
+        if self.key not in self.cache:
+            self.cache[self.key] = self.table.Pack(builder)
+        return self.cache[self.key]
+
+
+def _options_key(options) -> tuple:
+    return (type(options).__name__,) + tuple(
+        (k, np.asarray(v).tobytes() if isinstance(v, (np.ndarray, list)) else v)
+        for k, v in sorted(vars(options).items())
+    )
+
+
+def write(model: S.ModelT) -> bytes:
+    """Serialize ``model`` with one copy of each identical vector, string, quantization and option table, and
+    16-byte aligned constant data (TFLM reads it in place)."""
+    cache: dict[tuple, int] = {}
+    saved = []
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            if tensor.quantization is not None:
+                saved.append((tensor, "quantization", tensor.quantization))
+                key = ("q",) + _quantization_key(tensor.quantization) + (repr(vars(tensor.quantization)),)
+                tensor.quantization = _Shared(tensor.quantization, key, cache)
+        for op in graph.operators or []:
+            if op.builtinOptions is not None:
+                saved.append((op, "builtinOptions", op.builtinOptions))
+                key = ("o", int(op.builtinOptionsType)) + _options_key(op.builtinOptions)
+                op.builtinOptions = _Shared(op.builtinOptions, key, cache)
+    try:
+        builder = _SharingBuilder()
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+    finally:
+        for owner, attribute, value in saved:
+            setattr(owner, attribute, value)
+
+
+def slim(tflite: bytes, keep_names: bool = False) -> bytes:
+    """``tflite`` with :func:`slim_model` applied, serialized by :func:`write`."""
+    model = flatbuffer.read(tflite, "tflite")
+    slim_model(model, keep_names)
+    return write(model)
+
+
+# ----------------------------------------------------------------------------- where the bytes go
+def breakdown(tflite: bytes) -> dict:
+    """Bytes of the file by part: ``weights`` (weight-op weights as stored: int8/packed data, or the encoded data
+    and value tables a ``TFLM_DECODE`` reads), ``biases``, ``scales`` and ``zero_points`` (quantization vectors),
+    ``names`` (tensor, subgraph and signature strings), ``metadata`` (metadata buffers), ``structure`` (the rest:
+    tables, offsets, shapes, options, alignment). Shared vectors and buffers are counted once; the parts add up
+    to ``file_bytes``."""
+    buf = flatbuffer.load(tflite, "breakdown")
+    model = flatbuffer.read(buf, "tflite")
+    root = S.Model.GetRootAs(buf, 0)
+    parts = dict.fromkeys(PARTS, 0)
+    counted: set[int] = set()
+
+    def vector(table, field_offset: int, item: int, part: str) -> None:
+        o = table._tab.Offset(field_offset)
+        if not o:
+            return
+        start = table._tab.Vector(o)
+        if start in counted:
+            return
+        counted.add(start)
+        parts[part] += 4 + item * table._tab.VectorLen(o)
+
+    buffers_of = {"weights": set(), "biases": set()}
+    for graph in model.subgraphs:
+        producers = {int(o): op for op in graph.operators or [] for o in op.outputs}
+        for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            weight = int(op.inputs[1])
+            stored = [weight]
+            producer = producers.get(weight)
+            while producer is not None and not any(_has_data(model, graph.tensors[int(i)]) for i in stored):
+                stored = [int(i) for i in producer.inputs if int(i) >= 0]
+                producer = None
+                for i in list(stored):  # a grouped chain: follow constant-free inputs back to their constants
+                    if not _has_data(model, graph.tensors[i]) and i in producers:
+                        producer = producers[i]
+            buffers_of["weights"] |= {int(graph.tensors[i].buffer) for i in stored
+                                      if _has_data(model, graph.tensors[i])}  # fmt: skip
+            if len(op.inputs) > 2 and int(op.inputs[2]) >= 0 and _has_data(model, graph.tensors[int(op.inputs[2])]):
+                buffers_of["biases"].add(int(graph.tensors[int(op.inputs[2])].buffer))
+    buffers_of["metadata"] = {int(m.buffer) for m in model.metadata or []}
+    for part, indices in buffers_of.items():
+        for b in sorted(indices):
+            if b < root.BuffersLength():
+                vector(root.Buffers(b), 4, 1, part)  # Buffer.data
+    for s in range(root.SubgraphsLength()):
+        graph = root.Subgraphs(s)
+        name_vector(graph, 12, parts, counted)  # SubGraph.name
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            name_vector(tensor, 10, parts, counted)  # Tensor.name
+            q = tensor.Quantization()
+            if q is not None:
+                vector(q, 8, 4, "scales")
+                vector(q, 10, 8, "zero_points")
+    for i in range(root.SignatureDefsLength()):
+        signature = root.SignatureDefs(i)
+        name_vector(signature, 8, parts, counted)  # signature_key
+        for j in range(signature.InputsLength()):
+            name_vector(signature.Inputs(j), 4, parts, counted)
+        for j in range(signature.OutputsLength()):
+            name_vector(signature.Outputs(j), 4, parts, counted)
+    for i in range(root.MetadataLength()):
+        name_vector(root.Metadata(i), 4, parts, counted)
+    name_vector(root, 10, parts, counted)  # description
+    parts["structure"] = len(buf) - sum(parts.values())
+    return {"file_bytes": len(buf), **parts}
+
+
+def name_vector(table, field_offset: int, parts: dict, counted: set) -> None:
+    o = table._tab.Offset(field_offset)
+    if not o:
+        return
+    start = table._tab.Vector(o)
+    if start in counted:
+        return
+    counted.add(start)
+    parts["names"] += 4 + table._tab.VectorLen(o) + 1  # the length, the bytes, the terminating 0
+
+
+def _has_data(model, tensor) -> bool:
+    data = model.buffers[tensor.buffer].data if 0 < tensor.buffer < len(model.buffers) else None
+    return data is not None and len(data) > 0
