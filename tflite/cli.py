@@ -40,6 +40,13 @@ flags.DEFINE_bool(
     "Also write <name>_data.cc/.h (16-byte aligned array, arena size) for firmware.",
     flag_values=FLAGS,
 )
+flags.DEFINE_bool(
+    "firmware",
+    False,
+    "Also write <name>_firmware/: a TFLM firmware project (op resolver, C array, main, Makefile) that runs the "
+    "model under QEMU on emulated Cortex-M (docs/FIRMWARE.md).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum(
     "encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).", flag_values=FLAGS
 )
@@ -64,6 +71,13 @@ flags.DEFINE_integer(
     "verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0, flag_values=FLAGS
 )
 flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from the files.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "keep_names",
+    False,
+    "Keep tensor names, signatures and metadata in the micro file (for debugging; it otherwise holds only what TFLM "
+    "reads).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.", flag_values=FLAGS)
 flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.", flag_values=FLAGS)
 flags.DEFINE_string("name", "model", "File stem of the outputs.", flag_values=FLAGS)
@@ -184,6 +198,7 @@ def main(argv: list[str]) -> int:
             c_array=FLAGS.c_array,
             encoding=FLAGS.encoding,
             strip_names=FLAGS.strip_names,
+            keep_names=FLAGS.keep_names,
             num_samples=FLAGS.num_samples,
             name=FLAGS.name,
             measure=FLAGS.measure,
@@ -195,6 +210,7 @@ def main(argv: list[str]) -> int:
             float_model=float_model,
             max_decode_bytes=FLAGS.max_decode_bytes,
             ram_budget=FLAGS.ram_budget,
+            firmware=FLAGS.firmware,
         )
     except (ValueError, TypeError, FlatbufferError) as exc:
         print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)
