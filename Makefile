@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench bench-all fuzz lint setup data clean
+.PHONY: demo test test-slow bench bench-all fuzz lint setup data clean firmware
 
 setup: $(STAMP)
 
@@ -55,6 +55,22 @@ bench-all: bench
 	$(PY) benchmarks/flash_budget.py
 	$(PY) benchmarks/fits_in.py
 	$(PY) benchmarks/resnet18_size.py
+
+# The demo's files as firmware on emulated Cortex-M4 (TFLM reference kernels and CMSIS-NN) and Cortex-M55 (CMSIS-NN)
+# under QEMU: bit-exactness against the TFLM Python interpreter on 100 test images, flash, RAM, instructions per
+# inference (benchmarks/results/firmware.md). Installs the ARM toolchain and QEMU (Debian packages) when missing,
+# builds TFLM from ../shared/third_party (or TFLM_ROOT) once per core into out/tflm (tens of minutes on 2 cores the
+# first time), and runs a short demo first when out/demo has no files.
+DEMO_QUICK := --limit 6000 --float_epochs 2 --ptq_epochs 2 --targets int8,micro
+firmware: setup data
+	@if ! command -v arm-none-eabi-g++ >/dev/null || ! command -v qemu-system-arm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-arm-none-eabi libnewlib-arm-none-eabi \
+	    libstdc++-arm-none-eabi-newlib qemu-system-arm; \
+	fi
+	$(PY) -m ptq_keras.tflite.firmware_build
+	test -f out/demo/model_int8.tflite -a -f out/demo/ternary_stripped.h5 || $(PY) examples/demo.py $(DEMO_QUICK)
+	$(PY) benchmarks/firmware.py
 
 # 10,000 damaged copies of exported files through every reader and, when they parse, the runtimes (in a child
 # process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/test_fuzz.py).

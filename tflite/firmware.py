@@ -17,6 +17,7 @@ What ``main.cc`` prints, one fact per line (:func:`parse_output` reads it back):
     ticks <input> <ticks>                      SysTick ticks of one Invoke()
     output <input> <tensor> <hex bytes>        one output tensor after one Invoke()
     op <name> <calls> <ticks>                  per op type, summed over every input (TFLM's profiler hook)
+    tflm <text>                                TFLM's own messages (MicroPrintf)
     arena_used <bytes> / arena_size <bytes>
     done
 
@@ -305,6 +306,7 @@ _MAIN = r"""// Runs {symbol} on every test input with TensorFlow Lite Micro and 
 
 #include "model_ops.h"
 #include "{symbol}.h"
+#include "tensorflow/lite/micro/cortex_m_generic/debug_log_callback.h"
 #include "tensorflow/lite/micro/micro_interpreter.h"
 #include "tensorflow/lite/micro/micro_profiler_interface.h"
 #include "tensorflow/lite/schema/schema_generated.h"
@@ -374,7 +376,11 @@ alignas(16) uint8_t tensor_arena[{symbol}_arena_size];
 
 }}  // namespace
 
+// TFLM's own messages (MicroPrintf), one "tflm" line each.
+static void print_tflm_log(const char* text) {{ std::printf("tflm %s\n", text); }}
+
 int main() {{
+  RegisterDebugLogCallback(print_tflm_log);
   ticks_start();
   uint64_t t0 = ticks_now();
   spin(1000000u);
@@ -799,6 +805,7 @@ class FirmwareRun:
     arena_size: int | None = None
     done: bool = False
     errors: list = field(default_factory=list)
+    log: list = field(default_factory=list)  # TFLM's own messages
 
     @property
     def instructions_per_tick(self) -> float:
@@ -839,4 +846,6 @@ def parse_output(text: str) -> FirmwareRun:
             run.done = True
         elif key == "error":
             run.errors.append(line)
+        elif key == "tflm":
+            run.log.append(line[5:])
     return run

@@ -79,7 +79,8 @@ class Library:
     path: Path
     flags_mk: Path
     tflm_root: Path
-    seconds: float = 0.0  # build time; 0 when it was cached
+    seconds: float = 0.0  # how long TFLM's make took when the library was built
+    cached: bool = False  # True when this call found it built
 
 
 def repo_root() -> Path:
@@ -192,9 +193,11 @@ def build_library(core: str, kernels: str, root: Path | None = None, *, jobs: in
     root = Path(root) if root is not None else tflm_root(log=log)
     lib = root / _gen_dir(core, kernels) / "lib" / "libtensorflow-microlite.a"
     flags_mk = lib.parent / "flags.mk"
+    timing = lib.parent / "build_seconds.txt"
     if lib.is_file() and flags_mk.is_file():
+        seconds = float(timing.read_text()) if timing.is_file() else 0.0
         log(f"{core} {kernels}: cached {lib}")
-        return Library(core, kernels, lib, flags_mk, root)
+        return Library(core, kernels, lib, flags_mk, root, seconds, cached=True)
     check_toolchain(TOOLS[:3])
     log(f"{core} {kernels}: building TFLM (make -j{jobs}, several minutes on 2 cores) ...")
     started = time.perf_counter()
@@ -209,6 +212,7 @@ def build_library(core: str, kernels: str, root: Path | None = None, *, jobs: in
         raise RuntimeError(f"TFLM build for {core} {kernels} failed (log: {logfile}):\n{tail}")
     _write_flags(root, core, kernels, flags_mk)
     seconds = time.perf_counter() - started
+    timing.write_text(f"{seconds:.1f}\n")
     log(f"{core} {kernels}: built {lib} in {seconds:.0f} s")
     return Library(core, kernels, lib, flags_mk, root, seconds)
 

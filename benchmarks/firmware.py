@@ -1,0 +1,271 @@
+"""The demo's files as firmware on emulated Cortex-M (QEMU): bit-exactness against the TFLM Python interpreter,
+flash, RAM, arena and instructions per inference, per file and core.
+
+Files: the demo's ``int8`` and ``micro`` files (``make demo`` writes them in out/demo) and, converted from the
+demo's stripped ternary model (``out/demo/ternary_stripped.h5``) with the demo's calibration images, ``micro``
+with encodings ``huffman`` and ``huffman_group``, ``lut`` with ``max_decode_bytes=16384`` (split layers), and
+``lut`` of a copy of the model with a quarter of conv2's and fc's output channels zeroed (target ``micro``
+removes those dead channels). Each runs on the first ``--inputs`` Fashion-MNIST test images on Cortex-M4
+(``mps2-an386``) with TFLM's reference kernels and with CMSIS-NN, and on Cortex-M55 (``mps3-an547``) with
+CMSIS-NN (Helium). Instructions per inference come from SysTick under ``-icount shift=0`` (one instruction per
+virtual ns), calibrated in the firmware on a loop of known length; the ``TFLM_DECODE`` share from TFLM's profiler
+hook (per-op ticks). Flash: text + data of the ELF without the embedded test images (the test program's printf
+and libc included); RAM: .data + .bss (the tensor arena included; the 16 KB stack not).
+
+Usage: python benchmarks/firmware.py [--inputs 100] [--only int8,lut] [--output benchmarks/results/firmware.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from ptq_keras.tflite import firmware, firmware_build, flatbuffer
+
+DEMO = os.path.join("out", "demo")
+WORK = os.path.join("out", "firmware")
+SPLIT_BYTES = 16384
+DEAD_FRACTION = 0.25
+
+
+def _say(line: str) -> None:
+    print(f"[firmware {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def demo_files(demo_dir: str = DEMO, only=None) -> dict:
+    """label -> .tflite bytes: the demo's files and the ones converted from its stripped model."""
+    int8_path = os.path.join(demo_dir, "model_int8.tflite")
+    h5_path = os.path.join(demo_dir, "ternary_stripped.h5")
+    if not os.path.isfile(int8_path) or not os.path.isfile(h5_path):
+        raise SystemExit(f"{int8_path} or {h5_path} is missing: run `make demo` (or `make firmware`) first.")
+    files = {"int8": _read(int8_path)}
+    micro_path = os.path.join(demo_dir, "model_micro.tflite")
+
+    def wanted(label: str) -> bool:
+        return only is None or label in only
+
+    if os.path.isfile(micro_path) and wanted("lut"):
+        files["lut"] = _read(micro_path)
+    conversions = {
+        "huffman": {"encoding": "huffman"},
+        "huffman_group": {"encoding": "huffman_group"},
+        f"lut_split{SPLIT_BYTES}": {"encoding": "lut", "max_decode_bytes": SPLIT_BYTES},
+    }
+    if not any(wanted(label) for label in [*conversions, "lut_dead_channels"]):
+        return {k: v for k, v in files.items() if wanted(k)}
+    from ptq_keras import data
+    from ptq_keras import tflite as ptq_tflite
+    from ptq_keras.compat import keras
+
+    model = keras.models.load_model(h5_path, compile=False)
+    x_train, _ = data.load_numpy("fashion_mnist", "train", limit=500)
+    calibration = x_train.astype("float32") / 255.0  # what the demo exports with
+    for label, options in conversions.items():
+        if wanted(label):
+            _say(f"converting {label} ...")
+            files[label] = ptq_tflite.convert(model, calibration, target="micro", **options)
+    if wanted("lut_dead_channels"):
+        _say("converting lut_dead_channels (a quarter of conv2's and fc's output channels zeroed) ...")
+        files["lut_dead_channels"] = ptq_tflite.convert(zero_channels(model), calibration, target="micro")
+    return {k: v for k, v in files.items() if wanted(k)}
+
+
+def zero_channels(model, layers=("conv2", "fc"), fraction: float = DEAD_FRACTION):
+    """A copy of ``model`` with every ``1/fraction``-th output channel of ``layers`` set to zero weights."""
+    from ptq_keras.compat import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for name in layers:
+        layer = copy.get_layer(name)
+        kernel = layer.kernel.numpy()
+        kernel[..., :: int(round(1 / fraction))] = 0.0
+        layer.kernel.assign(kernel)
+    return copy
+
+
+def test_images(n: int) -> np.ndarray:
+    from ptq_keras import data
+
+    x, _ = data.load_numpy("fashion_mnist", "test", limit=n)
+    return x.astype("float32") / 255.0
+
+
+def dead_channels(buf: bytes, int8: bytes) -> int:
+    """Output channels the file has fewer of than the int8 file, summed over weight ops."""
+
+    def channels(b):
+        model = flatbuffer.read(b)
+        total = 0
+        for graph in model.subgraphs:
+            for op in graph.operators:
+                if flatbuffer.builtin_name(model, op.opcodeIndex) in ("CONV_2D", "FULLY_CONNECTED"):
+                    total += int(graph.tensors[int(op.outputs[0])].shape[-1])
+        return total
+
+    return channels(int8) - channels(buf)
+
+
+def compare(run: firmware.FirmwareRun, expected: list[np.ndarray]) -> tuple[bool, str]:
+    """(bit-exact, detail): per output tensor, how many inputs differ and by how many LSB at most (int8)."""
+    if not run.done or run.errors or len(run.ticks) != len(expected[0]):
+        return False, f"run incomplete ({len(run.ticks)} inputs; {'; '.join(run.errors) or 'no done line'})"
+    notes = []
+    for k, want in enumerate(expected):
+        got = run.output_array(k)
+        differ = np.any(got != want, axis=1)
+        if differ.any():
+            lsb = np.abs(got.view(np.int8).astype(int) - want.view(np.int8).astype(int)).max()
+            notes.append(f"output {k}: {int(differ.sum())} of {len(want)} inputs differ, by up to {lsb} LSB")
+    return not notes, "; ".join(notes)
+
+
+def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
+    rows = []
+    for label, buf in files.items():
+        project = os.path.join(WORK, label)
+        log(f"{label}: {len(buf):,} B, ops {firmware.model_ops(buf)}; measuring the arena, writing {project}")
+        made = firmware.firmware(buf, project, inputs=images)
+        expected = firmware.reference_outputs(buf, images)
+        for lib in libraries:
+            built = firmware_build.make_firmware(project, lib)
+            started = time.perf_counter()
+            run = firmware.parse_output(firmware_build.run_firmware(project, lib))
+            exact, detail = compare(run, expected)
+            instructions = run.instructions() if run.ticks else [0.0]
+            decode_ticks = sum(t for name, (_, t) in run.ops.items() if name == "TFLM_DECODE")
+            row = {
+                "file": label, "file_bytes": len(buf), "core": lib.core, "kernels": lib.kernels,
+                "bit_exact": exact, "detail": detail, "flash": built.flash, "ram": built.ram,
+                "arena": made.arena_bytes, "arena_used": run.arena_used, "inputs": len(run.ticks),
+                "instructions": float(np.mean(instructions)), "instructions_min": float(min(instructions)),
+                "instructions_max": float(max(instructions)),
+                "decode_share": decode_ticks / max(sum(run.ticks), 1),
+                "dead_channels": dead_channels(buf, files["int8"]) if "int8" in files else 0,
+                "qemu_seconds": time.perf_counter() - started,
+            }  # fmt: skip
+            rows.append(row)
+            print(line(row), flush=True)
+    return rows
+
+
+def line(row: dict) -> str:
+    """The one-line summary of one file on one core."""
+    return (
+        f"{row['file']:<18} {row['core']:<10} {row['kernels']:<9} bit-exact: {'yes' if row['bit_exact'] else 'no'} "
+        f"({row['inputs']} inputs)  flash {row['flash']:,} B  RAM {row['ram']:,} B (arena used {row['arena_used']:,} "
+        f"of {row['arena']:,} B)  {row['instructions']:,.0f} instructions/inference"
+        f"  DECODE {100 * row['decode_share']:.1f}%" + (f"  [{row['detail']}]" if row["detail"] else "")
+    )
+
+
+def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    int8_insn = {(r["core"], r["kernels"]): r["instructions"] for r in rows if r["file"] == "int8"}
+    lines = [
+        "# The demo's files as firmware on emulated Cortex-M",
+        "",
+        f"{now}; host {_cpu()} ({platform.machine()}), {os.cpu_count()} CPUs; arm-none-eabi-gcc {_gcc()}; "
+        f"QEMU {_qemu()}. Command: `{command}` (after `make demo`; `make firmware` runs both).",
+        "",
+        "Bit-exact: every output byte of every input equals the TFLM Python interpreter's (`tflite_micro.runtime`) "
+        f"on the same file, over the first {rows[0]['inputs'] if rows else 0} Fashion-MNIST test images. Flash: text "
+        "+ data without the embedded test images (TFLM, kernels, newlib printf and the model). RAM: .data + .bss, "
+        "the tensor arena included (the arena is the Python-measured size + 4 KB). Instructions: per inference, "
+        "mean over the inputs (QEMU `-icount shift=0`, SysTick calibrated in the firmware; instructions, not "
+        "cycles). DECODE: share of the inference's instructions spent in `TFLM_DECODE` ops.",
+        "",
+        "| file | bytes | core | kernels | bit-exact | flash B | RAM B | arena used B | instructions | vs int8 "
+        "| DECODE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = int8_insn.get((r["core"], r["kernels"]))
+        ratio = f"{r['instructions'] / base:.2f}x" if base else "-"
+        exact = "yes" if r["bit_exact"] else f"no: {r['detail']}"
+        lines.append(
+            f"| {r['file']} | {r['file_bytes']:,} | {r['core']} | {r['kernels']} | {exact} | {r['flash']:,} "
+            f"| {r['ram']:,} | {r['arena_used']:,} | {r['instructions']:,.0f} | {ratio} "
+            f"| {100 * r['decode_share']:.1f}% |"
+        )
+    dead = {r["file"]: r["dead_channels"] for r in rows if r["dead_channels"]}
+    if dead:
+        lines += ["", "Output channels removed as dead (fewer than in the int8 file): "
+                  + ", ".join(f"{k} {v}" for k, v in dead.items()) + "."]  # fmt: skip
+    lines += ["", "TFLM library build times (TFLM's Makefile, `make -j2` on the 2-core host while other jobs ran; a "
+              "second run finds them built and takes no time): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for text in f:
+                if text.startswith("model name"):
+                    return text.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _version(command: list[str]) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(command, capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return "?"
+    return out[0].split()[-1] if out else "?"
+
+
+def _gcc() -> str:
+    return _version(["arm-none-eabi-gcc", "-dumpversion"])
+
+
+def _qemu() -> str:
+    import re
+    import subprocess
+
+    out = subprocess.run(["qemu-system-arm", "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"version (\S+)", out)
+    return match.group(1) if match else "?"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inputs", type=int, default=100, help="Fashion-MNIST test images per run (default 100)")
+    parser.add_argument("--only", default="", help="comma-separated file labels (default: all)")
+    parser.add_argument("--libraries", default="", help="comma-separated core:kernels (default: all three)")
+    parser.add_argument("--output", default=os.path.join("benchmarks", "results", "firmware.md"))
+    args = parser.parse_args(argv)
+    pairs = firmware_build.LIBRARIES
+    if args.libraries:
+        pairs = tuple(tuple(item.split(":", 1)) for item in args.libraries.split(","))
+    try:
+        libs = firmware_build.build(pairs, log=_say)
+    except (firmware_build.ToolchainMissing, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    seconds = {f"{lib.core} {lib.kernels}": lib.seconds for lib in libs}
+    only = set(args.only.split(",")) if args.only else None
+    rows = bench(demo_files(only=only), test_images(args.inputs), libs)
+    command = "python benchmarks/firmware.py" + (f" --inputs {args.inputs}" if args.inputs != 100 else "")
+    text = table(rows, libs, seconds, command)
+    flatbuffer.atomic_write(args.output, text)
+    _say(f"wrote {args.output}")
+    return 0 if all(r["bit_exact"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
