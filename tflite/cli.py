@@ -71,6 +71,13 @@ flags.DEFINE_integer(
     "verify_samples", 200, "Samples for the parity ladder (0 skips it).", lower_bound=0, flag_values=FLAGS
 )
 flags.DEFINE_bool("strip_names", False, "Drop tensor names and signatures from the files.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "keep_names",
+    False,
+    "Keep tensor names, signatures and metadata in the micro file (for debugging; it otherwise holds only what TFLM "
+    "reads).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_bool("measure", True, "Measure TFLM arenas and invoke times for the report.", flag_values=FLAGS)
 flags.DEFINE_float("uint8_scale", 1.0 / 255.0, "Multiplier applied to uint8 samples.", flag_values=FLAGS)
 flags.DEFINE_string("name", "model", "File stem of the outputs.", flag_values=FLAGS)
@@ -191,6 +198,7 @@ def main(argv: list[str]) -> int:
             c_array=FLAGS.c_array,
             encoding=FLAGS.encoding,
             strip_names=FLAGS.strip_names,
+            keep_names=FLAGS.keep_names,
             num_samples=FLAGS.num_samples,
             name=FLAGS.name,
             measure=FLAGS.measure,

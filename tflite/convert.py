@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import channels, decode, ethosu, flatbuffer, micro, split
+from . import channels, decode, ethosu, flatbuffer, micro, slim, split
 
 __all__ = [
     "TARGETS",
@@ -437,22 +437,11 @@ def trim_model(model) -> None:
 trim_for_tflm = _on_bytes(trim_model)
 
 
-def strip_names_model(model) -> None:
-    """Drop what no kernel reads: tensor names, signatures, metadata and the description."""
-    for graph in model.subgraphs:
-        graph.name = None
-        for tensor in graph.tensors:
-            tensor.name = None
-    model.signatureDefs = None
-    model.description = None
-    if model.metadata:
-        dropped = {int(m.buffer) for m in model.metadata}
-        for i in dropped:
-            model.buffers[i] = S.BufferT()
-    model.metadata = None
+def strip_names(tflite: bytes) -> bytes:
+    """``tflite`` without what no kernel reads (tensor names, signatures, metadata, the description), with
+    repeated constants, vectors and tables stored once (``slim.slim``); accepted by LiteRT, TFLM and Vela."""
+    return slim.slim(tflite)
 
-
-strip_names = _on_bytes(strip_names_model)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -468,6 +457,8 @@ class _Prepared:
     keep_int8: int = 0  # target micro: the largest weight tensors left as plain int8 (``fit_ram``)
     channel_rows: list = field(default_factory=list)  # target micro: dead channels per layer (``channels``)
     macs: tuple = (0, 0)  # target micro: weight-op MACs before and after dead channels were removed
+    keep_names: bool = False  # target micro: keep tensor names, signatures and metadata (for debugging)
+    encoded_names: list = field(default_factory=list)  # target micro: decode.encoded_names before names were dropped
 
 
 def vela_options(accelerator=ethosu.DEFAULT_ACCELERATOR, system_config=None, memory_mode=None,
@@ -522,10 +513,14 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         except ValueError as exc:
             raise ExportError(f"target 'micro': {exc}") from exc
         trim_model(model)
+        prep.encoded_names = decode.encoded_names(model)
+        slim.slim_model(model, keep_names=prep.keep_names and not strip)
+        return slim.write(model)
     elif target in _PACKED_TYPE:
         pack_model(model, target)
     if strip:
-        strip_names_model(model)
+        slim.slim_model(model)
+        return slim.write(model)
     return flatbuffer.write(model)
 
 
@@ -622,6 +617,7 @@ def convert(
     optimise: str = "Performance",
     max_decode_bytes: int | None = None,
     ram_budget: int | None = None,
+    keep_names: bool = False,
 ) -> bytes:
     """The .tflite bytes of ``model`` for one ``target`` (see ``TARGETS``); nothing is written.
 
@@ -635,6 +631,9 @@ def convert(
     that many bytes along its output channels (``split``), so TFLM decodes at most that much at a time.
     ``ram_budget`` (target ``micro``): the TFLM arena in bytes the file must run in; ``fit_ram`` chooses the
     split bound (and, if needed, weights left as plain int8) by measuring the arena on TFLM.
+    Target ``micro`` writes only what TFLM reads (``slim``: no tensor names, signatures or metadata; repeated
+    constants, vectors and tables stored once); ``keep_names=True`` keeps the names, signatures and metadata
+    (for debugging), unless ``strip_names``.
     """
     _check_options(target, encoding, num_samples)
     vela = vela_options(accelerator, system_config, memory_mode, optimise)
@@ -643,6 +642,7 @@ def convert(
         raise ValueError(f"ram_budget applies to target 'micro' (decode buffers), not {target!r}.")
     prep = _prepare(model, representative_data, num_samples, vela)
     prep.max_decode_bytes = check_max_decode_bytes(max_decode_bytes)
+    prep.keep_names = bool(keep_names)
     if ram_budget is not None:
         check_layers(prep.plain, target, encoding)
         return fit_ram(prep, encoding, bool(strip_names), latency_budget, ram_budget)[0]

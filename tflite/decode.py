@@ -114,13 +114,26 @@ def compress_model(
     _drop_unreferenced_buffers(model)
 
 
-def describe(tflite_bytes: bytes) -> list[dict]:
+def encoded_names(model: flatbuffer.schema.ModelT) -> list[str]:
+    """The name of each ``TFLM_DECODE`` op's first encoded tensor, in op order ("" when unnamed): what
+    :func:`describe` needs to name the rows of a file whose names were dropped."""
+    return [
+        _name(subgraph.tensors[int(op.inputs[0])])
+        for subgraph in model.subgraphs
+        for op in subgraph.operators or []
+        if flatbuffer.builtin_name(model, op.opcodeIndex) == DECODE_OP and op.inputs is not None and len(op.inputs)
+    ]
+
+
+def describe(tflite_bytes: bytes, names: list[str] | None = None) -> list[dict]:
     """One row per encoded tensor: name, encoding, shape, elements, payload_bytes (encoded + ancillary),
     bits_per_weight (8 * payload / elements), entropy_bound_bits (Shannon entropy of its int8 values, bits
     per weight: no code of the values one by one does better) and decode_scratch_bytes (the decoded copy
-    the runtime puts in the arena, or in ``alt_decompression_memory``)."""
+    the runtime puts in the arena, or in ``alt_decompression_memory``). ``names``: :func:`encoded_names` of the
+    same file before its names were dropped (the ``micro`` target drops them), used where the file has none."""
     model = flatbuffer.read(tflite_bytes, "tflite_bytes")
     rows, seen = [], set()
+    position = -1  # of the DECODE op, in op order over the subgraphs
     for s, subgraph in enumerate(model.subgraphs):
         consumers: dict[int, list] = {}
         for op in subgraph.operators or []:
@@ -129,6 +142,7 @@ def describe(tflite_bytes: bytes) -> list[dict]:
         for op in subgraph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) != DECODE_OP:
                 continue
+            position += 1
             inputs = [int(i) for i in (op.inputs if op.inputs is not None else [])]
             outputs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
             if len(inputs) != 2 * len(outputs) or min(inputs + outputs, default=0) < 0:
@@ -178,9 +192,12 @@ def describe(tflite_bytes: bytes) -> list[dict]:
                 if end is not None:
                     values, shape, extra, scratch = _grouped(model, subgraph, s, end, data, ancillary, values)
                     count, payload, encoding = values.size, payload + extra, groups.ENCODING
+                name = _name(encoded)
+                if not name and names is not None and position < len(names) and k == 0:
+                    name = names[position]
                 rows.append(
                     {
-                        "name": _name(encoded),
+                        "name": name,
                         "encoding": encoding,
                         "shape": shape,
                         "elements": count,

@@ -73,6 +73,7 @@ def export(
     float_model=None,
     max_decode_bytes: int | None = None,
     ram_budget: int | None = None,
+    keep_names: bool = False,
     firmware: bool = False,
 ) -> ExportResult:
     """Convert ``model`` to every target, write ``<name>_<target>.tflite``, a size/arena/speed report
@@ -87,6 +88,8 @@ def export(
     ``max_decode_bytes`` (target ``micro``): as in ``convert``; the report also gives the split layers and, with
     ``measure``, the arena of the unsplit file. ``ram_budget`` (target ``micro``): the TFLM arena the file must
     run in; the split bound (and, if needed, weights kept plain int8) is chosen by measuring (``convert.fit_ram``).
+    ``keep_names`` (target ``micro``): keep tensor names, signatures and metadata in the ``micro`` file, which
+    otherwise holds only what TFLM reads.
     ``firmware=True``: also ``<name>_firmware/``, a TFLM firmware project of the first TFLM target among micro,
     int4, int8 that runs the first 100 representative samples under QEMU (``firmware.firmware``).
     """
@@ -116,12 +119,13 @@ def export(
     say(f"preparing {getattr(model, 'name', 'model')!r} and {num_samples} calibration samples ...")
     prep = _prepare(model, representative_data, num_samples, vela)
     prep.max_decode_bytes = max_decode_bytes
+    prep.keep_names = bool(keep_names)
     for target in targets:  # every layer error before any slow conversion
         check_layers(prep.plain, target, encoding)
     say("converting fp32 reference ...")
     fp32 = float_tflite(prep.plain)
     buffers, vela_figures, split_rows, unsplit_arena, ram_fit = {}, {}, [], None, None
-    channel_rows, macs = [], (0, 0)
+    channel_rows, macs, micro_names = [], (0, 0), []
     for target in targets:
         say(f"converting target {target} ..." + (f" (Vela, {vela.accelerator})" if target == "ethos-u" else ""))
         if target == "micro" and ram_budget is not None:
@@ -132,7 +136,7 @@ def export(
         if target == "ethos-u":
             vela_figures["ethos-u"] = prep.vela_figures
         if target == "micro":
-            channel_rows, macs = list(prep.channel_rows), prep.macs
+            channel_rows, macs, micro_names = list(prep.channel_rows), prep.macs, list(prep.encoded_names)
             removed = sum(r["removed"] for r in channel_rows)
             if channel_rows:
                 say(f"  {sum(r['dead'] for r in channel_rows)} dead output channel(s), {removed} removed: MACs "
@@ -159,7 +163,8 @@ def export(
         )
     say("measuring sizes" + (", TFLM arenas and invoke times ..." if measure else " ..."))
     reference = prep.int8.get(False, prep.int8.get(True))  # the int8 file the targets came from
-    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference, vela=vela_figures)
+    rep = report.build(prep.plain, fp32, buffers, measure=measure, int8_reference=reference, vela=vela_figures,
+                       encoded_names=micro_names)  # fmt: skip
     if "micro" in rep.targets and split_rows:
         rep.targets["micro"].split = split_rows
         rep.targets["micro"].max_decode_bytes = max_decode_bytes

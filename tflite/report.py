@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import flatbuffer, groups, micro
+from . import flatbuffer, groups, micro, slim
 from .verify import invoke_ratio, runtimes_for
 
 __all__ = ["TargetReport", "ExportReport", "TensorTable", "build", "inspect", "weight_payload"]
@@ -131,6 +131,7 @@ class TargetReport:
     ram_budget: int | None = None
     keep_int8: int = 0
     ram_fit: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)  # where the file's bytes go (slim.breakdown)
 
 
 @dataclass
@@ -172,6 +173,9 @@ class ExportReport:
                 f"{t.bits_per_weight:>7.2f} {arena:>9} {decoded:>9}  {speed:<28} {'+'.join(t.weight_types)}"
             )
         for t in self.targets.values():
+            if t.parts:
+                parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in t.parts.items())
+                lines.append(f"  {t.target}: bytes: {parts}")
             if t.arena_bytes_alt_decompression is not None:
                 lines.append(
                     f"  {t.target}: arena {t.arena_bytes_alt_decompression:,} B when the decoded weights go to a "
@@ -235,9 +239,11 @@ def build(
     measure: bool = True,
     int8_reference: bytes | None = None,
     vela: dict | None = None,
+    encoded_names: list | None = None,
 ):
     """The report of ``buffers`` (target -> bytes) for the plain Keras model ``plain``; ``vela``: Vela's figures
-    of the ``ethos-u`` target (key ``ethos-u``) and of the float model's plain int8 file (key ``plain_int8``)."""
+    of the ``ethos-u`` target (key ``ethos-u``) and of the float model's plain int8 file (key ``plain_int8``);
+    ``encoded_names``: the ``micro`` file's ``decode.encoded_names`` before its names were dropped."""
     vela = vela or {}
 
     params = int(plain.count_params())
@@ -262,6 +268,7 @@ def build(
         )
         if "tflm" in runtimes:
             rep.decoded_weight_bytes = payload["decoded_weight_bytes"]
+        rep.parts = {k: v for k, v in slim.breakdown(buf).items() if k != "file_bytes"}
         figures = vela.get(target) if target == "ethos-u" else None
         if figures is not None:
             rep.ethos_u = figures.to_dict()
@@ -272,7 +279,7 @@ def build(
         if target == "micro":
             from . import decode
 
-            rep.encodings = decode.describe(buf)
+            rep.encodings = decode.describe(buf, encoded_names)
         if measure:
             if "tflm" in runtimes:
                 rep.arena_bytes = micro.measure_arena(buf)
@@ -307,13 +314,17 @@ class TensorTable:
     file_bytes: int
     rows: list
     ops: list
+    parts: dict = field(default_factory=dict)  # where the bytes go (slim.breakdown)
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "file_bytes": self.file_bytes, "ops": self.ops, "tensors": self.rows}
+        return {"file": self.file, "file_bytes": self.file_bytes, "ops": self.ops, "tensors": self.rows,
+                "parts": self.parts}  # fmt: skip
 
     def __str__(self) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.parts.items() if k != "file_bytes")
         lines = [
             f"{self.file}: {self.file_bytes:,} bytes, {len(self.rows)} tensors, ops: {', '.join(self.ops)}",
+            f"bytes: {parts}",
             f"{'#':>3} {'type':<8} {'shape':<18} {'bytes':>9} {'scales':>6} {'axis':>4} {'role':<10} name",
         ]
         for r in self.rows:
@@ -352,4 +363,4 @@ def inspect(tflite) -> TensorTable:
                     "role": role,
                 }
             )
-    return TensorTable(label, len(buf), rows, ops)
+    return TensorTable(label, len(buf), rows, ops, slim.breakdown(buf))

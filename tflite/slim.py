@@ -247,17 +247,16 @@ def breakdown(tflite: bytes) -> dict:
         for op in graph.operators or []:
             if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
                 continue
-            weight = int(op.inputs[1])
-            stored = [weight]
-            producer = producers.get(weight)
-            while producer is not None and not any(_has_data(model, graph.tensors[int(i)]) for i in stored):
-                stored = [int(i) for i in producer.inputs if int(i) >= 0]
-                producer = None
-                for i in list(stored):  # a grouped chain: follow constant-free inputs back to their constants
-                    if not _has_data(model, graph.tensors[i]) and i in producers:
-                        producer = producers[i]
-            buffers_of["weights"] |= {int(graph.tensors[i].buffer) for i in stored
-                                      if _has_data(model, graph.tensors[i])}  # fmt: skip
+            pending, seen = [int(op.inputs[1])], set()
+            while pending:  # the weight, or the constants of the ops that compute it (DECODE, a grouped chain)
+                i = pending.pop()
+                if i in seen:
+                    continue
+                seen.add(i)
+                if _has_data(model, graph.tensors[i]):
+                    buffers_of["weights"].add(int(graph.tensors[i].buffer))
+                elif i in producers:
+                    pending += [int(j) for j in producers[i].inputs if int(j) >= 0]
             if len(op.inputs) > 2 and int(op.inputs[2]) >= 0 and _has_data(model, graph.tensors[int(op.inputs[2])]):
                 buffers_of["biases"].add(int(graph.tensors[int(op.inputs[2])].buffer))
     buffers_of["metadata"] = {int(m.buffer) for m in model.metadata or []}
