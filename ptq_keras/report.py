@@ -35,6 +35,8 @@ class LayerReport:
     scale_mean: float | None = None
     scale_max: float | None = None
     bits: dict = field(default_factory=dict)  # accounting -> bits
+    channels: int = 0  # output channels of its kernels (each gets an int32 bias and a float scale in TFLite)
+    code_bits: float = 0.0  # its kernels' weights alone: entropy of the ternary codes, 8 bits per other weight
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ModelReport:
     layers: list[LayerReport]
     totals_bytes: dict  # accounting -> bytes
     ratios: dict  # accounting -> fp32 bytes / bytes
+    file_parts: dict = field(default_factory=dict)  # estimated parts of a TFLite file of the model (bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +77,13 @@ class ModelReport:
             f"({self.ratios['nnz_2bit']:.1f}x) | entropy bound {t['entropy'] / 1024:.1f} KB "
             f"({self.ratios['entropy']:.1f}x)"
         )
+        if self.file_parts:
+            p = self.file_parts
+            lines.append(
+                f"micro file parts, estimated: weights >= {p['weights']:,} B (entropy of the codes), biases "
+                f"{p['biases']:,} B, scales {p['scales']:,} B (int32 and float32 per output channel), plus structure "
+                "(tensors, ops: ptq_keras.tflite.inspect of the exported file gives every part)"
+            )
         return "\n".join(lines)
 
 
@@ -126,7 +136,10 @@ def summary(model, print_fn=print) -> ModelReport:
         rows.append(row)
     totals = {a: sum(r.bits[a] for r in rows) / 8 for a in ACCOUNTINGS}
     ratios = {a: totals["fp32"] / totals[a] if totals[a] else float("inf") for a in ACCOUNTINGS}
-    report = ModelReport(rows, totals, ratios)
+    channels = sum(r.channels for r in rows)
+    weights = int(np.ceil(sum(r.code_bits for r in rows) / 8))
+    parts = {"weights": weights, "biases": 4 * channels, "scales": 4 * channels}
+    report = ModelReport(rows, totals, ratios, parts)
     if print_fn is not None:
         print_fn(report.to_text())
     return report
@@ -151,8 +164,15 @@ def _layer_report(layer) -> LayerReport:
         others = [w for w in inner.weights if w.name.split("/")[-1].split(":")[0] not in kernels]
     bits = {a: 0.0 for a in ACCOUNTINGS}
     scales, zeros, total, targets = [], 0, 0, []
+    channels, code_bits = 0, 0.0
+    for attr, dims in ([] if kernels else kernel_attributes(inner)):  # a float kernel: int8 in the file
+        value = getattr(inner, attr).numpy()
+        channels += as_groups(value, dims).shape[1]
+        code_bits += 8.0 * value.size
     for kernel, dims, target in kernels.values():
         kbits, kscales = _kernel_bits(kernel, dims)
+        channels += len(kscales)
+        code_bits += kbits["entropy"] - 32.0 * len(kscales)
         for a in ACCOUNTINGS:
             bits[a] += kbits[a]
         scales.append(kscales)
@@ -169,6 +189,8 @@ def _layer_report(layer) -> LayerReport:
         params=total + other_params,
         ternary=bool(kernels),
         bits=bits,
+        channels=channels,
+        code_bits=code_bits,
     )
     if kernels:
         all_scales = np.concatenate(scales)

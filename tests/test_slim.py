@@ -162,3 +162,18 @@ def _input_shape(buf: bytes) -> list[int]:
     parsed = flatbuffer.read(buf)
     graph = parsed.subgraphs[0]
     return [int(d) for d in graph.tensors[int(graph.inputs[0])].shape]
+
+
+def test_summary_estimates_the_parts_the_export_measures(residual):
+    import ptq_keras
+
+    model, x, _, _, calibration = residual
+    estimate = ptq_keras.summary(model, print_fn=None).file_parts
+    measured = slim.breakdown(ptq_tflite.convert(model, calibration, target="micro"))
+    parsed = flatbuffer.read(ptq_tflite.convert(model, calibration, target="micro"))
+    graph = parsed.subgraphs[0]
+    kinds = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+    weight_ops = [op for op in graph.operators if flatbuffer.builtin_name(parsed, op.opcodeIndex) in kinds]
+    assert measured["biases"] == estimate["biases"] + 4 * len(weight_ops)  # one int32 per channel + a length each
+    assert estimate["weights"] <= measured["weights"] < 3 * estimate["weights"] + 1024
+    assert estimate["scales"] <= measured["scales"]

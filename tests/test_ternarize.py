@@ -258,6 +258,12 @@ def test_summary_accounting(capsys):
     assert not bn.ternary and bn.bits["nnz_2bit"] == bn.bits["fp32"]
     assert report.totals_bytes["fp32"] == 4 * sum(r.params for r in report.layers)
     assert report.ratios["nnz_2bit"] > report.ratios["dense_2bit"] > 10
+    # the parts of a TFLite file: an int32 bias and a float scale per output channel, the codes' entropy
+    channels = 8 + 16 + 32 + c  # conv1, conv2, fc, logits
+    assert sum(r.channels for r in report.layers) == channels
+    assert report.file_parts["biases"] == report.file_parts["scales"] == 4 * channels
+    assert dense.channels == c and 0 < report.file_parts["weights"] < report.totals_bytes["entropy"]
+    assert "micro file parts, estimated" in printed
     # the stripped model reports the same sizes
     again = ptq_keras.summary(ptq_keras.strip(qmodel), print_fn=None)
     assert again.totals_bytes == pytest.approx(report.totals_bytes)

@@ -1,0 +1,163 @@
+"""Where the bytes of a ``micro`` file go, and what the slim file saves, on the models microcontrollers run.
+
+For each model (``small_cnn``, ``ds_cnn``, ``ds_resnet`` on Fashion-MNIST) and sparsity: the ``int8`` file and the
+``micro`` file (``encoding="auto"`` and ``"lut"``) as ``export`` writes them, and the same ``micro`` content with
+names, signatures and metadata kept and serialized by the stock flatbuffers writer (one copy of every vector and
+table per use: the layout the exporter wrote before the slim file). Each file's bytes are split into weights,
+biases, scales, zero points, names, metadata and structure (``slim.breakdown``). At ``--check_sparsity`` the slim
+``micro`` file is run on TFLM against the ``int8`` file over the whole test set (bit-exact or not).
+
+The models are fine-tuned briefly (``--float_epochs``, ``--ptq_epochs`` on ``--train_limit`` images): file bytes
+depend on the support and the sparsity, hardly on accuracy. Trained models are cached in ``--work_dir``.
+
+Usage: python benchmarks/micro_size.py [--models=ds_cnn] [--sparsities=0.5,0.7,0.9]
+Writes ``benchmarks/results/micro_size.md`` (``--output``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["small_cnn", "ds_cnn", "ds_resnet"], "Models (ptq_keras.models names).")
+flags.DEFINE_list("sparsities", ["0.5", "0.7", "0.9"], "Sparsities.")
+flags.DEFINE_integer("float_epochs", 2, "Epochs of float training.")
+flags.DEFINE_integer("ptq_epochs", 1, "Epochs of PTQ fine-tuning.")
+flags.DEFINE_integer("train_limit", 20000, "Training images used.")
+flags.DEFINE_float("check_sparsity", 0.7, "Sparsity whose micro file is run against int8 over the test set.")
+flags.DEFINE_integer("check_limit", None, "Test images of the bit-exactness check (default: all).")
+flags.DEFINE_string("work_dir", "out/bench/micro_size", "Cache of the trained models.")
+flags.DEFINE_string("output", "benchmarks/results/micro_size.md", "The markdown report.")
+
+PARTS = ("weights", "biases", "scales", "zero_points", "names", "metadata", "structure")
+
+
+def _plain(name: str, sparsity: float, x: np.ndarray, y: np.ndarray):
+    import ptq_keras
+    from ptq_keras import keras
+
+    folder = os.path.join(FLAGS.work_dir, name)
+    path = os.path.join(folder, f"ptq_{sparsity}_e{FLAGS.ptq_epochs}.h5")
+    if os.path.exists(path):
+        return keras.models.load_model(path, compile=False)
+    model = common.float_model(name, 0, x, y, caches=(folder,), save_dir=folder, epochs=FLAGS.float_epochs)
+    common.log(f"{name} {sparsity}: PTQ fine-tuning, {FLAGS.ptq_epochs} epoch(s)")
+    qmodel = ptq_keras.ternarize(model, sparsity=sparsity)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    qmodel.compile(keras.optimizers.Adam(5e-4), loss, ["accuracy"])
+    qmodel.fit(x, y, epochs=FLAGS.ptq_epochs, batch_size=128, verbose=2)
+    plain = ptq_keras.strip(qmodel, batchnorm_data=x[:4096])
+    plain.save(path + ".tmp.h5")
+    os.replace(path + ".tmp.h5", path)
+    return plain
+
+
+def _mismatches(a: bytes, b: bytes, x: np.ndarray) -> int:
+    from ptq_keras.tflite import micro
+
+    first, second = micro.interpreter(a), micro.interpreter(b)
+    detail = first.get_input_details(0)
+    scale, zero = detail["quantization_parameters"]["scales"][0], detail["quantization_parameters"]["zero_points"][0]
+    xq = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+    bad = 0
+    for i in range(len(xq)):
+        outs = []
+        for it in (first, second):
+            it.set_input(xq[i : i + 1], 0)
+            it.invoke()
+            outs.append(it.get_output(0))
+        bad += not np.array_equal(*outs)
+    return bad
+
+
+def _encodings(buf: bytes) -> str:
+    from ptq_keras.tflite import decode
+
+    counts: dict[str, int] = {}
+    for row in decode.describe(buf):
+        counts[row["encoding"]] = counts.get(row["encoding"], 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def main(argv) -> None:
+    del argv
+    common.quiet_logs()
+    from ptq_keras.tflite import convert, flatbuffer, slim
+
+    started = time.time()
+    x, y = common.load_split("fashion_mnist", "train", None, FLAGS.train_limit)
+    x_test, _ = common.load_split("fashion_mnist", "test", None, FLAGS.check_limit)
+    calibration = x[:200]
+    sizes, parts, checks = [], [], []
+    for name in FLAGS.models:
+        for sparsity in (float(s) for s in FLAGS.sparsities):
+            plain = _plain(name, sparsity, x, y)
+            int8 = convert(plain, calibration, target="int8")
+            auto = convert(plain, calibration, target="micro", encoding="auto")
+            lut = convert(plain, calibration, target="micro", encoding="lut")
+            named = convert(plain, calibration, target="micro", encoding="auto", keep_names=True)
+            stock = flatbuffer.write(flatbuffer.read(named))  # the same content, no sharing, names kept
+            sizes.append((name, sparsity, len(int8), len(stock), len(auto), len(lut), _encodings(auto)))
+            common.log(f"{name} {sparsity}: int8 {len(int8):,} B, micro {len(auto):,} B (stock layout {len(stock):,})")
+            if sparsity == FLAGS.check_sparsity:
+                for label, buf in (("int8", int8), ("micro, stock layout", stock), ("micro", auto)):
+                    parts.append((name, label, slim.breakdown(buf)))
+                common.log(f"{name} {sparsity}: micro vs int8 on TFLM over {len(x_test):,} test images ...")
+                checks.append((name, sparsity, len(x_test), _mismatches(int8, auto, x_test)))
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Where the bytes of a `micro` file go",
+        "",
+        f"`{common.command_line('benchmarks/micro_size.py', sys.argv[1:])}`: {now}; {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {(time.time() - started) / 60:.0f} min "
+        f"(models trained {FLAGS.float_epochs} float + {FLAGS.ptq_epochs} PTQ epoch(s) on "
+        f"{FLAGS.train_limit:,} Fashion-MNIST images; bytes depend on the support, hardly on accuracy).",
+        "",
+        "*stock layout*: the same `micro` content with names, signatures and metadata, serialized by the stock "
+        "flatbuffers writer (what the exporter wrote before the slim file, except that the value table of a "
+        "ternary LUT layer was one copy per channel then). *micro*: the file `export` writes now "
+        "(`encoding=\"auto\"`); *lut*: the same with `encoding=\"lut\"`.",
+        "",
+        "| model | sparsity | int8 B | micro, stock layout B | micro B | micro lut B | micro / stock | encodings |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, sparsity, int8_b, stock_b, auto_b, lut_b, mix in sizes:
+        lines.append(f"| {name} | {sparsity} | {int8_b:,} | {stock_b:,} | {auto_b:,} | {lut_b:,} | "
+                     f"{auto_b / stock_b:.2f} | {mix} |")  # fmt: skip
+    for name in FLAGS.models:
+        rows = {s: b for n, s, _, _, b, _, _ in sizes if n == name}
+        if len(rows) > 1:
+            low, high = min(rows), max(rows)
+            lines.append("")
+            lines.append(f"{name}: micro {rows[low]:,} B at {low} vs {rows[high]:,} B at {high} "
+                         f"({1 - rows[high] / rows[low]:.1%} smaller).")  # fmt: skip
+    lines += [
+        "",
+        f"## Parts of the files at sparsity {FLAGS.check_sparsity} (bytes; `slim.breakdown`)",
+        "",
+        "| model | file | total | " + " | ".join(p.replace("_", " ") for p in PARTS) + " |",
+        "|---|---|---|" + "---|" * len(PARTS),
+    ]
+    for name, label, p in parts:
+        lines.append(f"| {name} | {label} | {p['file_bytes']:,} | " + " | ".join(f"{p[k]:,}" for k in PARTS) + " |")
+    lines += ["", "## The slim `micro` file on TFLM against `int8`", ""]
+    for name, sparsity, count, bad in checks:
+        verdict = "bit-exact" if bad == 0 else f"{bad} outputs differ"
+        lines.append(f"- {name} {sparsity}: {verdict} over {count:,} Fashion-MNIST test images.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    flatbuffer.atomic_write(FLAGS.output, text)
+
+
+if __name__ == "__main__":
+    app.run(main)
