@@ -323,6 +323,8 @@ static void ticks_start() {{
   SYST_RVR = 0xFFFFFFu;
   SYST_CVR = 0;
   SYST_CSR = 7u;  // enable, interrupt, processor clock
+  while (SYST_CVR == 0) {{
+  }}  // the first reload: from here on 0xFFFFFF - SYST_CVR counts up
 }}
 
 static uint64_t ticks_now() {{
