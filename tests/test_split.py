@@ -116,12 +116,31 @@ def test_arena_is_bounded_by_the_largest_part():
     tm.ternarize_kernels(model, sparsity=0.7)
     x = tm.inputs(model, 20)
     int8 = ptq_tflite.convert(model, x)
-    whole = ptq_tflite.convert(model, x, target="micro")
+    whole = ptq_tflite.convert(model, x, target="micro", max_decode_bytes=None)
     parted = ptq_tflite.convert(model, x, target="micro", max_decode_bytes=8192)
+    auto = ptq_tflite.convert(model, x, target="micro")  # the default: "auto"
     base = micro.measure_arena(int8)
     assert micro.measure_arena(whole) >= base + 51_200 - 2048  # the planner overlaps the small activations
     assert micro.measure_arena(parted) <= base + 8192 + 4096
-    np.testing.assert_array_equal(verify_mod.predict(parted, x, "tflm"), verify_mod.predict(int8, x, "tflm"))
+    convert_mod = importlib.import_module("ptq_keras.tflite.convert")
+    assert convert_mod.auto_decode_bytes(int8) == 16384  # this model's int8 arena is small: the floor
+    assert "CONCATENATION" in _ops(auto) and "CONCATENATION" not in _ops(whole)
+    assert micro.measure_arena(auto) <= base + 16384 + 4096
+    for buf in (parted, auto):
+        np.testing.assert_array_equal(verify_mod.predict(buf, x, "tflm"), verify_mod.predict(int8, x, "tflm"))
+
+
+def test_auto_split_bound_is_half_the_int8_arena_and_leaves_small_models_whole():
+    convert_mod = importlib.import_module("ptq_keras.tflite.convert")
+    model = tm.build("cnn")
+    x = tm.inputs(model, 20)
+    int8 = ptq_tflite.convert(model, x)
+    total = micro._report_total(micro.allocation_report(int8))
+    assert convert_mod.auto_decode_bytes(int8) == max(16384, total // 2 // 1024 * 1024)
+    assert "CONCATENATION" not in _ops(ptq_tflite.convert(model, x, target="micro"))
+    assert convert_mod.check_max_decode_bytes("auto") == "auto"
+    # a ram_budget replaces the automatic bound (an explicit one is a conflict)
+    assert convert_mod.check_ram_budget(50_000, "auto") == 50_000
 
 
 def _two_dense() -> keras.Model:

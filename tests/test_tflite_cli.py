@@ -154,3 +154,14 @@ def test_an_export_killed_midway_leaves_only_complete_files(tmp_path):
             assert path.suffix in (".cc", ".h", ".json")
             text = path.read_text()
             assert text.rstrip().endswith("}") or text.rstrip().endswith("#endif") or path.suffix == ".h"
+
+
+def test_max_decode_bytes_flag_takes_auto_none_or_bytes():
+    assert cli._decode_bytes("auto", None) == "auto"
+    assert cli._decode_bytes("none", None) is None
+    assert cli._decode_bytes("16384", None) == 16384
+    for bad in ("16k", "0", "-3"):
+        with pytest.raises(app.UsageError, match="--max_decode_bytes must be 'auto', 'none' or a positive number"):
+            cli._decode_bytes(bad, None)
+    with pytest.raises(app.UsageError, match="--ram_budget chooses the split bound itself"):
+        cli._decode_bytes("8192", 50_000)

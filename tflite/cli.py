@@ -50,12 +50,11 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "encoding", "lut", list(ENCODINGS), "Weight encoding of target micro (TFLM_DECODE).", flag_values=FLAGS
 )
-flags.DEFINE_integer(
+flags.DEFINE_string(
     "max_decode_bytes",
-    None,
+    "auto",
     "Target micro: split weight tensors larger than this many bytes along output channels, so TFLM decodes at most "
-    "that much at a time (bounds the arena).",
-    lower_bound=1,
+    "that much at a time (bounds the arena); 'auto': half the int8 file's arena, at least 16384; 'none': no split.",
     flag_values=FLAGS,
 )
 flags.DEFINE_integer(
@@ -106,6 +105,20 @@ flags.DEFINE_string(
 
 def _say(line: str) -> None:
     print(f"[ptq-convert {time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def _decode_bytes(value: str, ram_budget) -> int | str | None:
+    """--max_decode_bytes as ``export`` takes it: "auto", None ("none") or a positive int."""
+    text = value.strip().lower()
+    if text == "none":
+        return None
+    if text == "auto":
+        return "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise app.UsageError(f"--max_decode_bytes must be 'auto', 'none' or a positive number of bytes, got {value!r}.")
+    if ram_budget is not None:
+        raise app.UsageError("--ram_budget chooses the split bound itself; leave --max_decode_bytes at 'auto'.")
+    return int(text)
 
 
 def load_model(path: str, flag: str = "--model"):
@@ -208,7 +221,7 @@ def main(argv: list[str]) -> int:
             memory_mode=FLAGS.memory_mode,
             optimise=FLAGS.optimise,
             float_model=float_model,
-            max_decode_bytes=FLAGS.max_decode_bytes,
+            max_decode_bytes=_decode_bytes(FLAGS.max_decode_bytes, FLAGS.ram_budget),
             ram_budget=FLAGS.ram_budget,
             firmware=FLAGS.firmware,
         )

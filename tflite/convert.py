@@ -76,9 +76,23 @@ def byte_count(value, name: str, what: str) -> int | None:
     return int(value)
 
 
-def check_max_decode_bytes(max_decode_bytes) -> int | None:
-    """``max_decode_bytes`` validated: None or a positive int."""
-    return byte_count(max_decode_bytes, "max_decode_bytes", "e.g. 16384")
+AUTO = "auto"
+AUTO_DECODE_FLOOR = 16384  # max_decode_bytes="auto" never splits a weight tensor of at most this many bytes
+
+
+def check_max_decode_bytes(max_decode_bytes) -> int | str | None:
+    """``max_decode_bytes`` validated: ``"auto"``, None (no split) or a positive int."""
+    if isinstance(max_decode_bytes, str) and max_decode_bytes == AUTO:
+        return AUTO
+    return byte_count(max_decode_bytes, "max_decode_bytes", 'e.g. 16384, or "auto"')
+
+
+def auto_decode_bytes(int8: bytes) -> int:
+    """The split bound ``max_decode_bytes="auto"`` picks for a model: half of its ``int8`` file's TFLM arena (the
+    activations' own need, from TFLM's allocation report), at least ``AUTO_DECODE_FLOOR``. The decode buffer then
+    adds at most about half to the arena, and a layer splits into few parts (each part costs per-op memory)."""
+    arena = micro._report_total(micro.allocation_report(int8))
+    return max(AUTO_DECODE_FLOOR, arena // 2 // 1024 * 1024)
 
 
 def _check_options(target: str, encoding: str, num_samples: int) -> None:
@@ -452,7 +466,9 @@ class _Prepared:
     int8: dict = field(default_factory=dict)
     vela: ethosu.VelaOptions = field(default_factory=ethosu.VelaOptions)
     vela_figures: ethosu.VelaFigures | None = None  # of the last ethos-u conversion
-    max_decode_bytes: int | None = None  # target micro: split weights larger than this (``split``)
+    max_decode_bytes: int | str | None = None  # target micro: split weights larger than this (``split``), or "auto"
+    auto_decode_bytes: int | None = None  # what "auto" resolved to (once per model)
+    decode_bytes: int | None = None  # the bound of the last micro conversion's split (None: nothing split)
     split_rows: list = field(default_factory=list)  # of the last micro conversion
     keep_int8: int = 0  # target micro: the largest weight tensors left as plain int8 (``fit_ram``)
     channel_rows: list = field(default_factory=list)  # target micro: dead channels per layer (``channels``)
@@ -507,7 +523,13 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         before = channels.weight_macs(model)
         prep.channel_rows = channels.remove_dead_channels(model, buf, prep.calibration)
         prep.macs = (before, channels.weight_macs(model))
-        prep.split_rows = split.split_model(model, prep.max_decode_bytes) if prep.max_decode_bytes else []
+        bound = prep.max_decode_bytes
+        if bound == AUTO:
+            if prep.auto_decode_bytes is None:
+                prep.auto_decode_bytes = auto_decode_bytes(buf)
+            bound = prep.auto_decode_bytes
+        prep.split_rows = split.split_model(model, bound) if bound else []
+        prep.decode_bytes = bound if prep.split_rows else None
         try:
             decode.compress_model(model, encoding=encoding, latency_budget=latency_budget, keep_int8=prep.keep_int8)
         except ValueError as exc:
@@ -527,7 +549,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
 def check_ram_budget(ram_budget, max_decode_bytes) -> int | None:
     """``ram_budget`` validated: None or a positive int, and not together with ``max_decode_bytes``."""
     ram_budget = byte_count(ram_budget, "ram_budget", "TFLM arena, e.g. 65536")
-    if ram_budget is not None and max_decode_bytes is not None:
+    if ram_budget is not None and max_decode_bytes not in (None, AUTO):
         raise ValueError("ram_budget chooses max_decode_bytes itself; pass one of the two, not both.")
     return ram_budget
 
@@ -615,7 +637,7 @@ def convert(
     system_config: str | None = None,
     memory_mode: str | None = None,
     optimise: str = "Performance",
-    max_decode_bytes: int | None = None,
+    max_decode_bytes: int | str | None = AUTO,
     ram_budget: int | None = None,
     keep_names: bool = False,
 ) -> bytes:
@@ -628,7 +650,9 @@ def convert(
     Target ``ethos-u``: ``accelerator`` (``ethosu.ACCELERATORS``), ``system_config`` and ``memory_mode`` (sections
     of Vela's ``Arm/vela.ini``; default per NPU family), ``optimise`` (``Performance`` or ``Size``); ``export``
     also reports Vela's figures. ``max_decode_bytes`` (target ``micro``): split every weight tensor larger than
-    that many bytes along its output channels (``split``), so TFLM decodes at most that much at a time.
+    that many bytes along its output channels (``split``), so TFLM decodes at most that much at a time; the
+    default ``"auto"`` bounds it by half the ``int8`` file's arena, at least 16 KiB (``auto_decode_bytes``: a
+    small model is not split; a large layer no longer multiplies the arena); None: no split.
     ``ram_budget`` (target ``micro``): the TFLM arena in bytes the file must run in; ``fit_ram`` chooses the
     split bound (and, if needed, weights left as plain int8) by measuring the arena on TFLM.
     Target ``micro`` writes only what TFLM reads (``slim``: no tensor names, signatures or metadata; repeated

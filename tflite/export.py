@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from . import ethosu, flatbuffer, micro, report
 from .convert import (
+    AUTO,
     DEFAULT_NUM_SAMPLES,
     TARGETS,
     _check_options,
@@ -71,7 +72,7 @@ def export(
     memory_mode: str | None = None,
     optimise: str = "Performance",
     float_model=None,
-    max_decode_bytes: int | None = None,
+    max_decode_bytes: int | str | None = AUTO,
     ram_budget: int | None = None,
     keep_names: bool = False,
     firmware: bool = False,
@@ -143,7 +144,10 @@ def export(
                     f"{macs[0]:,} -> {macs[1]:,}")  # fmt: skip
         if target == "micro" and prep.split_rows:
             split_rows = list(prep.split_rows)
-            say(f"  split {len(split_rows)} weight tensor(s) larger than {max_decode_bytes:,} B along output channels")
+            max_decode_bytes = prep.decode_bytes
+            say(f"  split {len(split_rows)} weight tensor(s) larger than {max_decode_bytes:,} B along output channels"
+                + (" (max_decode_bytes='auto': half the int8 arena, at least 16 KiB)" if prep.max_decode_bytes == AUTO
+                   else ""))  # fmt: skip
     if "ethos-u" in targets and float_model is not None:
         say(f"compiling the float model's plain int8 file with Vela for comparison ({vela.accelerator}) ...")
         plain_int8 = int8_tflite(plain_model(float_model), prep.calibration)
