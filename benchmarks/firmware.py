@@ -140,7 +140,7 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
         for lib in libraries:
             built = firmware_build.make_firmware(project, lib)
             started = time.perf_counter()
-            run = firmware.parse_output(firmware_build.run_firmware(project, lib))
+            run = firmware.parse_output(_run_cached(project, lib, built.elf))
             exact, detail = compare(run, expected)
             instructions = run.instructions() if run.ticks else [0.0]
             decode_ticks = sum(t for name, (_, t) in run.ops.items() if name == "TFLM_DECODE")
@@ -157,6 +157,22 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
             rows.append(row)
             print(line(row), flush=True)
     return rows
+
+
+def _run_cached(project: str, lib, elf) -> str:
+    """What the firmware printed: QEMU's emulation is deterministic, so a run is kept under out/firmware/runs/ by
+    the ELF's SHA-256 and an identical ELF is not run again."""
+    import hashlib
+
+    with open(elf, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    path = os.path.join(WORK, "runs", f"{digest}.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    text = firmware_build.run_firmware(project, lib)
+    flatbuffer.atomic_write(path, text)
+    return text
 
 
 def line(row: dict) -> str:

@@ -294,15 +294,13 @@ def make_firmware(project: str | os.PathLike, lib: Library) -> FirmwareBuild:
 
 
 def section_sizes(elf: str | os.PathLike) -> dict:
-    """Allocated sections of ``elf`` -> bytes (``arm-none-eabi-size -A``)."""
-    out = subprocess.run(["arm-none-eabi-size", "-A", str(elf)], capture_output=True, text=True, check=True).stdout
-    sizes = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0].startswith(".") and parts[1].isdigit() and int(parts[2]) != 0:
-            sizes[parts[0]] = int(parts[1])
-        elif len(parts) == 3 and parts[0] == ".vectors":
-            sizes[parts[0]] = int(parts[1])
+    """Allocated sections of ``elf`` (name -> bytes), from ``arm-none-eabi-objdump -h``."""
+    out = subprocess.run(["arm-none-eabi-objdump", "-h", str(elf)], capture_output=True, text=True, check=True).stdout
+    sizes, lines = {}, out.splitlines()
+    for head, flags in zip(lines, lines[1:]):
+        parts = head.split()
+        if len(parts) >= 3 and parts[0].isdigit() and "ALLOC" in flags:
+            sizes[parts[1]] = int(parts[2], 16)
     return sizes
 
 
