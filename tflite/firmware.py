@@ -584,6 +584,9 @@ TFLM_LIB ?= $(TFLM_GEN)/lib/libtensorflow-microlite.a
 TFLM_FLAGS ?= $(dir $(TFLM_LIB))flags.mk
 
 ifeq ($(filter clean,$(MAKECMDGOALS)),)
+ifeq ($(TFLM_ROOT),)
+$(error TFLM_ROOT is not set: pass TFLM_ROOT=<tflite-micro tree> (README.md))
+endif
 ifeq ($(wildcard $(TFLM_FLAGS)),)
 $(error $(TFLM_FLAGS) not found: build TFLM for $(CORE) ($(KERNELS)) first, \\
   e.g. `python -m ptq_keras.tflite.firmware_build` (see README.md))
@@ -664,8 +667,9 @@ Copy `{symbol}.cc`, `{symbol}.h` and `model_ops.h` into the project that already
 #include "tensorflow/lite/micro/micro_interpreter.h"
 
 alignas(16) static uint8_t tensor_arena[{symbol}_arena_size];
-
 static {symbol}_op_resolver resolver;
+
+// in your set-up code:
 {symbol}_register_ops(resolver);  // returns kTfLiteOk
 static tflite::MicroInterpreter interpreter(tflite::GetModel({symbol}), resolver, tensor_arena,
                                             sizeof(tensor_arena));

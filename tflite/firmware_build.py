@@ -13,6 +13,7 @@ the application and the library agree.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -192,6 +193,14 @@ def build_library(core: str, kernels: str, root: Path | None = None, *, jobs: in
     make_args = _make_args(core, kernels)
     root = Path(root) if root is not None else tflm_root(log=log)
     lib = root / _gen_dir(core, kernels) / "lib" / "libtensorflow-microlite.a"
+    lock_path = root / "gen" / f".{lib.parent.parent.name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same library: wait for it, then reuse it
+        return _build_locked(core, kernels, root, lib, make_args, jobs, log)
+
+
+def _build_locked(core: str, kernels: str, root: Path, lib: Path, make_args: list, jobs: int, log) -> Library:
     flags_mk = lib.parent / "flags.mk"
     timing = lib.parent / "build_seconds.txt"
     if lib.is_file() and flags_mk.is_file():
