@@ -177,3 +177,15 @@ def test_summary_estimates_the_parts_the_export_measures(residual):
     assert measured["biases"] == estimate["biases"] + 4 * len(weight_ops)  # one int32 per channel + a length each
     assert estimate["weights"] <= measured["weights"] < 3 * estimate["weights"] + 1024
     assert estimate["scales"] <= measured["scales"]
+
+
+def test_vela_compiles_the_stripped_int8_file_like_the_stock_one(residual):
+    from ptq_keras.tflite import ethosu
+
+    if not ethosu.available():
+        pytest.skip("Arm's Vela is not installed (pip install 'ptq_keras[ethos-u]')")
+    _, _, int8, _, _ = residual
+    stock = ethosu.compile(int8)[1]
+    stripped = ethosu.compile(convert_mod.strip_names(int8))[1]
+    assert (stripped.npu_ops, stripped.cpu_ops) == (stock.npu_ops, stock.cpu_ops) and stock.cpu_ops == 0
+    assert stripped.encoded_weight_bytes == stock.encoded_weight_bytes
