@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -145,7 +147,8 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
             instructions = run.instructions() if run.ticks else [0.0]
             decode_ticks = sum(t for name, (_, t) in run.ops.items() if name == "TFLM_DECODE")
             row = {
-                "file": label, "file_bytes": len(buf), "core": lib.core, "kernels": lib.kernels,
+                "file": label, "file_bytes": len(buf), "file_sha256": hashlib.sha256(buf).hexdigest(),
+                "core": lib.core, "kernels": lib.kernels,
                 "bit_exact": exact, "detail": detail, "flash": built.flash, "ram": built.ram,
                 "arena": made.arena_bytes, "arena_used": run.arena_used, "inputs": len(run.ticks),
                 "instructions": float(np.mean(instructions)), "instructions_min": float(min(instructions)),
@@ -162,8 +165,6 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
 def _run_cached(project: str, lib, elf) -> str:
     """What the firmware printed: QEMU's emulation is deterministic, so a run is kept under out/firmware/runs/ by
     the ELF's SHA-256 and an identical ELF is not run again."""
-    import hashlib
-
     with open(elf, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     path = os.path.join(WORK, "runs", f"{digest}.txt")
@@ -173,6 +174,30 @@ def _run_cached(project: str, lib, elf) -> str:
     text = firmware_build.run_firmware(project, lib)
     flatbuffer.atomic_write(path, text)
     return text
+
+
+def merge(rows: list[dict], files: dict) -> list[dict]:
+    """These rows and those of earlier runs (out/firmware/rows.json) on the same files for other libraries, in file
+    then library order; saved back, so runs on one library at a time add up to the whole table."""
+    path = os.path.join(WORK, "rows.json")
+    old = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    shas = {hashlib.sha256(buf).hexdigest() for buf in files.values()}
+
+    def key(r):
+        return r["file"], r["core"], r["kernels"], r["inputs"]
+
+    merged = {key(r): r for r in old if r.get("file_sha256") in shas or r["file"] not in files}
+    merged.update({key(r): r for r in rows})
+    order = {k: i for i, k in enumerate(["int8", "lut", "huffman", "huffman_group", f"lut_split{SPLIT_BYTES}"])}
+    libs = {pair: i for i, pair in enumerate(firmware_build.LIBRARIES)}
+    result = sorted(
+        merged.values(), key=lambda r: (order.get(r["file"], 99), r["file"], libs.get((r["core"], r["kernels"]), 9))
+    )
+    flatbuffer.atomic_write(path, json.dumps(result, indent=1))
+    return result
 
 
 def line(row: dict) -> str:
@@ -273,9 +298,10 @@ def main(argv=None) -> int:
     except (firmware_build.ToolchainMissing, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    seconds = {f"{lib.core} {lib.kernels}": lib.seconds for lib in libs}
+    seconds = {f"{c} {k}": t for (c, k), t in firmware_build.build_seconds(libs[0].tflm_root).items()}
     only = set(args.only.split(",")) if args.only else None
-    rows = bench(demo_files(only=only), test_images(args.inputs), libs)
+    files = demo_files(only=only)
+    rows = merge(bench(files, test_images(args.inputs), libs), files)
     command = "python benchmarks/firmware.py" + (f" --inputs {args.inputs}" if args.inputs != 100 else "")
     text = table(rows, libs, seconds, command)
     flatbuffer.atomic_write(args.output, text)

@@ -33,6 +33,7 @@ __all__ = [
     "ToolchainMissing",
     "build",
     "build_library",
+    "build_seconds",
     "check_toolchain",
     "make_firmware",
     "run_firmware",
@@ -175,6 +176,16 @@ def _make_args(core: str, kernels: str) -> list[str]:
     if kernels != "reference":
         args.append(f"OPTIMIZED_KERNEL_DIR={kernels}")
     return args
+
+
+def build_seconds(root: Path) -> dict:
+    """(core, kernels) -> seconds TFLM's make took, for every library of ``LIBRARIES`` built in ``root``."""
+    found = {}
+    for core, kernels in LIBRARIES:
+        timing = Path(root) / _gen_dir(core, kernels) / "lib" / "build_seconds.txt"
+        if timing.is_file():
+            found[(core, kernels)] = float(timing.read_text())
+    return found
 
 
 def _gen_dir(core: str, kernels: str) -> str:
