@@ -44,42 +44,55 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def demo_files(demo_dir: str = DEMO, only=None) -> dict:
-    """label -> .tflite bytes: the demo's files and the ones converted from its stripped model."""
+CONVERSIONS = {
+    "huffman": {"encoding": "huffman"},
+    "huffman_group": {"encoding": "huffman_group"},
+    f"lut_split{SPLIT_BYTES}": {"encoding": "lut", "max_decode_bytes": SPLIT_BYTES},
+    "lut_dead_channels": {"encoding": "lut"},
+}
+
+
+def demo_files(demo_dir: str = DEMO, only=None, reconvert: bool = False) -> dict:
+    """label -> .tflite bytes: the demo's files and the ones converted from its stripped model. Converted files
+    are kept in out/firmware/files/ and reused (every library runs the same bytes) unless ``reconvert``."""
     int8_path = os.path.join(demo_dir, "model_int8.tflite")
     h5_path = os.path.join(demo_dir, "ternary_stripped.h5")
     if not os.path.isfile(int8_path) or not os.path.isfile(h5_path):
         raise SystemExit(f"{int8_path} or {h5_path} is missing: run `make demo` (or `make firmware`) first.")
     files = {"int8": _read(int8_path)}
     micro_path = os.path.join(demo_dir, "model_micro.tflite")
-
-    def wanted(label: str) -> bool:
-        return only is None or label in only
-
-    if os.path.isfile(micro_path) and wanted("lut"):
+    if os.path.isfile(micro_path):
         files["lut"] = _read(micro_path)
-    conversions = {
-        "huffman": {"encoding": "huffman"},
-        "huffman_group": {"encoding": "huffman_group"},
-        f"lut_split{SPLIT_BYTES}": {"encoding": "lut", "max_decode_bytes": SPLIT_BYTES},
-    }
-    if not any(wanted(label) for label in [*conversions, "lut_dead_channels"]):
-        return {k: v for k, v in files.items() if wanted(k)}
+    model = None
+    for label, options in CONVERSIONS.items():
+        if only is not None and label not in only:
+            continue
+        kept = os.path.join(WORK, "files", f"{label}.tflite")
+        if os.path.isfile(kept) and not reconvert:
+            files[label] = _read(kept)
+            continue
+        if model is None:
+            model, calibration = _demo_model(h5_path)
+        _say(f"converting {label} ...")
+        source = zero_channels(model) if label == "lut_dead_channels" else model
+        files[label] = ptq_tflite_convert(source, calibration, **options)
+        flatbuffer.atomic_write(kept, files[label])
+    return {k: v for k, v in files.items() if only is None or k in only}
+
+
+def _demo_model(h5_path: str):
+    """The demo's stripped ternary model and its calibration images (the first 500 training images)."""
     from ptq_keras import data
-    from ptq_keras import tflite as ptq_tflite
     from ptq_keras.compat import keras
 
-    model = keras.models.load_model(h5_path, compile=False)
     x_train, _ = data.load_numpy("fashion_mnist", "train", limit=500)
-    calibration = x_train.astype("float32") / 255.0  # what the demo exports with
-    for label, options in conversions.items():
-        if wanted(label):
-            _say(f"converting {label} ...")
-            files[label] = ptq_tflite.convert(model, calibration, target="micro", **options)
-    if wanted("lut_dead_channels"):
-        _say("converting lut_dead_channels (a quarter of conv2's and fc's output channels zeroed) ...")
-        files["lut_dead_channels"] = ptq_tflite.convert(zero_channels(model), calibration, target="micro")
-    return {k: v for k, v in files.items() if wanted(k)}
+    return keras.models.load_model(h5_path, compile=False), x_train.astype("float32") / 255.0
+
+
+def ptq_tflite_convert(model, calibration, **options) -> bytes:
+    from ptq_keras import tflite as ptq_tflite
+
+    return ptq_tflite.convert(model, calibration, target="micro", **options)
 
 
 def zero_channels(model, layers=("conv2", "fc"), fraction: float = DEAD_FRACTION):
@@ -288,6 +301,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inputs", type=int, default=100, help="Fashion-MNIST test images per run (default 100)")
     parser.add_argument("--only", default="", help="comma-separated file labels (default: all)")
     parser.add_argument("--libraries", default="", help="comma-separated core:kernels (default: all three)")
+    parser.add_argument("--reconvert", action="store_true", help="convert the files again (kept in out/firmware/files)")
     parser.add_argument("--output", default=os.path.join("benchmarks", "results", "firmware.md"))
     args = parser.parse_args(argv)
     pairs = firmware_build.LIBRARIES
@@ -300,7 +314,7 @@ def main(argv=None) -> int:
         return 1
     seconds = {f"{c} {k}": t for (c, k), t in firmware_build.build_seconds(libs[0].tflm_root).items()}
     only = set(args.only.split(",")) if args.only else None
-    files = demo_files(only=only)
+    files = demo_files(only=only, reconvert=args.reconvert)
     rows = merge(bench(files, test_images(args.inputs), libs), files)
     command = "python benchmarks/firmware.py" + (f" --inputs {args.inputs}" if args.inputs != 100 else "")
     text = table(rows, libs, seconds, command)
