@@ -285,21 +285,21 @@ def test_keras3_budgets_measure_what_tf_keras_measures_and_the_file_keeps_them(d
     twin = build("tf_keras")
     twin.set_weights(model.get_weights())
     x = data[0][:64]
-    budgets = {"flash_budget": 9_550, "ram_budget": 16_384, "budget_data": x}
+    budgets = {"flash_budget": 4_900, "ram_budget": 16_384, "budget_data": x}
     qmodel = ptq_keras.ternarize(model, **budgets)
     chosen = qmodel.ptq_allocation
     reference = ptq_keras.ternarize(twin, **budgets).ptq_allocation
     assert chosen.layer_bytes == reference.layer_bytes
     for name, errors in chosen.sensitivity.items():
         assert errors == pytest.approx(reference.sensitivity[name], rel=1e-3, abs=1e-7), name
-    assert chosen.file_bytes <= 9_550 and chosen.arena_bytes <= 16_384
+    assert chosen.file_bytes <= 4_900 and chosen.arena_bytes <= 16_384
     assert max(chosen.sparsities.values()) > min(chosen.sparsities.values())  # the budget made a choice per layer
     _fit(qmodel, "keras3", data, epochs=1)
     for name, _, qvars in quantizer_states(qmodel):
         mask = qvars["mask"].numpy()
         assert abs(1.0 - mask.mean() - chosen.sparsities[name]) < 0.02 + 1.0 / mask.size, name
     buf = tflite.convert(qmodel, x, target="micro", encoding="auto", ram_budget=16_384)
-    assert len(buf) <= 9_550
+    assert len(buf) <= 4_900
     from ptq_keras.tflite import micro
 
     assert micro.measure_arena(buf) <= 16_384
