@@ -80,6 +80,31 @@ def _mismatches(a: bytes, b: bytes, x: np.ndarray) -> int:
     return bad
 
 
+def _merge_decodes(buf: bytes, group: int) -> bytes:
+    """``buf`` with every ``group`` consecutive ``TFLM_DECODE`` ops made one (their input pairs and outputs in
+    order, at the first one's place): TFLM decodes several tensors in one op, so the file holds fewer ops, but
+    each decoded tensor then lives from that op on."""
+    from ptq_keras.tflite import flatbuffer, slim
+
+    model = flatbuffer.read(buf)
+    graph = model.subgraphs[0]
+    ops = list(graph.operators)
+    decodes = [i for i, op in enumerate(ops) if flatbuffer.builtin_name(model, op.opcodeIndex) == "TFLM_DECODE"]
+    groups = [decodes[i : i + group] for i in range(0, len(decodes), group)]
+    first = {members[0]: members for members in groups}
+    merged = {i for members in groups for i in members[1:]}
+    kept = []
+    for i, op in enumerate(ops):
+        if i in merged:
+            continue
+        if i in first:
+            op.inputs = np.concatenate([ops[j].inputs for j in first[i]]).astype(np.int32)
+            op.outputs = np.concatenate([ops[j].outputs for j in first[i]]).astype(np.int32)
+        kept.append(op)
+    graph.operators = kept
+    return slim.write(model)
+
+
 def _encodings(buf: bytes) -> str:
     from ptq_keras.tflite import decode
 
@@ -92,28 +117,38 @@ def _encodings(buf: bytes) -> str:
 def main(argv) -> None:
     del argv
     common.quiet_logs()
-    from ptq_keras.tflite import convert, flatbuffer, slim
+    from ptq_keras.tflite import convert, flatbuffer, micro, predict, slim
 
     started = time.time()
     x, y = common.load_split("fashion_mnist", "train", None, FLAGS.train_limit)
     x_test, _ = common.load_split("fashion_mnist", "test", None, FLAGS.check_limit)
     calibration = x[:200]
-    sizes, parts, checks = [], [], []
+    sizes, parts, checks, merges = [], [], [], []
     for name in FLAGS.models:
         for sparsity in (float(s) for s in FLAGS.sparsities):
             plain = _plain(name, sparsity, x, y)
             int8 = convert(plain, calibration, target="int8")
-            auto = convert(plain, calibration, target="micro", encoding="auto")
-            lut = convert(plain, calibration, target="micro", encoding="lut")
-            named = convert(plain, calibration, target="micro", encoding="auto", keep_names=True)
+            whole = dict(encoding="auto", max_decode_bytes=None)
+            auto = convert(plain, calibration, target="micro", **whole)
+            lut = convert(plain, calibration, target="micro", encoding="lut", max_decode_bytes=None)
+            default = convert(plain, calibration, target="micro", encoding="auto")  # max_decode_bytes="auto"
+            named = convert(plain, calibration, target="micro", keep_names=True, **whole)
             stock = flatbuffer.write(flatbuffer.read(named))  # the same content, no sharing, names kept
-            sizes.append((name, sparsity, len(int8), len(stock), len(auto), len(lut), _encodings(auto)))
-            common.log(f"{name} {sparsity}: int8 {len(int8):,} B, micro {len(auto):,} B (stock layout {len(stock):,})")
+            sizes.append((name, sparsity, len(int8), len(stock), len(auto), len(lut), _encodings(auto), len(default)))
+            common.log(f"{name} {sparsity}: int8 {len(int8):,} B, micro {len(auto):,} B (stock layout {len(stock):,}"
+                       f", split by default {len(default):,})")  # fmt: skip
             if sparsity == FLAGS.check_sparsity:
-                for label, buf in (("int8", int8), ("micro, stock layout", stock), ("micro", auto)):
+                files = [("int8", int8), ("micro, stock layout", stock), ("micro", auto)]
+                if default != auto:
+                    files.append(("micro, default split", default))
+                for label, buf in files:
                     parts.append((name, label, slim.breakdown(buf)))
+                for group in (1, 2, 3, 1000):
+                    buf = auto if group == 1 else _merge_decodes(auto, group)
+                    same = np.array_equal(*(predict(b, x_test[:100], "tflm") for b in (buf, int8)))
+                    merges.append((name, group, len(buf), micro.measure_arena(buf), same))
                 common.log(f"{name} {sparsity}: micro vs int8 on TFLM over {len(x_test):,} test images ...")
-                checks.append((name, sparsity, len(x_test), _mismatches(int8, auto, x_test)))
+                checks.append((name, sparsity, len(x_test), _mismatches(int8, default, x_test)))
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Where the bytes of a `micro` file go",
@@ -125,17 +160,20 @@ def main(argv) -> None:
         "",
         "*stock layout*: the same `micro` content with names, signatures and metadata, serialized by the stock "
         "flatbuffers writer (what the exporter wrote before the slim file, except that the value table of a "
-        "ternary LUT layer was one copy per channel then). *micro*: the file `export` writes now "
-        "(`encoding=\"auto\"`); *lut*: the same with `encoding=\"lut\"`.",
+        "ternary LUT layer was one copy per channel then). *micro*: the slim file `export` writes "
+        "(`encoding=\"auto\"`) without a split (`max_decode_bytes=None`); *lut*: the same with `encoding=\"lut\"`; "
+        "*micro, default split*: with the default `max_decode_bytes=\"auto\"` (layers whose decoded weights exceed "
+        "half the int8 arena, at least 16 KiB, are split: bytes traded for RAM).",
         "",
-        "| model | sparsity | int8 B | micro, stock layout B | micro B | micro lut B | micro / stock | encodings |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | sparsity | int8 B | micro, stock layout B | micro B | micro / stock | micro lut B | "
+        "micro, default split B | encodings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, sparsity, int8_b, stock_b, auto_b, lut_b, mix in sizes:
-        lines.append(f"| {name} | {sparsity} | {int8_b:,} | {stock_b:,} | {auto_b:,} | {lut_b:,} | "
-                     f"{auto_b / stock_b:.2f} | {mix} |")  # fmt: skip
+    for name, sparsity, int8_b, stock_b, auto_b, lut_b, mix, default_b in sizes:
+        lines.append(f"| {name} | {sparsity} | {int8_b:,} | {stock_b:,} | {auto_b:,} | {auto_b / stock_b:.2f} | "
+                     f"{lut_b:,} | {default_b:,} | {mix} |")  # fmt: skip
     for name in FLAGS.models:
-        rows = {s: b for n, s, _, _, b, _, _ in sizes if n == name}
+        rows = {s: b for n, s, _, _, b, _, _, _ in sizes if n == name}
         if len(rows) > 1:
             low, high = min(rows), max(rows)
             lines.append("")
@@ -150,7 +188,21 @@ def main(argv) -> None:
     ]
     for name, label, p in parts:
         lines.append(f"| {name} | {label} | {p['file_bytes']:,} | " + " | ".join(f"{p[k]:,}" for k in PARTS) + " |")
-    lines += ["", "## The slim `micro` file on TFLM against `int8`", ""]
+    lines += [
+        "",
+        f"## One `TFLM_DECODE` op for several weight tensors (sparsity {FLAGS.check_sparsity}, unsplit `micro` file)",
+        "",
+        "TFLM decodes several (encoded, value table) pairs in one op. Grouping consecutive DECODE ops saves their "
+        "operator tables, but every decoded tensor of a group lives from the group's op on, so the arena grows. "
+        "Arena: `micro.measure_arena`; bit-exact: 100 test images against `int8` on TFLM.",
+        "",
+        "| model | DECODE ops grouped by | file B | arena B | bit-exact |",
+        "|---|---|---|---|---|",
+    ]
+    for name, group, size, arena, same in merges:
+        label = "1 (one per weight: the export)" if group == 1 else ("all" if group >= 1000 else str(group))
+        lines.append(f"| {name} | {label} | {size:,} | {arena:,} | {'yes' if same else 'no'} |")
+    lines += ["", "## The `micro` file `export` writes by default, on TFLM against `int8`", ""]
     for name, sparsity, count, bad in checks:
         verdict = "bit-exact" if bad == 0 else f"{bad} outputs differ"
         lines.append(f"- {name} {sparsity}: {verdict} over {count:,} Fashion-MNIST test images.")
