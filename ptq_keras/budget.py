@@ -116,17 +116,25 @@ def _capped(kernels: dict, choice: dict, layers: dict) -> dict:
     return out
 
 
-def _encoded_bytes(projected: np.ndarray, dims: int) -> int:
-    from .tflite import decode, encoders
+def _encoded_bytes(projected: np.ndarray, dims: int, max_decode_bytes: int | None = None) -> int:
+    """Encoded bytes of one projected kernel as ``encoding="auto"`` stores it; a kernel larger than
+    ``max_decode_bytes`` is encoded part by part, as the export splits it along its output channels."""
+    from .tflite import decode, encoders, split
 
     stored, axis = _tflite_layout(projected, dims)
     codes = (np.sign(stored) * 127).astype(np.int8)
     channels = stored.shape[axis]
-    layout = (
-        encoders.ChannelLayout(channels, axis, (0,) * channels) if channels > 1 else encoders.ChannelLayout(1, 0, (0,))
-    )
-    chosen = decode._choose(codes, layout, macs=codes.size, latency_budget=None)
-    return int(chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
+    parts = [(0, channels)]
+    if max_decode_bytes is not None and codes.size > max_decode_bytes:
+        parts = split.parts_of(channels, codes.size // channels, max_decode_bytes)
+    total = 0
+    for first, stop in parts:
+        part = np.take(codes, np.arange(first, stop), axis=axis)
+        count = stop - first
+        layout = encoders.ChannelLayout(count, axis, (0,) * count) if count > 1 else encoders.ChannelLayout(1, 0, (0,))
+        chosen = decode._choose(part, layout, macs=part.size, latency_budget=None)
+        total += int(chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
+    return total
 
 
 def _plain_copy(model, kernels: dict):
@@ -235,11 +243,17 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
     energy = float(np.mean(reference**2)) or 1.0
     layer_bytes, sensitivity = {}, {}
     log(f"flash budget {int(flash_budget):,} B: measuring {len(layers)} layer(s) at {len(candidates)} sparsities ...")
+    bound = None  # the export's default split bound (max_decode_bytes="auto"); a ram_budget chooses its own
+    if ram_budget is None:
+        from .tflite import convert
+        from .tflite.convert import auto_decode_bytes
+
+        bound = auto_decode_bytes(convert(model, x, target="int8"))
     for name, parts in kernels.items():
         layer_bytes[name], sensitivity[name] = {}, {}
         for s in candidates:
             projected = {(name, attr): _project(w, dims, s, layers[name]) for attr, dims, w in parts}
-            layer_bytes[name][s] = sum(_encoded_bytes(projected[(name, attr)], dims) for attr, dims, _ in parts)
+            layer_bytes[name][s] = sum(_encoded_bytes(projected[(name, attr)], dims, bound) for attr, dims, _ in parts)
             error = np.mean((_output(_plain_copy(model, projected), x) - reference) ** 2) / energy
             sensitivity[name][s] = float(error)
 

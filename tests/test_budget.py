@@ -39,11 +39,11 @@ def _micro_bytes(qmodel, x) -> int:
 def test_budget_is_met_by_the_trained_and_exported_model(capsys):
     model, x = _model(), _data()
     y = np.random.default_rng(2).integers(0, 10, len(x))
-    q = ptq_keras.ternarize(model, flash_budget=9_000, budget_data=x)
+    q = ptq_keras.ternarize(model, flash_budget=11_000, budget_data=x)
     allocation = q.ptq_allocation
-    assert "flash budget 9,000 B" in capsys.readouterr().out
+    assert "flash budget 11,000 B" in capsys.readouterr().out
     assert set(allocation.sparsities) == {"conv", "fc", "logits"}
-    assert allocation.file_bytes <= 9_000
+    assert allocation.file_bytes <= 11_000
     # the large layer pays: its sparsity is the highest
     assert allocation.sparsities["fc"] == max(allocation.sparsities.values())
     assert allocation.sparsities["fc"] > allocation.sparsities["conv"]
@@ -54,14 +54,14 @@ def test_budget_is_met_by_the_trained_and_exported_model(capsys):
     for row in report.layers:
         if row.ternary:
             assert row.sparsity == pytest.approx(allocation.sparsities[row.name], abs=0.02)
-    assert _micro_bytes(q, x) <= 9_000
+    assert _micro_bytes(q, x) <= 11_000  # the export's default file: its 51,200 B dense layer split in parts
     assert {r["encoding"] for r in decode.describe(ptq_tflite.convert(q, x, target="micro", encoding="auto"))}
 
 
 def test_a_looser_budget_gives_lower_sparsities_and_a_larger_file():
     model, x = _model(), _data()
-    tight = ptq_keras.ternarize(model, flash_budget=9_000, budget_data=x).ptq_allocation
-    loose = ptq_keras.ternarize(model, flash_budget=12_000, budget_data=x).ptq_allocation
+    tight = ptq_keras.ternarize(model, flash_budget=11_000, budget_data=x).ptq_allocation
+    loose = ptq_keras.ternarize(model, flash_budget=13_000, budget_data=x).ptq_allocation
     assert loose.file_bytes > tight.file_bytes
     assert sum(loose.sparsities.values()) < sum(tight.sparsities.values())
     assert all(loose.sparsities[n] <= tight.sparsities[n] for n in tight.sparsities)
@@ -77,7 +77,7 @@ def test_impossible_budget_states_the_smallest_reachable_size():
 
 def test_overrides_keep_their_sparsity_and_options_are_saved(tmp_path):
     model, x = _model(), _data()
-    q = ptq_keras.ternarize(model, flash_budget=10_000, budget_data=x, overrides={"conv": {"sparsity": 0.5}})
+    q = ptq_keras.ternarize(model, flash_budget=12_000, budget_data=x, overrides={"conv": {"sparsity": 0.5}})
     assert "conv" not in q.ptq_allocation.sparsities
     path = str(tmp_path / "q.h5")
     q.save(path)
