@@ -336,6 +336,19 @@ static uint64_t ticks_now() {{
   return (uint64_t)wraps * 0x1000000u + (0xFFFFFFu - value);
 }}
 
+// newlib-nano's printf has no 64-bit conversions: 64-bit counters are printed through this.
+static const char* u64_text(uint64_t value, char* text) {{
+  char digits[21];
+  int n = 0;
+  do {{
+    digits[n++] = (char)('0' + value % 10u);
+    value /= 10u;
+  }} while (value != 0u);
+  for (int i = 0; i < n; ++i) text[i] = digits[n - 1 - i];
+  text[n] = '\0';
+  return text;
+}}
+
 // Two instructions per iteration (subs, bne): a loop of known length for the ticks-to-instructions ratio.
 static void spin(uint32_t n) {{ __asm volatile("1: subs %0, %0, #1\n\tbne 1b" : "+r"(n) : : "cc"); }}
 
@@ -361,7 +374,8 @@ class OpTicks : public tflite::MicroProfilerInterface {{
   }}
   void Print() const {{
     for (uint32_t i = 0; i < count_; ++i) {{
-      std::printf("op %s %lu %llu\n", tags_[i], (unsigned long)calls_[i], (unsigned long long)ticks_[i]);
+      char text[21];
+      std::printf("op %s %lu %s\n", tags_[i], (unsigned long)calls_[i], u64_text(ticks_[i], text));
     }}
   }}
 
@@ -386,7 +400,8 @@ int main() {{
   ticks_start();
   uint64_t t0 = ticks_now();
   spin(1000000u);
-  std::printf("calibration 2000000 %llu\n", (unsigned long long)(ticks_now() - t0));
+  char text[21];
+  std::printf("calibration 2000000 %s\n", u64_text(ticks_now() - t0, text));
 
   const tflite::Model* model = tflite::GetModel({symbol});
   if (model->version() != TFLITE_SCHEMA_VERSION) {{
@@ -427,7 +442,7 @@ int main() {{
       std::printf("error Invoke failed on input %u\n", (unsigned)i);
       return 6;
     }}
-    std::printf("ticks %u %llu\n", (unsigned)i, (unsigned long long)ticks);
+    std::printf("ticks %u %s\n", (unsigned)i, u64_text(ticks, text));
     for (size_t k = 0; k < interpreter.outputs_size(); ++k) {{
       const TfLiteTensor* out = interpreter.output(k);
       std::printf("output %u %u ", (unsigned)i, (unsigned)k);
@@ -615,7 +630,7 @@ $(BUILD)/startup.o: startup.c
 \t$(CC) $(CPU_FLAGS) -Os -c $< -o $@
 
 $(ELF): $(OBJECTS) $(TFLM_LIB) link_$(CORE).ld
-\t$(CXX) $(CPU_FLAGS) -nostartfiles --specs=rdimon.specs -T link_$(CORE).ld -Wl,--gc-sections \\
+\t$(CXX) $(CPU_FLAGS) -nostartfiles --specs=nano.specs --specs=rdimon.specs -T link_$(CORE).ld -Wl,--gc-sections \\
 \t\t-Wl,-Map=$(BUILD)/firmware.map $(OBJECTS) $(TFLM_LIB) -lm -o $@
 \t$(SIZE) $@
 
