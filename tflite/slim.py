@@ -232,14 +232,10 @@ def breakdown(tflite: bytes) -> dict:
     counted: set[int] = set()
 
     def vector(table, field_offset: int, item: int, part: str) -> None:
-        o = table._tab.Offset(field_offset)
-        if not o:
-            return
-        start = table._tab.Vector(o)
-        if start in counted:
-            return
-        counted.add(start)
-        parts[part] += 4 + item * table._tab.VectorLen(o)
+        _count_vector(table, field_offset, item, part, parts, counted)
+
+    def name_vector(table, field_offset: int) -> None:  # a string: its length, its bytes and a terminating 0
+        _count_vector(table, field_offset, 1, "names", parts, counted, extra=1)
 
     buffers_of = {"weights": set(), "biases": set()}
     for graph in model.subgraphs:
@@ -266,29 +262,30 @@ def breakdown(tflite: bytes) -> dict:
                 vector(root.Buffers(b), 4, 1, part)  # Buffer.data
     for s in range(root.SubgraphsLength()):
         graph = root.Subgraphs(s)
-        name_vector(graph, 12, parts, counted)  # SubGraph.name
+        name_vector(graph, 12)  # SubGraph.name
         for t in range(graph.TensorsLength()):
             tensor = graph.Tensors(t)
-            name_vector(tensor, 10, parts, counted)  # Tensor.name
+            name_vector(tensor, 10)  # Tensor.name
             q = tensor.Quantization()
             if q is not None:
                 vector(q, 8, 4, "scales")
                 vector(q, 10, 8, "zero_points")
     for i in range(root.SignatureDefsLength()):
         signature = root.SignatureDefs(i)
-        name_vector(signature, 8, parts, counted)  # signature_key
+        name_vector(signature, 8)  # signature_key
         for j in range(signature.InputsLength()):
-            name_vector(signature.Inputs(j), 4, parts, counted)
+            name_vector(signature.Inputs(j), 4)
         for j in range(signature.OutputsLength()):
-            name_vector(signature.Outputs(j), 4, parts, counted)
+            name_vector(signature.Outputs(j), 4)
     for i in range(root.MetadataLength()):
-        name_vector(root.Metadata(i), 4, parts, counted)
-    name_vector(root, 10, parts, counted)  # description
+        name_vector(root.Metadata(i), 4)
+    name_vector(root, 10)  # description
     parts["structure"] = len(buf) - sum(parts.values())
     return {"file_bytes": len(buf), **parts}
 
 
-def name_vector(table, field_offset: int, parts: dict, counted: set) -> None:
+def _count_vector(table, field_offset: int, item: int, part: str, parts: dict, counted: set, extra: int = 0) -> None:
+    """Add the bytes of the vector in field ``field_offset`` of ``table`` to ``parts[part]``, once per vector."""
     o = table._tab.Offset(field_offset)
     if not o:
         return
@@ -296,7 +293,7 @@ def name_vector(table, field_offset: int, parts: dict, counted: set) -> None:
     if start in counted:
         return
     counted.add(start)
-    parts["names"] += 4 + table._tab.VectorLen(o) + 1  # the length, the bytes, the terminating 0
+    parts[part] += 4 + item * table._tab.VectorLen(o) + extra
 
 
 def _has_data(model, tensor) -> bool:
