@@ -2,15 +2,17 @@
 flash, RAM, arena and instructions per inference, per file and core.
 
 Files: the demo's ``int8`` and ``micro`` files (``make demo`` writes them in out/demo) and, converted from the
-demo's stripped ternary model (``out/demo/ternary_stripped.h5``) with the demo's calibration images, ``micro``
-with encodings ``huffman`` and ``huffman_group``, ``lut`` with ``max_decode_bytes=16384`` (split layers), and
-``lut`` of a copy of the model with a quarter of conv2's and fc's output channels zeroed (target ``micro``
-removes those dead channels). Each runs on the first ``--inputs`` Fashion-MNIST test images on Cortex-M4
-(``mps2-an386``) with TFLM's reference kernels and with CMSIS-NN, and on Cortex-M55 (``mps3-an547``) with
-CMSIS-NN (Helium). Instructions per inference come from SysTick under ``-icount shift=0`` (one instruction per
-virtual ns), calibrated in the firmware on a loop of known length; the ``TFLM_DECODE`` share from TFLM's profiler
-hook (per-op ticks). Flash: text + data of the ELF without the embedded test images (the test program's printf
-and libc included); RAM: .data + .bss (the tensor arena included; the 16 KB stack not).
+demo's stripped ternary model (``out/demo/ternary_stripped.h5``) with the demo's calibration images, ``micro`` with
+encodings ``huffman`` and ``huffman_group``, ``lut`` without a split (``max_decode_bytes=None``: every decoded
+weight in the arena), and ``lut`` of a copy of the model with a quarter of conv2's and fc's output channels zeroed
+(target ``micro`` removes those dead channels). All but ``lut_unsplit`` use the default split
+(``max_decode_bytes="auto"``), as the demo's own ``micro`` file (``lut``) does. Each runs on the first ``--inputs``
+Fashion-MNIST test images on Cortex-M4 (``mps2-an386``) with TFLM's reference kernels and with CMSIS-NN, and on
+Cortex-M55 (``mps3-an547``) with CMSIS-NN (Helium). Instructions per inference come from SysTick under ``-icount
+shift=0`` (one instruction per virtual ns), calibrated in the firmware on a loop of known length; the
+``TFLM_DECODE`` share from TFLM's profiler hook (per-op ticks). Flash: text + data of the ELF without the embedded
+test images (the test program's newlib-nano printf and libc included); RAM: .data + .bss (the tensor arena included;
+the 16 KB stack not).
 
 Usage: python benchmarks/firmware.py [--inputs 100] [--only int8,lut] [--output benchmarks/results/firmware.md]
 """
@@ -31,7 +33,6 @@ from ptq_keras.tflite import firmware, firmware_build, flatbuffer
 
 DEMO = os.path.join("out", "demo")
 WORK = os.path.join("out", "firmware")
-SPLIT_BYTES = 16384
 DEAD_FRACTION = 0.25
 
 
@@ -47,7 +48,7 @@ def _read(path: str) -> bytes:
 CONVERSIONS = {
     "huffman": {"encoding": "huffman"},
     "huffman_group": {"encoding": "huffman_group"},
-    f"lut_split{SPLIT_BYTES}": {"encoding": "lut", "max_decode_bytes": SPLIT_BYTES},
+    "lut_unsplit": {"encoding": "lut", "max_decode_bytes": None},
     "lut_dead_channels": {"encoding": "lut"},
 }
 
@@ -207,7 +208,7 @@ def merge(rows: list[dict], files: dict) -> list[dict]:
 
     merged = {key(r): r for r in old if r.get("file_sha256") in shas or r["file"] not in files}
     merged.update({key(r): r for r in rows})
-    order = {k: i for i, k in enumerate(["int8", "lut", "huffman", "huffman_group", f"lut_split{SPLIT_BYTES}"])}
+    order = {k: i for i, k in enumerate(["int8", "lut", "huffman", "huffman_group", "lut_unsplit"])}
     libs = {pair: i for i, pair in enumerate(firmware_build.LIBRARIES)}
     result = sorted(
         merged.values(), key=lambda r: (order.get(r["file"], 99), r["file"], libs.get((r["core"], r["kernels"]), 9))
@@ -237,22 +238,26 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
         "",
         "Bit-exact: every output byte of every input equals the TFLM Python interpreter's (`tflite_micro.runtime`) "
         f"on the same file, over the first {rows[0]['inputs'] if rows else 0} Fashion-MNIST test images. Flash: text "
-        "+ data without the embedded test images (TFLM, kernels, newlib printf and the model). RAM: .data + .bss, "
+        "+ data without the embedded test images (TFLM, kernels, newlib-nano printf and the model). RAM: .data + .bss, "
         "the tensor arena included (the arena is the Python-measured size + 4 KB). Instructions: per inference, "
         "mean over the inputs (QEMU `-icount shift=0`, SysTick calibrated in the firmware; instructions, not "
         "cycles). DECODE: share of the inference's instructions spent in `TFLM_DECODE` ops.",
         "",
-        "| file | bytes | core | kernels | bit-exact | flash B | RAM B | arena used B | instructions | vs int8 "
-        "| DECODE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| file | bytes | core | kernels | bit-exact | flash B | vs int8 | RAM B | vs int8 | arena used B | "
+        "instructions | vs int8 | DECODE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    int8_rows = {(r["core"], r["kernels"]): r for r in rows if r["file"] == "int8"}
     for r in rows:
         base = int8_insn.get((r["core"], r["kernels"]))
         ratio = f"{r['instructions'] / base:.2f}x" if base else "-"
+        ref = int8_rows.get((r["core"], r["kernels"]))
+        flash = f"{r['flash'] / ref['flash']:.2f}x" if ref else "-"
+        ram = f"{r['ram'] / ref['ram']:.2f}x" if ref else "-"
         exact = "yes" if r["bit_exact"] else f"no: {r['detail']}"
         lines.append(
-            f"| {r['file']} | {r['file_bytes']:,} | {r['core']} | {r['kernels']} | {exact} | {r['flash']:,} "
-            f"| {r['ram']:,} | {r['arena_used']:,} | {r['instructions']:,.0f} | {ratio} "
+            f"| {r['file']} | {r['file_bytes']:,} | {r['core']} | {r['kernels']} | {exact} | {r['flash']:,} | {flash} "
+            f"| {r['ram']:,} | {ram} | {r['arena_used']:,} | {r['instructions']:,.0f} | {ratio} "
             f"| {100 * r['decode_share']:.1f}% |"
         )
     dead = {r["file"]: r["dead_channels"] for r in rows if r["dead_channels"]}
