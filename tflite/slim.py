@@ -221,7 +221,8 @@ def slim(tflite: bytes, keep_names: bool = False) -> bytes:
 # ----------------------------------------------------------------------------- where the bytes go
 def breakdown(tflite: bytes) -> dict:
     """Bytes of the file by part: ``weights`` (weight-op weights as stored: int8/packed data, or the encoded data
-    and value tables a ``TFLM_DECODE`` reads), ``biases``, ``scales`` and ``zero_points`` (quantization vectors),
+    and value tables a ``TFLM_DECODE`` reads; in an Ethos-U file, the constants of the NPU op), ``biases``,
+    ``scales`` and ``zero_points`` (quantization vectors),
     ``names`` (tensor, subgraph and signature strings), ``metadata`` (metadata buffers), ``structure`` (the rest:
     tables, offsets, shapes, options, alignment). Shared vectors and buffers are counted once; the parts add up
     to ``file_bytes``."""
@@ -241,6 +242,10 @@ def breakdown(tflite: bytes) -> dict:
     for graph in model.subgraphs:
         producers = {int(o): op for op in graph.operators or [] for o in op.outputs}
         for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) == "ethos-u":  # Vela's command stream and weights
+                buffers_of["weights"] |= {int(graph.tensors[int(i)].buffer) for i in op.inputs
+                                          if int(i) >= 0 and _has_data(model, graph.tensors[int(i)])}  # fmt: skip
+                continue
             if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
                 continue
             pending, seen = [int(op.inputs[1])], set()
