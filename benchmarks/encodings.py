@@ -19,6 +19,7 @@ import datetime
 import importlib
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -28,6 +29,9 @@ from tflite_micro import __version__ as tflm_version
 from tflite_micro import runtime
 
 from ptq_keras.compat import keras, tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.common import cpu_name  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.85, 0.95)
 ENCODINGS = ("lut", "huffman", "prune", "huffman_group", "auto")
@@ -285,18 +289,6 @@ def bench_demo(path: str, repeats: int) -> list[str]:
             f"| {np.array_equal(got, expected)} |"
         )
     return lines
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

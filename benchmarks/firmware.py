@@ -31,6 +31,9 @@ import time
 import numpy as np
 from ptq_keras.tflite import firmware, firmware_build, flatbuffer
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.common import cpu_name  # noqa: E402
+
 DEMO = os.path.join("out", "demo")
 WORK = os.path.join("out", "firmware")
 DEAD_FRACTION = 0.25
@@ -235,7 +238,7 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
     lines = [
         "# The demo's files as firmware on emulated Cortex-M",
         "",
-        f"{now}; host {_cpu()} ({platform.machine()}), {os.cpu_count()} CPUs; arm-none-eabi-gcc {_gcc()}; "
+        f"{now}; host {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs; arm-none-eabi-gcc {_gcc()}; "
         f"QEMU {_qemu()}. Command: `{command}` (after `make demo`; `make firmware` runs both).",
         "",
         "Bit-exact: every output byte of every input equals the TFLM Python interpreter's (`tflite_micro.runtime`) "
@@ -276,17 +279,6 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
               "second run finds them built and takes no time): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for text in f:
-                if text.startswith("model name"):
-                    return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _version(command: list[str]) -> str:
