@@ -41,7 +41,7 @@ bench: setup data
 
 # Everything in benchmarks/results/: also the ablation of the options over seeds (ablation.md), the related
 # methods at 0.7 and 0.85 on both models (methods.md), int8-file agreement (activations.md), the export targets,
-# the TFLM_DECODE encodings, bounded decode memory and the Ethos-U (Vela) figures. Many hours on 2 cores; every
+# the TFLM_DECODE encodings, bounded decode memory, the Ethos-U (Vela) figures and the micro file's parts. Many hours on 2 cores; every
 # training run is cached in out/bench/.
 bench-all: bench
 	$(PY) benchmarks/ablation.py
@@ -55,6 +55,7 @@ bench-all: bench
 	$(PY) benchmarks/flash_budget.py
 	$(PY) benchmarks/fits_in.py
 	$(PY) benchmarks/resnet18_size.py
+	$(PY) benchmarks/micro_size.py
 
 # The demo's files as firmware on emulated Cortex-M4 (TFLM reference kernels and CMSIS-NN) and Cortex-M55 (CMSIS-NN)
 # under QEMU: bit-exactness against the TFLM Python interpreter on 100 test images, flash, RAM, instructions per
