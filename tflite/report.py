@@ -51,6 +51,11 @@ def _nbytes(model, tensor) -> int:
     return 0 if data is None else len(data)
 
 
+def _parts_text(parts: dict) -> str:
+    """``slim.breakdown`` parts as one line: "weights 3,456, biases 2,384, ..." (the file total left out)."""
+    return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in parts.items() if k != "file_bytes")
+
+
 def _round16(n: int) -> int:
     return (int(n) + 15) // 16 * 16
 
@@ -174,8 +179,7 @@ class ExportReport:
             )
         for t in self.targets.values():
             if t.parts:
-                parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in t.parts.items())
-                lines.append(f"  {t.target}: bytes: {parts}")
+                lines.append(f"  {t.target}: bytes: {_parts_text(t.parts)}")
             if t.arena_bytes_alt_decompression is not None:
                 lines.append(
                     f"  {t.target}: arena {t.arena_bytes_alt_decompression:,} B when the decoded weights go to a "
@@ -321,10 +325,9 @@ class TensorTable:
                 "parts": self.parts}  # fmt: skip
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.parts.items() if k != "file_bytes")
         lines = [
             f"{self.file}: {self.file_bytes:,} bytes, {len(self.rows)} tensors, ops: {', '.join(self.ops)}",
-            f"bytes: {parts}",
+            f"bytes: {_parts_text(self.parts)}",
             f"{'#':>3} {'type':<8} {'shape':<18} {'bytes':>9} {'scales':>6} {'axis':>4} {'role':<10} name",
         ]
         for r in self.rows:
