@@ -165,3 +165,33 @@ def test_max_decode_bytes_flag_takes_auto_none_or_bytes():
             cli._decode_bytes(bad, None)
     with pytest.raises(app.UsageError, match="--ram_budget chooses the split bound itself"):
         cli._decode_bytes("8192", 50_000)
+
+
+def test_keep_names_max_decode_bytes_and_firmware_flags_reach_export(monkeypatch):
+    import importlib
+
+    export_mod = importlib.import_module("ptq_keras.tflite.export")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_export(model, calibration, out_dir, **options):
+        seen.update(options)
+        raise Stop
+
+    monkeypatch.setattr(export_mod, "export", fake_export)
+    monkeypatch.setattr(cli, "load_model", lambda path, flag="--model": object())
+    monkeypatch.setattr(cli, "load_samples", lambda spec, limit, scale: np.zeros((limit, 4), np.float32))
+    for args, expected in (
+        ([], {"keep_names": False, "max_decode_bytes": "auto", "firmware": False}),
+        (["--keep_names", "--max_decode_bytes", "none", "--firmware"],
+         {"keep_names": True, "max_decode_bytes": None, "firmware": True}),
+    ):  # fmt: skip
+        seen.clear()
+        with flagsaver.flagsaver():
+            cli.FLAGS.unparse_flags()
+            cli.FLAGS(["ptq-convert", "--model", "m.h5", "--data", "x.npy", *args])
+            with pytest.raises(Stop):
+                cli.main(["ptq-convert"])
+        assert {k: seen[k] for k in expected} == expected
