@@ -67,9 +67,7 @@ def _quantization_key(q) -> tuple:
 def _merge_constants(model: S.ModelT) -> None:
     """Point every op at one tensor per distinct constant (same data, type, shape, quantization and name)."""
     for graph in model.subgraphs:
-        io = {int(i) for i in graph.inputs if graph.inputs is not None} | {
-            int(i) for i in graph.outputs if graph.outputs is not None
-        }
+        io = {int(i) for i in _indices(graph.inputs)} | {int(i) for i in _indices(graph.outputs)}
         first: dict[tuple, int] = {}
         remap: dict[int, int] = {}
         for i, t in enumerate(graph.tensors):
@@ -93,8 +91,8 @@ def _merge_constants(model: S.ModelT) -> None:
 
 
 def _drop_unused_tensors(graph) -> None:
-    used = {int(i) for op in graph.operators or [] for i in list(op.inputs) + list(op.outputs) if int(i) >= 0}
-    used |= {int(i) for i in graph.inputs} | {int(i) for i in graph.outputs}
+    used = {int(i) for op in graph.operators or [] for i in _indices(op.inputs) + _indices(op.outputs) if int(i) >= 0}
+    used |= {int(i) for i in _indices(graph.inputs)} | {int(i) for i in _indices(graph.outputs)}
     keep = [i for i in range(len(graph.tensors)) if i in used]
     new = {old: n for n, old in enumerate(keep)}
     graph.tensors = [graph.tensors[i] for i in keep]
@@ -103,10 +101,15 @@ def _drop_unused_tensors(graph) -> None:
         return np.array([new[int(v)] if int(v) >= 0 else int(v) for v in values], dtype=np.int32)
 
     for op in graph.operators or []:
-        op.inputs, op.outputs = renumber(op.inputs), renumber(op.outputs)
+        op.inputs, op.outputs = renumber(_indices(op.inputs)), renumber(_indices(op.outputs))
         if op.intermediates is not None and len(op.intermediates):
             op.intermediates = renumber(op.intermediates)
-    graph.inputs, graph.outputs = renumber(graph.inputs), renumber(graph.outputs)
+    graph.inputs, graph.outputs = renumber(_indices(graph.inputs)), renumber(_indices(graph.outputs))
+
+
+def _indices(values) -> list:
+    """A subgraph's or op's tensor index vector as a list (an absent vector is empty)."""
+    return [] if values is None else list(values)
 
 
 def _renumber_buffers(model: S.ModelT) -> None:
