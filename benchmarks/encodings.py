@@ -1,6 +1,7 @@
 """TFLM_DECODE encodings on ternary int8 models: bytes, bits per weight vs the entropy bound, TFLM invoke
 time vs int8, arena with and without alternate decompression memory, bit-exactness vs int8. Every file is what
-target ``micro`` writes (``decode.compress`` then ``trim_for_tflm``).
+target ``micro`` wrote when these results were measured (``decode.compress`` then ``trim_for_tflm``; the slim
+writer and the default split came later, see micro_size.py).
 
 (a) Dense 1024 -> 1024 -> 10 (~1.06M weights) at sparsity 0.5 / 0.7 / 0.85 / 0.95.
 (b) The demo's Fashion-MNIST int8 file (out/demo, from `make demo`) with every encoding.
@@ -48,7 +49,8 @@ trim_for_tflm = importlib.import_module("ptq_keras.tflite.convert").trim_for_tfl
 
 
 def micro_file(int8: bytes, encoding: str, latency_budget: float | None = None) -> bytes:
-    """What target ``micro`` writes: the encoded file without the quantization parameters TFLM never reads."""
+    """The encoded file without the quantization parameters TFLM never reads (target ``micro`` before its slim
+    writer and default split)."""
     return trim_for_tflm(decode.compress(int8, encoding=encoding, latency_budget=latency_budget))
 
 
