@@ -36,6 +36,7 @@ from examples.common import cpu_name  # noqa: E402
 
 DEMO = os.path.join("out", "demo")
 WORK = os.path.join("out", "firmware")
+PTQ_KERNELS = True
 DEAD_FRACTION = 0.25
 
 
@@ -158,7 +159,7 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
         for lib in libraries:
             # one project per file and library: runs on different libraries may go on side by side
             project = os.path.join(WORK, "projects", f"{label}-{lib.core}-{lib.kernels}")
-            made = firmware.firmware(buf, project, inputs=images, arena_bytes=arena, core=lib.core, kernels=lib.kernels)
+            made = firmware.firmware(buf, project, inputs=images, arena_bytes=arena, core=lib.core, kernels=lib.kernels, ptq_kernels=PTQ_KERNELS)
             arena = made.arena_bytes
             built = firmware_build.make_firmware(project, lib)
             started = time.perf_counter()

@@ -65,6 +65,41 @@ def test_resolver_registers_exactly_the_models_ops(cnn_files, name, expected):
     assert "inline TfLiteStatus cnn_data_register_ops(cnn_data_op_resolver& resolver)" in header
 
 
+def test_own_kernels_replace_tflms_only_where_every_op_of_their_kind_qualifies(cnn_files, tmp_path):
+    files, x = cnn_files
+    assert firmware.ptq_kernel_ops(files["int8"]) == {}
+    assert firmware.ptq_kernel_ops(files["lut"]) == {"TFLM_DECODE": ""}
+    assert "decode type 1" in firmware.ptq_kernel_ops(files["huffman_group"])["TFLM_DECODE"]
+    lut = firmware.ops_header(files["lut"], ptq_kernels=True)
+    assert "AddDecode" not in _registered(lut) and 'AddCustom("TFLM_DECODE", &decode)' in lut
+    assert '#include "ptq_kernels.h"' in lut and _resolver_size(lut) == len(INT8_OPS) + 1
+    assert "AddDecode" in _registered(firmware.ops_header(files["lut"]))  # TFLM's kernels unless asked
+    huffman = firmware.firmware(files["huffman_group"], tmp_path / "h", inputs=x[:2], arena_bytes=9000)
+    assert huffman.ptq_ops == [] and "ptq_kernels.cc" not in huffman.files
+    assert "AddDecode" in _registered((tmp_path / "h" / "model_ops.h").read_text())
+    tflm = firmware.firmware(files["lut"], tmp_path / "t", inputs=x[:2], arena_bytes=9000, ptq_kernels=False)
+    assert tflm.ptq_ops == [] and "ptq_kernels.cc" not in tflm.files
+    with pytest.raises(ValueError, match="ptq_kernels must be True or False"):
+        firmware.firmware(files["lut"], tmp_path / "x", arena_bytes=9000, ptq_kernels="yes")
+
+
+def test_split_files_concatenate_with_the_own_kernel_unless_quantizations_differ(tmp_path):
+    model = tm.build("mlp")
+    x = tm.inputs(model, 20)
+    buf = ptq_tflite.convert(model, x, target="micro", max_decode_bytes=64)
+    assert firmware.ptq_kernel_ops(buf) == {"TFLM_DECODE": "", "CONCATENATION": ""}
+    header = firmware.ops_header(buf, ptq_kernels=True)
+    assert "AddConcatenation(ptq_keras::Register_INT8_CONCATENATION())" in header
+    parsed = flatbuffer.read(buf)
+    graph = parsed.subgraphs[0]
+    concat = next(op for op in graph.operators if flatbuffer.builtin_name(parsed, op.opcodeIndex) == "CONCATENATION")
+    quantization = graph.tensors[int(concat.inputs[0])].quantization
+    quantization.scale = np.asarray(quantization.scale) * 2  # TFLM would requantize: not a byte copy
+    changed = flatbuffer.write(parsed)
+    assert "quantization" in firmware.ptq_kernel_ops(changed)["CONCATENATION"]
+    assert "AddConcatenation()" in firmware.ops_header(changed, ptq_kernels=True)
+
+
 def _with_op(buf: bytes, old: str, new: int) -> bytes:
     model = flatbuffer.read(buf)
     for code in model.operatorCodes:
@@ -89,12 +124,13 @@ def test_project_holds_the_model_its_ops_and_the_inputs(cnn_files, tmp_path):
     out = tmp_path / "fw"
     names = {
         "model_data.cc", "model_data.h", "model_ops.h", "test_inputs.cc", "test_inputs.h", "main.cc", "startup.c",
-        "link_cortex-m4.ld", "link_cortex-m55.ld", "Makefile", "README.md",
+        "link_cortex-m4.ld", "link_cortex-m55.ld", "Makefile", "README.md", "ptq_kernels.cc", "ptq_kernels.h",
     }  # fmt: skip
     assert {p.name for p in out.iterdir()} == names == set(project.files)
-    assert project.inputs == 100 and project.arena_bytes == 8000
+    assert project.inputs == 100 and project.arena_bytes == 8000 and project.ptq_ops == ["TFLM_DECODE"]
     assert "constexpr size_t model_data_arena_size = 8000;" in (out / "model_data.h").read_text()
-    assert (out / "model_ops.h").read_text() == firmware.ops_header(files["lut"])
+    assert (out / "model_ops.h").read_text() == firmware.ops_header(files["lut"], ptq_kernels=True)
+    assert "ptq_kernels.cc" in (out / "Makefile").read_text() and "ptq_kernels.cc" in (out / "README.md").read_text()
     # the embedded inputs are the float inputs quantized with the input tensor's scale and zero point
     source = (out / "test_inputs.cc").read_text()
     body = source.split("input_0[] = {", 1)[1].split("};", 1)[0]
@@ -127,7 +163,7 @@ def test_project_is_replaced_whole_or_not_at_all(cnn_files, tmp_path, monkeypatc
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fw"]  # no temporary folder left behind
     firmware.firmware(files["lut"], out, inputs=x[:5], arena_bytes=9000)
-    assert "AddDecode" in (out / "model_ops.h").read_text()
+    assert "Register_LUT_DECODE" in (out / "model_ops.h").read_text()
     assert "test_input_count = 5;" in (out / "test_inputs.h").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fw"]
 
@@ -163,7 +199,7 @@ def test_export_writes_the_firmware_project_of_the_first_tflm_target(tmp_path):
     project = tmp_path / "model_firmware"
     assert result.files["firmware"] == str(project)
     header = (project / "model_ops.h").read_text()
-    assert set(_registered(header)) == {"AddDecode", "AddFullyConnected"}
+    assert set(_registered(header)) == {"AddFullyConnected"} and "Register_LUT_DECODE" in header
     assert (project / "model_data.cc").read_text() == micro.c_array(
         open(result.files["micro"], "rb").read(), "model_data", arena_bytes=1
     )[0]

@@ -6,6 +6,10 @@ TFLM tree and its ``libtensorflow-microlite.a`` (``firmware_build``) and runs wi
 * ``<symbol>.cc`` / ``.h``: the model as a 16-byte aligned C array with the measured arena size (``micro.c_array``);
 * ``model_ops.h``: ``<symbol>_op_resolver`` (a ``tflite::MicroMutableOpResolver<N>``, N = the model's distinct
   ops) and ``<symbol>_register_ops()``, which adds exactly those ops (``AddDecode()`` for ``TFLM_DECODE``, ...);
+* ``ptq_kernels.cc`` / ``.h`` (``ptq_kernels=True``, the default, when the model has an op they replace): small
+  int8 kernels for ``TFLM_DECODE`` (LUT-encoded weights) and ``CONCATENATION`` (one quantization), registered
+  instead of TFLM's, which instantiate every format and type (about 25 KB and 4.5 KB of Cortex-M code, against
+  about 1.3 KB and 0.3 KB); each is used only when every op of its kind in the model qualifies;
 * ``test_inputs.cc`` / ``.h``: the inputs to run, as the input tensors' bytes;
 * ``main.cc``: runs every input, prints each output tensor's bytes and the counters (lines below);
 * ``startup.c``, ``link_<core>.ld``: vector table, reset handler and memory map of each supported QEMU board;
@@ -39,6 +43,7 @@ from . import flatbuffer, micro
 __all__ = [
     "ADD_METHODS",
     "CORES",
+    "PTQ_KERNELS",
     "FirmwareProject",
     "FirmwareRun",
     "firmware",
@@ -57,6 +62,20 @@ CORES = {
     "cortex-m55": ("mps3-an547", (0x0, 512 << 10, 0x20000000, 512 << 10)),
 }
 KERNELS = ("reference", "cmsis_nn")
+# The project's own kernels (firmware_src/ptq_kernels.cc): op -> (registration function, the resolver line).
+PTQ_KERNELS = {
+    "TFLM_DECODE": (
+        "Register_LUT_DECODE",
+        "  const TFLMRegistration decode = ptq_keras::Register_LUT_DECODE();  // LUT to int8 only\n"
+        '  if ((status = resolver.AddCustom("TFLM_DECODE", &decode)) != kTfLiteOk) return status;',
+    ),
+    "CONCATENATION": (
+        "Register_INT8_CONCATENATION",
+        "  if ((status = resolver.AddConcatenation(ptq_keras::Register_INT8_CONCATENATION())) != kTfLiteOk) "
+        "return status;  // int8 only",
+    ),
+}
+_PTQ_SOURCES = ("ptq_kernels.cc", "ptq_kernels.h")
 # Room added to the arena measured on the Python interpreter: optimized kernels (CMSIS-NN) ask for scratch
 # buffers the reference kernels do not. ``arena_used`` on the device shows what was needed.
 ARENA_MARGIN = 4096
@@ -189,10 +208,64 @@ def model_ops(tflite: bytes) -> list[str]:
     return names
 
 
-def ops_header(tflite: bytes, symbol: str = "model_data") -> str:
+def ptq_kernel_ops(tflite: bytes) -> dict:
+    """Which ops of ``tflite`` the project's kernels (``PTQ_KERNELS``) can run: op name -> "" when every op of
+    that kind qualifies, else why not (the first one that does not). Ops the model does not use are absent."""
+    model = flatbuffer.read(tflite, "tflite")
+    why: dict = {}
+    for graph in model.subgraphs or []:
+        for op in graph.operators or []:
+            name = flatbuffer.builtin_name(model, op.opcodeIndex)
+            if name not in PTQ_KERNELS:
+                continue
+            reason = why.get(name) or _ptq_kernel_refuses(model, graph, op, name)
+            why[name] = reason
+    return why
+
+
+def _ptq_kernel_refuses(model, graph, op, name: str) -> str:
+    tensors = [graph.tensors[int(i)] for i in op.inputs]
+    outputs = [graph.tensors[int(o)] for o in op.outputs]
+    if any(t.type != S.TensorType.INT8 for t in outputs):
+        return f"a {name} output is {flatbuffer.tensor_type_name(outputs[0].type)}, not int8"
+    if name == "TFLM_DECODE":
+        for ancillary in tensors[1::2]:
+            data = flatbuffer.buffer_array(model, ancillary)
+            kind = int(data.reshape(-1)[0]) if data is not None and data.size else None
+            if kind != 0:
+                return f"an encoded tensor has decode type {kind} (0 = LUT; 1 = Huffman, 2 = PRUNE)"
+        return ""
+    # CONCATENATION: TFLM requires int8 inputs to share the output's scale and zero point (a copy of bytes)
+    options = op.builtinOptions
+    if options is not None and getattr(options, "fusedActivationFunction", 0) != 0:
+        return "a CONCATENATION has a fused activation"
+
+    def quant(t):
+        q = t.quantization
+        scale = [] if q is None or q.scale is None else [float(v) for v in q.scale]
+        zero = [] if q is None or q.zeroPoint is None else [int(v) for v in q.zeroPoint]
+        return scale, zero
+
+    if any(t.type != S.TensorType.INT8 or quant(t) != quant(outputs[0]) for t in tensors):
+        return "a CONCATENATION input is not int8 with the output's quantization"
+    return ""
+
+
+def _ptq_ops(tflite: bytes, ptq_kernels: bool) -> list[str]:
+    """The ops of ``tflite`` that the project's kernels replace (none when ``ptq_kernels`` is False)."""
+    if not isinstance(ptq_kernels, bool):
+        raise ValueError(f"ptq_kernels must be True or False, got {ptq_kernels!r}.")
+    if not ptq_kernels:
+        return []
+    return [name for name, why in ptq_kernel_ops(tflite).items() if not why]
+
+
+def ops_header(tflite: bytes, symbol: str = "model_data", ptq_kernels: bool = False) -> str:
     """``model_ops.h``: a resolver type sized for exactly the model's ops and a function that adds them.
-    ``ValueError`` naming the op when TFLM's ``MicroMutableOpResolver`` has no method for one."""
+    ``ValueError`` naming the op when TFLM's ``MicroMutableOpResolver`` has no method for one. ``ptq_kernels``:
+    as :func:`firmware` (the default here registers TFLM's kernels only)."""
     _check_symbol(symbol)
+    own = _ptq_ops(tflite, ptq_kernels)
     names = model_ops(tflite)
     missing = [n for n in names if n not in ADD_METHODS]
     if missing:
@@ -201,12 +274,16 @@ def ops_header(tflite: bytes, symbol: str = "model_data") -> str:
             "TFLM cannot run this file. Export a TFLM target (int8, micro, int4) of a model made of supported layers."
         )
     adds = "\n".join(
-        f"  if ((status = resolver.{ADD_METHODS[n]}()) != kTfLiteOk) return status;  // {n}" for n in names
+        PTQ_KERNELS[n][1]
+        if n in own
+        else f"  if ((status = resolver.{ADD_METHODS[n]}()) != kTfLiteOk) return status;  // {n}"
+        for n in names
     )
+    include = '\n#include "ptq_kernels.h"' if own else ""
     return f"""\
 // Op resolver for {symbol}: exactly the {len(names)} op(s) the model uses. Generated by ptq_keras.tflite; do not edit.
 #pragma once
-
+{include}
 #include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
 
 constexpr unsigned int {symbol}_op_count = {len(names)};
@@ -615,13 +692,13 @@ SIZE := $(TOOLCHAIN_PREFIX)size
 CPU_FLAGS := $(filter -mcpu=% -mfloat-abi=% -mfpu=% -mthumb,$(TFLM_CXXFLAGS))
 BUILD := build/$(CORE)_$(KERNELS)
 ELF := $(BUILD)/firmware.elf
-SOURCES := main.cc {symbol}.cc test_inputs.cc
+SOURCES := main.cc {symbol}.cc test_inputs.cc{extra_sources}
 OBJECTS := $(SOURCES:%.cc=$(BUILD)/%.o) $(BUILD)/startup.o
 
 .PHONY: all run size clean
 all: $(ELF)
 
-$(BUILD)/%.o: %.cc {symbol}.h model_ops.h test_inputs.h $(TFLM_FLAGS)
+$(BUILD)/%.o: %.cc {symbol}.h model_ops.h test_inputs.h{extra_headers} $(TFLM_FLAGS)
 \t@mkdir -p $(BUILD)
 \t$(CXX) $(TFLM_CXXFLAGS) -I. -c $< -o $@
 
@@ -656,7 +733,7 @@ inference.
 | file | what |
 |---|---|
 | `{symbol}.cc`, `{symbol}.h` | the model, a 16-byte aligned C array; `{symbol}_arena_size` ({arena:,} B) |
-| `model_ops.h` | `{symbol}_op_resolver` and `{symbol}_register_ops()`: exactly the model's ops ({ops}) |
+| `model_ops.h` | `{symbol}_op_resolver` and `{symbol}_register_ops()`: exactly the model's ops ({ops}) |{ptq_row}
 | `test_inputs.cc`, `test_inputs.h` | the inputs run by `main.cc` |
 | `main.cc` | the test program (output lines: `output <input> <tensor> <hex>`, `ticks`, `op`, `arena_used`) |
 | `startup.c`, `link_*.ld` | start-up code; memory maps of QEMU's `mps2-an386` (M4) and `mps3-an547` (M55) |
@@ -674,7 +751,8 @@ the `flags.mk` the ptq_keras library builder writes beside the library:
 
 ## Use it in your own project (a real board)
 
-Copy `{symbol}.cc`, `{symbol}.h` and `model_ops.h` into the project that already builds TFLM for your board, then:
+Copy `{symbol}.cc`, `{symbol}.h` and `model_ops.h`{ptq_copy} into the project that already builds TFLM for your
+board, then:
 
 ```cpp
 #include "{symbol}.h"
@@ -707,6 +785,7 @@ class FirmwareProject:
     ops: list
     arena_bytes: int
     inputs: int
+    ptq_ops: list = field(default_factory=list)  # ops registered with ptq_kernels.cc instead of TFLM's kernels
 
 
 def firmware(
@@ -719,12 +798,17 @@ def firmware(
     symbol: str = "model_data",
     arena_bytes: int | None = None,
     tflm_root: str | os.PathLike | None = None,
+    ptq_kernels: bool = True,
 ) -> FirmwareProject:
     """Write the firmware project of ``tflite_bytes`` into ``out_dir`` (see the module docstring).
 
     ``core``: the Makefile's default core (both cores' linker scripts are written); ``kernels``: its default
     TFLM kernels. ``inputs``: as :func:`input_bytes`. ``arena_bytes``: the tensor arena; default: measured on
     the TFLM Python interpreter plus ``ARENA_MARGIN``. ``tflm_root``: the Makefile's default ``TFLM_ROOT``.
+    ``ptq_kernels``: register the project's small int8 kernels (``PTQ_KERNELS``, written as ``ptq_kernels.cc``)
+    for ``TFLM_DECODE`` and ``CONCATENATION`` where every such op of the model qualifies (LUT-encoded int8
+    weights; int8 inputs sharing one quantization), instead of TFLM's, which link code for every format and type;
+    False: TFLM's kernels only. Outputs are the same bit for bit either way.
     The folder is built next to ``out_dir`` and renamed into place: a reader never sees it half-written.
     """
     if core not in CORES:
@@ -733,7 +817,8 @@ def firmware(
         raise ValueError(f"kernels {kernels!r} unknown; choose from {list(KERNELS)}.")
     _check_symbol(symbol)
     tflite_bytes = bytes(tflite_bytes)
-    header = ops_header(tflite_bytes, symbol)  # the unsupported-op error before any slow step
+    own = _ptq_ops(tflite_bytes, ptq_kernels)
+    header = ops_header(tflite_bytes, symbol, ptq_kernels)  # the unsupported-op error before any slow step
     arrays = input_bytes(tflite_bytes, inputs)
     if arena_bytes is None:
         arena_bytes = micro.measure_arena(tflite_bytes) + ARENA_MARGIN
@@ -752,7 +837,12 @@ def firmware(
         "main.cc": _MAIN.format(symbol=symbol),
         "startup.c": _STARTUP,
         "Makefile": _MAKEFILE.format(
-            symbol=symbol, core=core, kernels=kernels, tflm_root=os.fspath(tflm_root) if tflm_root else ""
+            symbol=symbol,
+            core=core,
+            kernels=kernels,
+            tflm_root=os.fspath(tflm_root) if tflm_root else "",
+            extra_sources=" ptq_kernels.cc" if own else "",
+            extra_headers=" ptq_kernels.h" if own else "",
         ),
         "README.md": _README.format(
             symbol=symbol,
@@ -762,14 +852,31 @@ def firmware(
             n_inputs=len(arrays[0]),
             arena=arena_bytes,
             margin=ARENA_MARGIN,
+            ptq_row=(
+                f"\n| `ptq_kernels.cc`, `ptq_kernels.h` | small int8 kernels registered instead of TFLM's for "
+                f"{', '.join(own)} (TFLM's link code for every format and type) |"
+                if own
+                else ""
+            ),
+            ptq_copy=" (and `ptq_kernels.cc`, `ptq_kernels.h`)" if own else "",
         ),
     }
+    if own:
+        files.update(_ptq_sources())
     for name, (machine, (flash, flash_len, ram, ram_len)) in CORES.items():
         files[f"link_{name}.ld"] = _LINKER.format(
             machine=machine, core=name, flash=flash, flash_len=flash_len, ram=ram, ram_len=ram_len, stack=STACK_BYTES
         )
     _write_folder(os.fspath(out_dir), files)
-    return FirmwareProject(os.fspath(out_dir), sorted(files), ops, arena_bytes, len(arrays[0]))
+    return FirmwareProject(os.fspath(out_dir), sorted(files), ops, arena_bytes, len(arrays[0]), own)
+
+
+def _ptq_sources() -> dict:
+    """The project's kernels' source files (shipped with the package in ``firmware_src/``)."""
+    import importlib.resources
+
+    folder = importlib.resources.files(__package__) / "firmware_src"
+    return {name: (folder / name).read_text() for name in _PTQ_SOURCES}
 
 
 def _write_folder(out_dir: str, files: dict) -> None:
