@@ -251,3 +251,73 @@ def test_firmware_on_emulated_cortex_m4_matches_the_python_interpreter_byte_for_
     assert 0 < run.arena_used <= run.arena_size
     assert run.ops["TFLM_DECODE"][0] == 100 * 3  # three weight tensors decoded per inference
     assert 20 < run.instructions_per_tick < 60 and min(run.instructions()) > 10_000
+
+
+def _uneven_lut(int8: bytes, levels: int = 5, index_bits: int = 3) -> bytes:
+    """``int8`` with every weight tensor redrawn so that each output channel holds ``levels`` values of its own
+    (the channels' tables differ), LUT-encoded with ``index_bits``-bit indices: per-channel value tables with a
+    stride, on both channel axes (the depthwise kernel's is the last), through the kernel's generic path."""
+    from ptq_keras.tflite import decode, encoders
+
+    parsed = flatbuffer.read(int8)
+    graph = parsed.subgraphs[0]
+    rng = np.random.default_rng(0)
+    for op in graph.operators:
+        if flatbuffer.builtin_name(parsed, op.opcodeIndex) not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        tensor = graph.tensors[int(op.inputs[1])]
+        axis = tensor.quantization.quantizedDimension
+        values = np.moveaxis(flatbuffer.buffer_array(parsed, tensor).copy(), axis, 0)
+        for channel in values:
+            table = rng.choice(np.arange(-127, 128), size=levels, replace=False)
+            channel[...] = rng.choice(table, size=channel.shape)
+        data = np.moveaxis(values, 0, axis).astype(np.int8).tobytes()
+        parsed.buffers[tensor.buffer].data = np.frombuffer(data, np.uint8)
+    model = flatbuffer.read(flatbuffer.write(parsed))
+    saved = encoders.ENCODERS["lut"]
+    encoders.ENCODERS["lut"] = encoders.LutEncoder(index_bits)
+    try:
+        decode.compress_model(model, encoding="lut")
+    finally:
+        encoders.ENCODERS["lut"] = saved
+    return flatbuffer.write(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ternary_depthwise", "uneven_3bit_depthwise", "split_mlp"])
+def test_own_kernels_on_emulated_cortex_m4_match_tflms_python_interpreter(case, tmp_path):
+    """ptq_kernels.cc against TFLM's own DECODE and CONCATENATION (the Python interpreter runs TFLM's kernels):
+    shared ternary tables with the last channel axis, per-channel 3-bit tables on both axes, and a split file."""
+    name = "mlp" if case == "split_mlp" else "depthwise"
+    model = tm.build(name)
+    x = tm.inputs(model, 100)
+    if case == "split_mlp":
+        buf = ptq_tflite.convert(model, x[:32], target="micro", max_decode_bytes=64)
+    elif case == "ternary_depthwise":
+        buf = ptq_tflite.convert(model, x[:32], target="micro", encoding="lut")
+    else:
+        buf = _uneven_lut(ptq_tflite.convert(model, x[:32], target="int8"))
+        strides = {d["ancillary"][6] for d in _ancillaries(buf)}
+        assert 0 not in strides and all(d["ancillary"][5] & 7 == 3 for d in _ancillaries(buf))
+    lib = _library_or_skip("cortex-m4", os.environ.get("PTQ_FIRMWARE_KERNELS", "cmsis_nn"))
+    project = firmware.firmware(buf, tmp_path / "fw", inputs=x)
+    assert project.ptq_ops == (["TFLM_DECODE", "CONCATENATION"] if case == "split_mlp" else ["TFLM_DECODE"])
+    firmware_build.make_firmware(tmp_path / "fw", lib)
+    run = firmware.parse_output(firmware_build.run_firmware(tmp_path / "fw", lib, timeout=900))
+    assert run.done and not run.errors and len(run.ticks) == 100
+    expected = firmware.reference_outputs(buf, x)
+    got = run.output_array(0)
+    assert len({bytes(row) for row in got}) > 10
+    np.testing.assert_array_equal(got, expected[0])
+
+
+def _ancillaries(buf: bytes) -> list[dict]:
+    parsed = flatbuffer.read(buf)
+    graph = parsed.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        if flatbuffer.builtin_name(parsed, op.opcodeIndex) == "TFLM_DECODE":
+            for k in range(0, len(op.inputs), 2):
+                data = flatbuffer.buffer_array(parsed, graph.tensors[int(op.inputs[k + 1])])
+                found.append({"ancillary": bytes(np.asarray(data, np.uint8).reshape(-1))})
+    return found
