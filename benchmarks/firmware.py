@@ -6,7 +6,11 @@ demo's stripped ternary model (``out/demo/ternary_stripped.h5``) with the demo's
 encodings ``huffman`` and ``huffman_group``, ``lut`` without a split (``max_decode_bytes=None``: every decoded
 weight in the arena), and ``lut`` of a copy of the model with a quarter of conv2's and fc's output channels zeroed
 (target ``micro`` removes those dead channels). All but ``lut_unsplit`` use the default split
-(``max_decode_bytes="auto"``), as the demo's own ``micro`` file (``lut``) does. Each runs on the first ``--inputs``
+(``max_decode_bytes="auto"``), as the demo's own ``micro`` file (``lut``) does. Every firmware registers the
+project's small int8 kernels (``ptq_kernels.cc``) for ``TFLM_DECODE`` and ``CONCATENATION`` where the file allows
+(the default of ``firmware()``), except ``lut_tflm_kernels``: the demo's ``micro`` file with TFLM's kernels only.
+Flash is split by origin from the linker map (model, TFLM kernels with CMSIS-NN and the project's kernels, the rest
+of TFLM, and the test program with libc). Each runs on the first ``--inputs``
 Fashion-MNIST test images on Cortex-M4 (``mps2-an386``) with TFLM's reference kernels and with CMSIS-NN, and on
 Cortex-M55 (``mps3-an547``) with CMSIS-NN (Helium). Instructions per inference come from SysTick under ``-icount
 shift=0`` (one instruction per virtual ns), calibrated in the firmware on a loop of known length; the
@@ -36,7 +40,8 @@ from examples.common import cpu_name  # noqa: E402
 
 DEMO = os.path.join("out", "demo")
 WORK = os.path.join("out", "firmware")
-PTQ_KERNELS = True
+# Files run with TFLM's own kernels only (the others register ptq_kernels.cc where the model allows, the default)
+TFLM_KERNELS_ONLY = {"lut_tflm_kernels": "lut"}
 DEAD_FRACTION = 0.25
 
 
@@ -68,6 +73,8 @@ def demo_files(demo_dir: str = DEMO, only=None, reconvert: bool = False) -> dict
     micro_path = os.path.join(demo_dir, "model_micro.tflite")
     if os.path.isfile(micro_path):
         files["lut"] = _read(micro_path)
+        for label, source in TFLM_KERNELS_ONLY.items():
+            files[label] = files[source]
     model = None
     for label, options in CONVERSIONS.items():
         if only is not None and label not in only:
@@ -159,7 +166,10 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
         for lib in libraries:
             # one project per file and library: runs on different libraries may go on side by side
             project = os.path.join(WORK, "projects", f"{label}-{lib.core}-{lib.kernels}")
-            made = firmware.firmware(buf, project, inputs=images, arena_bytes=arena, core=lib.core, kernels=lib.kernels, ptq_kernels=PTQ_KERNELS)
+            made = firmware.firmware(
+                buf, project, inputs=images, arena_bytes=arena, core=lib.core, kernels=lib.kernels,
+                ptq_kernels=label not in TFLM_KERNELS_ONLY,
+            )  # fmt: skip
             arena = made.arena_bytes
             built = firmware_build.make_firmware(project, lib)
             started = time.perf_counter()
@@ -177,6 +187,7 @@ def bench(files: dict, images: np.ndarray, libraries, log=_say) -> list[dict]:
                 "decode_share": decode_ticks / max(sum(run.ticks), 1),
                 "dead_channels": dead_channels(buf, files["int8"]) if "int8" in files else 0,
                 "qemu_seconds": time.perf_counter() - started,
+                "ptq_ops": made.ptq_ops, "flash_parts": built.flash_parts, "arena_bytes": built.arena,
             }  # fmt: skip
             rows.append(row)
             print(line(row), flush=True)
@@ -210,11 +221,12 @@ def merge(rows: list[dict], files: dict) -> list[dict]:
     def key(r):
         return r["file"], r["core"], r["kernels"], r["inputs"]
 
-    known = {"int8", "lut", *CONVERSIONS}  # rows of a file this benchmark no longer makes are dropped
+    # rows of a file this benchmark no longer makes are dropped
+    known = {"int8", "lut", *TFLM_KERNELS_ONLY, *CONVERSIONS}
     merged = {key(r): r for r in old
               if r["file"] in known and (r.get("file_sha256") in shas or r["file"] not in files)}  # fmt: skip
     merged.update({key(r): r for r in rows})
-    order = {k: i for i, k in enumerate(["int8", "lut", "huffman", "huffman_group", "lut_unsplit"])}
+    order = {k: i for i, k in enumerate(["int8", "lut", "lut_tflm_kernels", "huffman", "huffman_group", "lut_unsplit"])}
     libs = {pair: i for i, pair in enumerate(firmware_build.LIBRARIES)}
     result = sorted(
         merged.values(), key=lambda r: (order.get(r["file"], 99), r["file"], libs.get((r["core"], r["kernels"]), 9))
@@ -249,9 +261,9 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
         "mean over the inputs (QEMU `-icount shift=0`, SysTick calibrated in the firmware; instructions, not "
         "cycles). DECODE: share of the inference's instructions spent in `TFLM_DECODE` ops.",
         "",
-        "| file | bytes | core | kernels | bit-exact | flash B | vs int8 | RAM B | vs int8 | arena used B | "
-        "instructions | vs int8 | DECODE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| file | bytes | core | kernels | own kernels | bit-exact | flash B | vs int8 | RAM B | vs int8 | "
+        "arena used B | instructions | vs int8 | DECODE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     int8_rows = {(r["core"], r["kernels"]): r for r in rows if r["file"] == "int8"}
     for r in rows:
@@ -262,9 +274,36 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
         ram = f"{r['ram'] / ref['ram']:.2f}x" if ref else "-"
         exact = "yes" if r["bit_exact"] else f"no: {r['detail']}"
         lines.append(
-            f"| {r['file']} | {r['file_bytes']:,} | {r['core']} | {r['kernels']} | {exact} | {r['flash']:,} | {flash} "
+            f"| {r['file']} | {r['file_bytes']:,} | {r['core']} | {r['kernels']} | {_own(r)} | {exact} "
+            f"| {r['flash']:,} | {flash} "
             f"| {r['ram']:,} | {ram} | {r['arena_used']:,} | {r['instructions']:,.0f} | {ratio} "
             f"| {100 * r['decode_share']:.1f}% |"
+        )
+    lines += [
+        "",
+        "Own kernels: ops run by the project's `ptq_kernels.cc` instead of TFLM's kernel "
+        "(`firmware(ptq_kernels=True)`, the default, where every op of the kind qualifies).",
+        "",
+        "## Where the bytes go",
+        "",
+        "Flash by origin, from the linker map: the model (the C array); kernels (TFLM's op kernels and the math "
+        "they use, CMSIS-NN, the project's kernels); the rest of TFLM (interpreter, allocator, memory planner, "
+        "flatbuffer reader); the test program with newlib-nano, libm and libgcc (the map lists merged string "
+        "constants before merging: a few hundred bytes land in the last column). RAM: the tensor arena and the "
+        "static data beside it.",
+        "",
+        "| file | core | kernels | flash B | model | kernels | TFLM runtime | test program + libc | RAM B | arena | "
+        "static |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        parts = r.get("flash_parts")
+        if not parts:
+            continue
+        lines.append(
+            f"| {r['file']} | {r['core']} | {r['kernels']} | {r['flash']:,} | {parts['model']:,} | "
+            f"{parts['kernels']:,} | {parts['runtime']:,} | {parts['other']:,} | {r['ram']:,} | "
+            f"{r['arena_bytes']:,} | {r['ram'] - r['arena_bytes']:,} |"
         )
     dead = {r["file"]: r["dead_channels"] for r in rows if r["dead_channels"]}
     if dead:
@@ -280,6 +319,11 @@ def table(rows: list[dict], libs, seconds: dict, command: str) -> str:
               "second run finds them built and takes no time): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _own(row: dict) -> str:
+    names = {"TFLM_DECODE": "DECODE", "CONCATENATION": "CONCAT"}
+    return ", ".join(names.get(op, op) for op in row.get("ptq_ops", [])) or "-"
 
 
 def _version(command: list[str]) -> str:

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "build_library",
     "build_seconds",
     "check_toolchain",
+    "flash_parts",
     "make_firmware",
     "run_firmware",
     "section_sizes",
@@ -293,6 +294,8 @@ class FirmwareBuild:
     flash: int  # text + data, without the embedded test inputs
     ram: int  # .data + .bss (the tensor arena is in .bss); the stack is not counted
     test_inputs: int  # flash taken by the embedded test inputs
+    flash_parts: dict = field(default_factory=dict)  # model / kernels / runtime / other, adding up to ``flash``
+    arena: int = 0  # bytes of RAM that are the tensor arena (the rest of ``ram`` is static data)
 
 
 def _make_vars(lib: Library) -> list[str]:
@@ -310,7 +313,84 @@ def make_firmware(project: str | os.PathLike, lib: Library) -> FirmwareBuild:
     inputs = sections.get(".test_inputs", 0)
     flash = sum(v for k, v in sections.items() if k not in (".bss", ".test_inputs"))
     ram = sections.get(".data", 0) + sections.get(".bss", 0)
-    return FirmwareBuild(elf, flash, ram, inputs)
+    parts = flash_parts(elf.with_name("firmware.map"), lib.tflm_root)
+    parts.pop("test_inputs")
+    parts["other"] = flash - parts["model"] - parts["kernels"] - parts["runtime"]
+    return FirmwareBuild(elf, flash, ram, inputs, parts, _symbol_size(elf, "tensor_arena"))
+
+
+def _symbol_size(elf: Path, name: str) -> int:
+    """Size of the first symbol whose (demangled) name contains ``name``; 0 when there is none."""
+    out = subprocess.run(["arm-none-eabi-nm", "-S", "-C", str(elf)], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) == 4 and name in parts[3]:
+            return int(parts[1], 16)
+    return 0
+
+
+# Output sections of the generated linker scripts that end up in flash (.data's initial values included).
+_FLASH_SECTIONS = (".vectors", ".text", ".rodata", ".ARM.exidx", ".ARM.extab", ".data", ".init_array", ".fini_array")
+
+
+def _kernel_objects(tflm_root: Path) -> set:
+    """Object names (``conv.o``) of TFLM's kernels and the math they use: every source under
+    tensorflow/lite/micro/kernels/ and tensorflow/lite/kernels/; CMSIS-NN's ``arm_*.o`` are matched by name."""
+    names = set()
+    for folder in ("tensorflow/lite/micro/kernels", "tensorflow/lite/kernels"):
+        for path in (Path(tflm_root) / folder).rglob("*.c*"):
+            if path.suffix in (".cc", ".c", ".cpp"):
+                names.add(path.stem + ".o")
+    return names
+
+
+def flash_parts(map_file: str | os.PathLike, tflm_root: str | os.PathLike) -> dict:
+    """Flash bytes of a firmware by origin, from its GNU ld map: ``model`` (the C array), ``kernels`` (TFLM's op
+    kernels, CMSIS-NN and ptq_kernels.cc), ``runtime`` (the rest of TFLM: interpreter, allocator, flatbuffer
+    reader), ``other`` (the test program, libc, libm, libgcc, libstdc++) and ``test_inputs`` (not counted as flash
+    by ``make_firmware``). Approximate to a few hundred bytes: the map lists merged string constants at their
+    sizes before merging, and alignment fill is not attributed (``make_firmware`` puts the difference in
+    ``other``)."""
+    kernels = _kernel_objects(Path(tflm_root))
+    parts = dict.fromkeys(("model", "kernels", "runtime", "other", "test_inputs"), 0)
+
+    def add(size: int, obj: str) -> None:
+        member = obj[obj.rfind("(") + 1 : -1] if obj.endswith(")") else os.path.basename(obj)
+        if member == "model_data.o" or obj.endswith("_data.o") and "(" not in obj:
+            parts["model"] += size
+        elif member == "test_inputs.o":
+            parts["test_inputs"] += size
+        elif (
+            member == "ptq_kernels.o"
+            or "libtensorflow-microlite.a(" in obj
+            and (member in kernels or member.startswith("arm_"))
+        ):
+            parts["kernels"] += size
+        elif "libtensorflow-microlite.a(" in obj:
+            parts["runtime"] += size
+        else:
+            parts["other"] += size
+
+    with open(map_file) as f:
+        lines = f.read().split("Linker script and memory map", 1)[-1].splitlines()
+    section, pending = None, False
+    for line in lines:
+        if line and not line[0].isspace():
+            section, pending = line.split()[0], False
+            continue
+        if section not in _FLASH_SECTIONS:
+            continue
+        tokens = line.split()
+        if line.startswith(" .") or line.startswith(" COMMON"):
+            if len(tokens) >= 4 and tokens[2].startswith("0x"):
+                add(int(tokens[2], 16), tokens[3])
+                pending = False
+            else:
+                pending = len(tokens) == 1
+        elif pending and len(tokens) >= 3 and tokens[0].startswith("0x") and tokens[1].startswith("0x"):
+            add(int(tokens[1], 16), tokens[2])
+            pending = False
+    return parts
 
 
 def section_sizes(elf: str | os.PathLike) -> dict:
