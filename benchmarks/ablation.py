@@ -10,7 +10,9 @@ This is the measurement behind ptq_keras' defaults. For each model and seed a fl
     plain = ptq_keras.strip(q, batchnorm_data=x)
 
 and reports the test accuracy of ``plain`` (and of ``strip(q)`` without BatchNorm re-estimation) against its float
-model: mean and standard deviation of the difference over the seeds, one table per model and sparsity.
+model: mean and standard deviation of the difference over the seeds, one table per model and sparsity. Variants
+that change the optimizer say so (``sgd_*``: SGD 0.01 with momentum 0.9; ``*cosine``: Adam on a cosine decay from
+1e-3 to 0 over the fine-tuning steps).
 
     .venv/bin/python benchmarks/ablation.py --variants=defaults,ramp        # small_cnn at 0.7, seeds 0 1 2
     .venv/bin/python benchmarks/ablation.py --models=small_cnn,ds_cnn --sparsities=0.7,0.85 \
@@ -90,6 +92,14 @@ def _variants():
         keras.utils.set_random_seed(int(np.random.randint(1 << 30)))
         return ptq_keras.ternarize(twin, sparsity=sparsity)
 
+    def kept_depthwise(**options):
+        # the depthwise kernels and the stem (the first conv) in float: they export as int8
+        def build(model, steps, sparsity):
+            model = _split_separables(model)
+            return ptq_keras.ternarize(model, sparsity=sparsity, keep_float=_depthwise_and_stem(model), **options)
+
+        return _uses_default_ste(build, True)
+
     def allocated(rule):
         def build(model, steps, sparsity):
             overrides = {name: {"sparsity": s} for name, s in rule(model, sparsity).items()}
@@ -131,6 +141,13 @@ def _variants():
         "min_kept8": ("min_kept=8 (small fan-in layers keep 8 weights per channel)", ternarize(min_kept=8), "defaults"),
         "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
                 allocated(_erk), "defaults"),
+        "keep_dw_int8": ("The defaults with the depthwise kernels (each SeparableConv2D's depthwise half included) "
+                         "and the stem conv kept in float via keep_float, so they export as int8.", kept_depthwise(),
+                         "defaults"),
+        "cosine": ("The defaults, compiled with Adam whose learning rate follows a cosine decay from 1e-3 to 0 over "
+                   "the fine-tuning steps.", _cosine(ternarize()), "defaults"),
+        "keep_dw_int8_cosine": ("The depthwise kernels and the stem kept in float (as keep_dw_int8), compiled with "
+                                "Adam on the cosine decay (as cosine).", _cosine(kept_depthwise()), "defaults"),
         "keras3": ("the defaults on the same model as a Keras 3 model (TensorFlow backend)",
                    _uses_default_ste(keras3, True), "defaults"),
         "keras3_jax": ("the defaults on the same model as a Keras 3 model on JAX (KERAS_BACKEND=jax)",
@@ -166,6 +183,60 @@ def _erk(model, sparsity: float) -> dict:
         if not over:
             return {k: 0.0 if k in dense else float(1 - eps * raw[k]) for k in size}
         dense |= over
+
+
+def _cosine(build):
+    """``build`` compiled with Adam on ``CosineDecay(1e-3, steps)`` (from Adam's default learning rate to 0 over the
+    fine-tuning steps) instead of Adam's constant default."""
+    build.cosine = True
+    return build
+
+
+def _split_separables(model):
+    """A copy of ``model`` (fresh layers, the same weights) in which each SeparableConv2D is the two ops the
+    converter makes of it, a DepthwiseConv2D ``<name>_depthwise`` and a 1x1 Conv2D ``<name>_pointwise``, so that
+    ``keep_float`` can name its depthwise half; ``model`` itself if it has none."""
+    from ptq_keras import activations, keras
+
+    L = keras.layers
+    if not any(isinstance(layer, L.SeparableConv2D) for layer in model.layers):
+        return model
+    config = model.get_config()
+    layers = {layer.name: layer for layer in model.layers}
+    tensors, inputs, copies = {}, [], []
+    for name, _, _ in config["input_layers"]:
+        spec = layers[name].get_config()
+        inputs.append(keras.Input(batch_shape=spec["batch_input_shape"], dtype=spec["dtype"], name=name))
+        tensors[(name, 0, 0)] = inputs[-1]
+    for spec in config["layers"]:
+        layer = layers[spec["name"]]
+        if isinstance(layer, L.InputLayer):
+            continue
+        if isinstance(layer, L.SeparableConv2D):
+            depthwise, pointwise = activations.split_separable(layer)
+            copies.append((layer, (depthwise, pointwise)))
+
+            def fresh(x, depthwise=depthwise, pointwise=pointwise):
+                return pointwise(depthwise(x))
+        else:
+            fresh = layer.__class__.from_config(layer.get_config())
+            copies.append((layer, fresh))
+        for node_index, node in enumerate(spec["inbound_nodes"]):
+            args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]
+            tensors[(layer.name, node_index, 0)] = fresh(args[0] if len(args) == 1 else args)
+    outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
+    new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
+    activations.copy_weights(copies)
+    return new
+
+
+def _depthwise_and_stem(model) -> list:
+    """Names of the DepthwiseConv2D layers and of the first Conv2D (the stem)."""
+    from ptq_keras import keras
+
+    names = [layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    convs = [layer.name for layer in model.layers if type(layer) is keras.layers.Conv2D]
+    return names + convs[:1]
 
 
 def _uses_default_ste(build, uses: bool, uses_min_kept: bool = True):
@@ -219,7 +290,12 @@ def _run_variant(key, build, name, sparsity, seed, data, work):
     q = build(float_model, steps, sparsity)
     if ptq_keras.compat.is_keras3(q):
         import keras  # the Keras 3 model compiles with Keras 3's optimizer and loss
-    optimizer = keras.optimizers.SGD(0.01, momentum=0.9) if key.startswith("sgd_") else keras.optimizers.Adam()
+    if key.startswith("sgd_"):
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    elif getattr(build, "cosine", False):
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, steps))
+    else:
+        optimizer = keras.optimizers.Adam()
     q.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     start = time.time()
     q.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=2)
