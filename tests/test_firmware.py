@@ -241,6 +241,10 @@ def test_firmware_on_emulated_cortex_m4_matches_the_python_interpreter_byte_for_
     firmware.firmware(buf, tmp_path / "fw", inputs=x[:100])
     built = firmware_build.make_firmware(tmp_path / "fw", lib)
     assert built.flash > 0 and built.test_inputs >= 100 * 144
+    parts = built.flash_parts
+    assert sum(parts.values()) == built.flash and parts["model"] == len(buf)
+    assert parts["kernels"] > 1000 and parts["runtime"] > 10_000 and 0 < parts["other"] < built.flash
+    assert built.arena == micro.measure_arena(buf) + firmware.ARENA_MARGIN and built.arena < built.ram
     run = firmware.parse_output(firmware_build.run_firmware(tmp_path / "fw", lib, timeout=900))
     assert run.done and not run.errors and len(run.ticks) == 100
     expected = firmware.reference_outputs(buf, x[:100])
