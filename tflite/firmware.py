@@ -751,8 +751,8 @@ the `flags.mk` the ptq_keras library builder writes beside the library:
 
 ## Use it in your own project (a real board)
 
-Copy `{symbol}.cc`, `{symbol}.h` and `model_ops.h`{ptq_copy} into the project that already builds TFLM for your
-board, then:
+Copy `{symbol}.cc`, `{symbol}.h` and `model_ops.h`{ptq_copy} into the project that
+already builds TFLM for your board, then:
 
 ```cpp
 #include "{symbol}.h"
