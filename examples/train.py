@@ -69,9 +69,9 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("criterion", "magnitude", ["magnitude", "taylor"], "ptq: rank weights by |w| or by a Taylor score.")
 flags.DEFINE_enum("regularizer", "none", ["none", "greg"], "ptq: 'greg' grows an L2 penalty on to-be-pruned weights.")
 flags.DEFINE_float(
-    "soft_decay", 1.0, "ptq: pruned latents are multiplied by this at each support update (SRFP; 1: off).",
+    "soft_decay", 1.0, "ptq: pruned latents are multiplied by this once per epoch until the support freezes (SRFP).",
     lower_bound=0.0, upper_bound=1.0,
-)
+)  # fmt: skip
 flags.DEFINE_enum("granularity", "channel", ["channel", "tensor"], "ptq / twn: one scale per channel or per layer.")
 flags.DEFINE_enum("selection", "tensor", ["channel", "tensor"], "ptq: top-k support per layer or per channel.")
 flags.DEFINE_bool("normalize", False, "ptq: select the support on per-channel L2-normalized weights.")
@@ -142,25 +142,25 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into N logical devices (a multi-replica run on one machine; 0: no split).",
     lower_bound=0,
-)
+)  # fmt: skip
 flags.DEFINE_integer(
     "image_size", None,
     "Stream the dataset with the ImageNet preprocessing at this square size (random resized crop + flip for "
     "training, resize + central crop for evaluation) instead of loading it into memory; datasets whose images "
     "vary in size (imagenet2012) stream at 224 by default.",
     lower_bound=8,
-)
+)  # fmt: skip
 flags.DEFINE_integer(
     "tflite_eval_samples", 2000,
     "Streamed datasets: evaluation images over which the exported files' accuracy is measured (the Python "
     "TFLM interpreter runs one image at a time).",
     lower_bound=1,
-)
+)  # fmt: skip
 flags.DEFINE_bool(
     "mixed_precision", False,
     "Train with Keras' mixed_float16 policy (float16 compute, float32 variables; the ternary quantizer computes in "
     "float32). The saved and exported model is float32. Pays off on GPUs with float16 units (compute capability 7+).",
-)
+)  # fmt: skip
 flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint (same flags).")
 flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Stop each epoch after N steps (a quick run); default: the whole split.", lower_bound=1
@@ -742,7 +742,7 @@ def _export(cfg: Config, final, dataset, targets, log) -> dict:
     exported = ptq_tflite.export(
         final, dataset.inputs(500), out_dir, targets=targets, encoding=cfg.encoding, measure=cfg.measure,
         progress=log,
-    )
+    )  # fmt: skip
     x_test, y_test = dataset.test_arrays() if cfg.eval_tflite else (None, None)
     out = {}
     for target in targets:

@@ -6,7 +6,7 @@
 
 from .compat import keras
 from .distill import distill
-from .fitting import resolve_freeze
+from .fitting import decay_pruned, resolve_freeze
 from .report import summary
 from .schedules import ConstantSparsity, PolynomialDecay
 from .wrap import (
@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "attach",
     "resolve_freeze",
+    "decay_pruned",
     "distill",
     "custom_object_scope",
     "custom_objects",

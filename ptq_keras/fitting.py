@@ -6,12 +6,18 @@ A user calls ``fit`` and never computes steps: the model returned by :func:`ptq_
 ``initial_epoch``) and writes, in every ternary quantizer whose freeze step is still unresolved, the step where
 the support freezes. When the number of steps per epoch is unknown (a dataset of unknown cardinality), it counts
 the steps of the first epoch and resolves then. Custom training loops call :func:`resolve_freeze` themselves.
+
+Soft pruning (``soft_decay < 1``, SRFP) is per epoch as well: :class:`DecayPruned`, added to each ``fit`` the same
+way, multiplies the pruned latent weights by ``soft_decay`` at the end of every epoch until the support freezes.
+Custom training loops call :func:`decay_pruned` once per epoch.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+
+import numpy as np
 
 from . import schedules
 from .compat import is_keras3, keras
@@ -142,15 +148,63 @@ class ResolveFreeze(keras.callbacks.Callback):
             qvars["freeze_step"].assign(max(step, now))
         if self._verbose:
             print(f"ptq_keras: {per_epoch} steps per epoch; the ternary support freezes at step "
-                  f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.", flush=True)
+                  f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.", flush=True)  # fmt: skip
+
+
+def _soft_kernels(model) -> Iterator[tuple[object, object, dict]]:
+    """``(latent kernel variable, quantizer, its variables)`` for every ternary kernel with ``soft_decay < 1``."""
+    for layer in all_layers(model):
+        if is_ternary_wrapper(layer):
+            # tfmot's QuantizeWrapper and keras3_layers.TernaryWrapper both hold (latent, quantizer, variables).
+            for latent, quantizer, qvars in layer._weight_vars:
+                if quantizer.options["soft_decay"] < 1.0:
+                    yield latent, quantizer, qvars
+
+
+def decay_pruned(model) -> int:
+    """SRFP (Cai et al. 2020): multiply the pruned latent weights of ``model`` by their layer's ``soft_decay``,
+    ``kernel := kernel * (mask + soft_decay * (1 - mask))``, in every ternary kernel whose support can still change
+    (never frozen, or its freeze step not yet run). Returns the number of kernels decayed.
+
+    ``fit`` calls this at the end of every epoch (:class:`DecayPruned`); a custom training loop calls it once per
+    epoch. Kernels with ``soft_decay=1`` (the default: SFP, no decay) are left as they are.
+    """
+    count = 0
+    for latent, quantizer, qvars in _soft_kernels(model):
+        freeze, step = int(qvars["freeze_step"].numpy()), int(qvars["step"].numpy())
+        if 0 <= freeze < step:  # the freeze step has run: the support is final
+            continue
+        mask = np.asarray(qvars["mask"].numpy(), np.float32)
+        factor = mask + np.float32(quantizer.options["soft_decay"]) * (1.0 - mask)
+        value = np.asarray(latent.numpy(), np.float32)
+        latent.assign((value * factor).astype(value.dtype))
+        count += 1
+    return count
+
+
+class DecayPruned(keras.callbacks.Callback):
+    """Calls :func:`decay_pruned` at the end of every training epoch (SRFP's per-epoch decay of the pruned
+    weights). Added to every ``fit`` of a ternarized model with ``soft_decay < 1`` by ptq_keras."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._target = model
+
+    def on_epoch_end(self, epoch, logs=None):
+        decay_pruned(self._target)
 
 
 def with_resolver(model, fit_kwargs: dict) -> dict:
-    """``fit`` keyword arguments with a :class:`ResolveFreeze` callback added (when something is pending)."""
-    if not pending(model):
-        return fit_kwargs
+    """``fit`` keyword arguments with a :class:`ResolveFreeze` callback (when something is pending) and a
+    :class:`DecayPruned` callback (when a kernel has ``soft_decay < 1``) added."""
     callbacks = list(fit_kwargs.get("callbacks") or [])
-    if not any(isinstance(c, ResolveFreeze) for c in callbacks):
+    added = False
+    if pending(model) and not any(isinstance(c, ResolveFreeze) for c in callbacks):
         verbose = fit_kwargs.get("verbose", "auto") != 0
         callbacks.append(ResolveFreeze(model, fit_kwargs.get("initial_epoch", 0), verbose=verbose))
-    return {**fit_kwargs, "callbacks": callbacks}
+        added = True
+    # After ResolveFreeze: its on_epoch_end may resolve the freeze step this callback reads.
+    if any(True for _ in _soft_kernels(model)) and not any(isinstance(c, DecayPruned) for c in callbacks):
+        callbacks.append(DecayPruned(model))
+        added = True
+    return {**fit_kwargs, "callbacks": callbacks} if added else fit_kwargs

@@ -26,14 +26,18 @@ DEFAULTS = {
     # 1 - min_kept / fan-in (stems, depthwise 3x3 filters; measured: benchmarks/results/min_kept_*.md)
     "min_kept": 4,
     # Related methods (docs/METHODS.md)
-    "criterion": "magnitude",  # support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020)
-    "taylor_decay": 0.9,  # the running mean's decay per step
+    # Support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020), each step's score divided by
+    # its mean over the layer (every step weighs the same; scores comparable across steps and loss scales)
+    "criterion": "magnitude",
+    "taylor_decay": 0.99,  # the running mean's decay per step (0.99: about the last 100 steps)
     "psg_strength": 150.0,  # lambda_s of ste="psg" (Kim et al. 2020)
     "regularizer": None,  # or "greg": growing L2 penalty on the weights about to be pruned (Wang et al. 2021)
     "greg_delta": 1e-4,  # GReg: the penalty grows by delta ...
     "greg_interval": 5,  # ... every interval steps ...
     "greg_ceiling": 1.0,  # ... up to this ceiling (the paper's code defaults)
-    "soft_decay": 1.0,  # SRFP: pruned latents are multiplied by this at every support update (1: SFP, no decay)
+    # SRFP (Cai et al. 2020): pruned latents are multiplied by soft_decay once per epoch (at the end of each epoch
+    # of fit, ptq_keras.fitting.decay_pruned) until the support freezes (1: SFP, no decay)
+    "soft_decay": 1.0,
     "channel_sparsity": 0.0,  # 0-bit channels: this fraction of output channels (smallest norm) is zeroed whole
 }
 CRITERIA = ("magnitude", "taylor")
@@ -92,11 +96,11 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         mask = layer.add_weight(
             f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False,
             aggregation=first, experimental_autocast=False,  # float32 also under mixed precision
-        )
+        )  # fmt: skip
         sparsity = layer.add_weight(
             f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False,
             aggregation=first, experimental_autocast=False,
-        )
+        )  # fmt: skip
         # The step where the support freezes: -1 never (or, for a fractional freeze_at, not yet resolved: the
         # first ``fit`` writes it, see ptq_keras.fitting).
         freeze = layer.add_weight(
@@ -112,7 +116,7 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             variables["score"] = layer.add_weight(
                 f"{name}_ptq_taylor_score", shape=tensor_shape, dtype=tf.float32, initializer="zeros",
                 trainable=False, aggregation=tf.VariableAggregation.MEAN, experimental_autocast=False,
-            )
+            )  # fmt: skip
         return variables
 
     def __call__(self, inputs, training, weights, **kwargs):
@@ -141,10 +145,8 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             mask = ops.cond(update, lambda: self.support(scores, target), lambda: ops.copy(mask_var))
             new_sparsity = ops.where(update, ops.cast(target, "float32"), ops.copy(sparsity_var))
             updates = [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
-            if self.options["soft_decay"] < 1.0 and hasattr(inputs, "assign"):  # a tf or Keras 3 variable
-                # SRFP: pruned latents fade by soft_decay at each support update (the forward pass used w).
-                factor = mask + self.options["soft_decay"] * (1.0 - mask)
-                updates.append(inputs.assign(ops.cast(ops.where(update, w * factor, w), inputs.dtype)))
+            # soft_decay (SRFP) is not applied here: fit multiplies the pruned latents once per epoch
+            # (ptq_keras.fitting.decay_pruned).
             current_step = _after(updates, now)
             step_update = _after([current_step], step.assign_add(1))
             mask = ops.copy(mask)
@@ -168,9 +170,13 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             keep = self.options["taylor_decay"]
 
             def on_gradient(upstream):
-                fresh = ops.abs(w * upstream)
+                fresh = ops.abs(w * ops.cast(upstream, "float32"))
+                # Each step's score over its mean on the layer: every step weighs the same in the running mean,
+                # whatever the gradient's magnitude at that step (or the loss's scale).
+                mean = ops.mean(fresh)
+                fresh = fresh / ops.maximum(mean, 1e-30)
                 started = ops.cast(current_step > 0, "float32")  # the first step sets the mean
-                rate = keep * started
+                rate = ops.where(mean > 0, keep * started, 1.0)  # a step with no gradient leaves the score
                 return score_var.assign(rate * ops.copy(score_var) + (1.0 - rate) * fresh)
 
         out = ste.ternary_ste(

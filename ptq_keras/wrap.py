@@ -342,23 +342,20 @@ def _report_capped(model, targets, options_of) -> None:
             if cap < final:  # a SeparableConv2D names which of its two kernels
                 capped.append(f"{name}{'.' + attr if len(kernels) > 1 else ''} {cap:.2f}")
     if capped:
-        print(f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
-              f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off).")
+        print(
+            f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
+            f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off)."
+        )
 
 
 def _check_off_tensorflow(option_sets) -> None:
-    """Options that need TensorFlow (state written in the backward pass or to trainable weights, or a schedule
-    that is TensorFlow code): refused on Keras 3's other backends."""
+    """Options that need TensorFlow (state written in the backward pass, or a schedule that is TensorFlow code):
+    refused on Keras 3's other backends. (``soft_decay`` runs eagerly between epochs, on any backend.)"""
     for options in option_sets:
         if options["criterion"] == "taylor":
             raise NotImplementedError(
                 "ternarize: criterion='taylor' keeps its score in the backward pass, which needs Keras 3's "
                 "TensorFlow backend (KERAS_BACKEND=tensorflow)."
-            )
-        if options["soft_decay"] < 1.0:
-            raise NotImplementedError(
-                "ternarize: soft_decay < 1 rewrites the trainable kernel inside the forward pass, which needs Keras "
-                "3's TensorFlow backend (KERAS_BACKEND=tensorflow)."
             )
         sparsity = options["sparsity"]
         if isinstance(sparsity, schedules.PruningSchedule) and type(sparsity) not in (

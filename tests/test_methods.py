@@ -53,7 +53,7 @@ def _dense_model(n_in=6, n_out=3, seed=0):
 
 
 def _state(qmodel):
-    (_, quantizer, qvars), = fitting.quantizer_states(qmodel)
+    ((_, quantizer, qvars),) = fitting.quantizer_states(qmodel)
     return quantizer, qvars
 
 
@@ -64,6 +64,7 @@ def test_taylor_score_equals_the_hand_computed_one_and_drives_the_support():
     t = rng.normal(size=(8, 3)).astype(np.float32)
     q = ptq_keras.ternarize(model, sparsity=0.5, criterion="taylor", decay=0.0, freeze_at=None, selection="channel",
                             min_kept=0)  # fmt: skip
+    assert q.get_layer("ptq_d").quantize_config.options["taylor_decay"] == 0.99  # about 100 steps by default
     q.compile(keras.optimizers.SGD(0.0), "mse")  # no weight update: the step's gradient is easy to write down
     quantizer, qvars = _state(q)
     w = q.get_layer("ptq_d").weights[0].numpy()
@@ -72,26 +73,91 @@ def test_taylor_score_equals_the_hand_computed_one_and_drives_the_support():
     w_q = ternary.project_np(w, mask)
     dl_dwq = 2.0 / (8 * 3) * x.T @ (x @ w_q - t)  # mean squared error over batch and outputs
     expected = np.abs(w * dl_dwq)
-    np.testing.assert_allclose(qvars["score"].numpy(), expected, rtol=1e-4, atol=1e-7)
+    expected /= expected.mean()  # each step's score over its mean on the layer; the first step sets the mean
+    np.testing.assert_allclose(qvars["score"].numpy(), expected, rtol=1e-4, atol=1e-6)
     q.fit(x, t, batch_size=8, epochs=1, verbose=0, shuffle=False)  # step 1 selects on the score
     np.testing.assert_array_equal(qvars["mask"].numpy() > 0.5, ternary.support_np(expected, sparsity=0.5))
     assert not np.array_equal(ternary.support_np(expected, sparsity=0.5), mask)  # the criterion changed the support
 
 
-def test_soft_decay_fades_pruned_latents_at_each_support_update():
-    model = _dense_model(8, 4)
-    x = np.ones((4, 8), np.float32)
-    q = ptq_keras.ternarize(model, sparsity=0.5, soft_decay=0.5, decay=0.0, freeze_at=3)
+def _taylor_run(scale, x, t, steps_scales):
+    """Scores after one fit over batches whose loss is ``scale * steps_scales[i] * mse`` (one support throughout:
+    frequency=100 re-selects it at step 0 only)."""
+    q = ptq_keras.ternarize(_dense_model(), sparsity=0.5, criterion="taylor", taylor_decay=0.5, decay=0.0,
+                            freeze_at=None, min_kept=0, frequency=100, selection="channel")  # fmt: skip
     q.compile(keras.optimizers.SGD(0.0), "mse")
-    w0 = q.get_layer("ptq_d").weights[0].numpy().copy()
-    q.fit(x, np.zeros((4, 4)), batch_size=1, epochs=1, verbose=0)  # steps 0..3: updates at 0, 1, 2, 3 (freeze)
+    weights = np.repeat(np.asarray(steps_scales, np.float32) * scale, len(x) // len(steps_scales))
+    q.fit(x, t, sample_weight=weights, batch_size=len(x) // len(steps_scales), epochs=1, verbose=0, shuffle=False)
     _, qvars = _state(q)
+    return qvars["score"].numpy(), qvars["mask"].numpy()
+
+
+def test_taylor_score_is_normalized_per_step_so_the_loss_scale_does_not_matter():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 6)).astype(np.float32)
+    t = rng.normal(size=(24, 3)).astype(np.float32)
+    score, mask = _taylor_run(1.0, x, t, [1.0, 1.0, 1.0])
+    score10, mask10 = _taylor_run(10.0, x, t, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(score10, score, rtol=1e-4)  # the loss x10: the same score and the same support
+    np.testing.assert_array_equal(mask10, mask)
+    assert score.mean() == pytest.approx(1.0, rel=1e-4)  # a mean of per-step scores of mean 1
+    # Every step weighs the same: a batch whose gradient is 1000x larger does not take the running mean over.
+    loud, _ = _taylor_run(1.0, x, t, [1.0, 1.0, 1000.0])
+    fresh = []
+    for i in range(3):
+        xb, tb = x[8 * i : 8 * (i + 1)], t[8 * i : 8 * (i + 1)]
+        w = _dense_model().get_layer("d").kernel.numpy()
+        w_q = ternary.project_np(w, ternary.support_np(w, sparsity=0.5))  # lr=0, one support: w_q never moves
+        s = np.abs(w * (xb.T @ (xb @ w_q - tb)))
+        fresh.append(s / s.mean())
+    expected = 0.25 * fresh[0] + 0.25 * fresh[1] + 0.5 * fresh[2]  # taylor_decay=0.5; the first step sets it
+    np.testing.assert_allclose(loud, expected, rtol=1e-3)
+    np.testing.assert_allclose(score, expected, rtol=1e-3)
+
+
+def test_soft_decay_fades_pruned_latents_once_per_epoch_until_the_support_freezes():
+    x = np.ones((4, 8), np.float32)
+
+    def run(freeze_at, epochs):
+        q = ptq_keras.ternarize(_dense_model(8, 4), sparsity=0.5, soft_decay=0.5, decay=0.0, freeze_at=freeze_at)
+        q.compile(keras.optimizers.SGD(0.0), "mse")  # no weight update: only the decay moves the latents
+        w0 = q.get_layer("ptq_d").weights[0].numpy().copy()
+        q.fit(x, np.zeros((4, 4)), batch_size=1, epochs=epochs, verbose=0)  # 4 steps per epoch
+        _, qvars = _state(q)
+        mask = qvars["mask"].numpy() > 0.5
+        return w0, q.get_layer("ptq_d").weights[0].numpy(), mask
+
+    w0, w, mask = run(None, 2)  # never frozen: one decay per epoch, not one per step (8 steps)
+    np.testing.assert_allclose(w[mask], w0[mask])
+    np.testing.assert_allclose(w[~mask], w0[~mask] * 0.5**2, rtol=1e-6)
+    w0, w, mask = run(5, 3)  # frozen at step 5: epoch 1 (steps 0..3) decays; epochs 2 and 3 run past the freeze
+    np.testing.assert_allclose(w[mask], w0[mask])
+    np.testing.assert_allclose(w[~mask], w0[~mask] * 0.5, rtol=1e-6)
+
+
+def test_decay_pruned_in_a_custom_training_loop():
+    q = ptq_keras.ternarize(_dense_model(8, 4), sparsity=0.5, soft_decay=0.8, decay=0.0, freeze_at=6)
+    optimizer = keras.optimizers.SGD(0.0)
+    x = np.ones((4, 8), np.float32)
+    w0 = q.get_layer("ptq_d").weights[0].numpy().copy()
+    _, qvars = _state(q)
+    decayed = []
+    for _ in range(3):  # three epochs of two steps
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(q(x, training=True)))
+            optimizer.apply_gradients(zip(tape.gradient(loss, q.trainable_variables), q.trainable_variables))
+        decayed.append(ptq_keras.decay_pruned(q))
+    assert decayed == [1, 1, 1]  # steps 2, 4, 6: the freeze step (6) has not run yet
+    assert ptq_keras.decay_pruned(q) == 1
+    q(x, training=True)  # step 6 runs: the support is final
+    assert ptq_keras.decay_pruned(q) == 0
     mask = qvars["mask"].numpy() > 0.5
     w = q.get_layer("ptq_d").weights[0].numpy()
     np.testing.assert_allclose(w[mask], w0[mask])
-    np.testing.assert_allclose(w[~mask], w0[~mask] * 0.5**4, rtol=1e-6)
-    q.fit(x, np.zeros((4, 4)), batch_size=1, epochs=1, verbose=0)  # frozen: no more updates, no more decay
-    np.testing.assert_allclose(q.get_layer("ptq_d").weights[0].numpy()[~mask], w0[~mask] * 0.5**4, rtol=1e-6)
+    np.testing.assert_allclose(w[~mask], w0[~mask] * 0.8**4, rtol=1e-5)
+    plain = ptq_keras.ternarize(_dense_model(8, 4))  # soft_decay=1: nothing to decay
+    assert ptq_keras.decay_pruned(plain) == 0
 
 
 @pytest.mark.parametrize(
