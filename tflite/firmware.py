@@ -8,7 +8,7 @@ TFLM tree and its ``libtensorflow-microlite.a`` (``firmware_build``) and runs wi
   ops) and ``<symbol>_register_ops()``, which adds exactly those ops (``AddDecode()`` for ``TFLM_DECODE``, ...);
 * ``ptq_kernels.cc`` / ``.h`` (``ptq_kernels=True``, the default, when the model has an op they replace): small
   int8 kernels for ``TFLM_DECODE`` (LUT-encoded weights) and ``CONCATENATION`` (one quantization), registered
-  instead of TFLM's, which instantiate every format and type (about 25 KB and 4.5 KB of Cortex-M code, against
+  instead of TFLM's, which instantiate every format and type (about 21 KB and 4.5 KB of Cortex-M4 code, against
   about 1.3 KB and 0.3 KB); each is used only when every op of its kind in the model qualifies;
 * ``test_inputs.cc`` / ``.h``: the inputs to run, as the input tensors' bytes;
 * ``main.cc``: runs every input, prints each output tensor's bytes and the counters (lines below);

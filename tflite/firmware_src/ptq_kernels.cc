@@ -2,7 +2,7 @@
 //
 // TFLM_DECODE, LUT-encoded int8 only. TFLM's DECODE kernel (tensorflow/lite/micro/kernels/decode.cc) decodes LUT,
 // Huffman and PRUNE tensors into bool, float and 8- to 64-bit integer outputs; a firmware links all of it (about
-// 25 KB of Cortex-M code) even when the model only holds LUT-encoded int8 weights, which is what ptq_keras writes
+// 21 KB of Cortex-M4 code) even when the model only holds LUT-encoded int8 weights, which is what ptq_keras writes
 // for ternary layers by default. This kernel reads the same format for that one case, under the same custom op
 // name, so the .tflite file is unchanged. Format: the ancillary tensor's byte 0 is the decode type (0 = LUT),
 // byte 1 the header version (1), byte 4 the LUT version (1), byte 5's low 3 bits the index bit width (1..7),
