@@ -157,7 +157,8 @@ def test_strip_gives_exact_ternary_kernels_computing_what_the_trained_model_comp
         assert row.sparsity == pytest.approx(targets[row.name][0], abs=0.02), (row.name, row.sparsity)
     trained_report = ptq_keras.summary(qmodel, print_fn=None)
     assert {r.name: r.target_sparsity for r in trained_report.layers if r.ternary} == pytest.approx(
-        {name: mean for name, (_, mean) in targets.items()})
+        {name: mean for name, (_, mean) in targets.items()}
+    )
 
 
 def test_recalibrate_batchnorm_rewrites_the_moving_statistics(trained, data):
@@ -193,8 +194,13 @@ def test_save_load_keeps_masks_and_training_goes_on(trained, data, tmp_path):
 OPTIONS = {
     # the related methods and the selection options, two sets that together touch each of them
     "taylor_channels": {"criterion": "taylor", "channel_sparsity": 0.25, "selection": "channel"},
-    "greg_srfp_ramp": {"regularizer": "greg", "soft_decay": 0.5, "ste": "identity", "sparsity": "ramp",
-                       "granularity": "tensor"},  # fmt: skip
+    "greg_srfp_ramp": {
+        "regularizer": "greg",
+        "soft_decay": 0.5,
+        "ste": "identity",
+        "sparsity": "ramp",
+        "granularity": "tensor",
+    },  # fmt: skip
 }
 
 
@@ -413,9 +419,9 @@ def test_keras3_backends_other_than_tensorflow_are_refused_where_they_cannot_run
     with pytest.raises(RuntimeError, match="'torch' backend.*KERAS_BACKEND=tensorflow"):
         ptq_keras.ternarize(model)
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    for options, message in (({"criterion": "taylor"}, "taylor"), ({"soft_decay": 0.5}, "soft_decay")):
-        with pytest.raises(NotImplementedError, match=message + ".*KERAS_BACKEND=tensorflow"):
-            ptq_keras.ternarize(model, **options)
+    with pytest.raises(NotImplementedError, match="taylor.*KERAS_BACKEND=tensorflow"):
+        ptq_keras.ternarize(model, criterion="taylor")
+    assert ptq_keras.is_ternarized(ptq_keras.ternarize(model, soft_decay=0.5))  # decays between epochs: any backend
     with pytest.raises(RuntimeError, match="TensorFlow backend.*ptq-convert --model q.keras"):
         tflite.convert(model, data[0][:8], target="int8")
     with pytest.raises(RuntimeError, match="flash_budget / ram_budget.*TensorFlow backend"):
@@ -454,6 +460,18 @@ d = ptq_keras.distill(ptq_keras.ternarize(teacher), teacher)
 d.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 assert np.isfinite(d.fit(x, y, epochs=1, batch_size=32, verbose=0).history["loss"][0])
 assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))  # the teacher never trains
+# soft_decay (SRFP) on JAX: pruned latents x0.5 once per epoch (learning rate 0: only the decay moves them)
+keras.utils.set_random_seed(0)
+dense = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, use_bias=False, name="d")])
+q = ptq_keras.ternarize(dense, sparsity=0.5, soft_decay=0.5, decay=0.0, freeze_at=None)
+q.compile(keras.optimizers.SGD(0.0), "mse")
+w0 = np.asarray(q.get_layer("ptq_d").layer.kernel).copy()
+q.fit(np.ones((4, 8), np.float32), np.zeros((4, 4), np.float32), batch_size=1, epochs=2, verbose=0)
+(_, _, v), = _states(q)
+mask = np.asarray(v["mask"]) > 0.5
+w = np.asarray(q.get_layer("ptq_d").layer.kernel)
+np.testing.assert_allclose(w[mask], w0[mask])
+np.testing.assert_allclose(w[~mask], w0[~mask] * 0.25, rtol=1e-6)
 """
 
 
