@@ -363,7 +363,8 @@ def _markdown(sections, names, baselines, meta) -> str:
         + ".",
         "",
         f"Fashion-MNIST. Per model and seed, a float model trains {meta['float_epochs']} epochs (Adam 1e-3, batch "
-        f"{BATCH}); every variant fine-tunes it {meta['epochs']} epochs with `fit` at Adam's default learning rate, "
+        f"{BATCH}); every variant fine-tunes it {meta['epochs']} epochs with `fit` at Adam's default learning rate "
+        "(unless the variant names another optimizer or schedule), "
         "then `strip(q, batchnorm_data=x)`. Accuracy over the 10k test set; the difference to the float model of "
         "the same seed, mean and standard deviation over the seeds. Differences under about one sd (or one point "
         "for one seed) are noise.",
