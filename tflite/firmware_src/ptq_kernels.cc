@@ -18,19 +18,6 @@
 // Generated into firmware projects by ptq_keras.tflite.firmware; part of ptq_keras (Apache-2.0).
 
 #include "ptq_kernels.h"
-//   const TFLMRegistration decode = ptq_keras::Register_LUT_DECODE();
-//   resolver.AddCustom("TFLM_DECODE", &decode);  // copies the registration
-//
-// Format read (the ancillary tensor of each encoded tensor): byte 0 decode type (0 = LUT), byte 1 header version
-// (1), byte 4 LUT version (1), byte 5 low 3 bits = index bit width (1..7), byte 6 = value-table stride (entries per
-// channel; 0 = one table that every channel uses), value tables from byte 16. The encoded tensor holds the indices,
-// most significant bit first, in the output tensor's memory order. The output's channel axis and channel count
-// come from its per-channel quantization (axis 0, or the last axis), as in TFLM's kernel. Any other decode type,
-// version or output type fails at Prepare with a message: register TFLM's AddDecode() for those files.
-//
-// Generated into firmware projects by ptq_keras.tflite.firmware; part of ptq_keras (Apache-2.0).
-
-#include "ptq_kernels.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -53,7 +40,7 @@ constexpr uint8_t kTypeLut = 0;
 // What Eval needs for one encoded tensor; pointers into the flatbuffer are read again in Eval.
 struct LutTensor {
   uint32_t count;        // elements of the output
-  uint32_t channels;     // value tables in use (1 when the stride is 0)
+  uint32_t channels;     // output channels of the per-channel quantization (1 without one)
   uint32_t per_channel;  // consecutive elements per channel (channel axis 0); 0: channel = element % channels
   uint32_t entries;      // value-table entries in the ancillary tensor
   uint8_t stride;        // value-table entries per channel; 0: one shared table
