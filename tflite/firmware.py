@@ -62,18 +62,12 @@ CORES = {
     "cortex-m55": ("mps3-an547", (0x0, 512 << 10, 0x20000000, 512 << 10)),
 }
 KERNELS = ("reference", "cmsis_nn")
-# The project's own kernels (firmware_src/ptq_kernels.cc): op -> (registration function, the resolver line).
+# The project's own kernels (firmware_src/ptq_kernels.cc): op -> the model_ops.h lines that register it.
 PTQ_KERNELS = {
-    "TFLM_DECODE": (
-        "Register_LUT_DECODE",
-        "  const TFLMRegistration decode = ptq_keras::Register_LUT_DECODE();  // LUT to int8 only\n"
-        '  if ((status = resolver.AddCustom("TFLM_DECODE", &decode)) != kTfLiteOk) return status;',
-    ),
-    "CONCATENATION": (
-        "Register_INT8_CONCATENATION",
-        "  if ((status = resolver.AddConcatenation(ptq_keras::Register_INT8_CONCATENATION())) != kTfLiteOk) "
-        "return status;  // int8 only",
-    ),
+    "TFLM_DECODE": "  const TFLMRegistration decode = ptq_keras::Register_LUT_DECODE();  // LUT to int8 only\n"
+    '  if ((status = resolver.AddCustom("TFLM_DECODE", &decode)) != kTfLiteOk) return status;',
+    "CONCATENATION": "  if ((status = resolver.AddConcatenation(ptq_keras::Register_INT8_CONCATENATION())) != "
+    "kTfLiteOk) return status;  // int8 only",
 }
 _PTQ_SOURCES = ("ptq_kernels.cc", "ptq_kernels.h")
 # Room added to the arena measured on the Python interpreter: optimized kernels (CMSIS-NN) ask for scratch
@@ -264,8 +258,12 @@ def ops_header(tflite: bytes, symbol: str = "model_data", ptq_kernels: bool = Fa
     """``model_ops.h``: a resolver type sized for exactly the model's ops and a function that adds them.
     ``ValueError`` naming the op when TFLM's ``MicroMutableOpResolver`` has no method for one. ``ptq_kernels``:
     as :func:`firmware` (the default here registers TFLM's kernels only)."""
+    return _ops_header(tflite, symbol, _ptq_ops(tflite, ptq_kernels))
+
+
+def _ops_header(tflite: bytes, symbol: str, own: list[str]) -> str:
+    """:func:`ops_header` with ``own``, the ops registered with the project's kernels, already chosen."""
     _check_symbol(symbol)
-    own = _ptq_ops(tflite, ptq_kernels)
     names = model_ops(tflite)
     missing = [n for n in names if n not in ADD_METHODS]
     if missing:
@@ -274,7 +272,7 @@ def ops_header(tflite: bytes, symbol: str = "model_data", ptq_kernels: bool = Fa
             "TFLM cannot run this file. Export a TFLM target (int8, micro, int4) of a model made of supported layers."
         )
     adds = "\n".join(
-        PTQ_KERNELS[n][1]
+        PTQ_KERNELS[n]
         if n in own
         else f"  if ((status = resolver.{ADD_METHODS[n]}()) != kTfLiteOk) return status;  // {n}"
         for n in names
@@ -818,7 +816,7 @@ def firmware(
     _check_symbol(symbol)
     tflite_bytes = bytes(tflite_bytes)
     own = _ptq_ops(tflite_bytes, ptq_kernels)
-    header = ops_header(tflite_bytes, symbol, ptq_kernels)  # the unsupported-op error before any slow step
+    header = _ops_header(tflite_bytes, symbol, own)  # the unsupported-op error before any slow step
     arrays = input_bytes(tflite_bytes, inputs)
     if arena_bytes is None:
         arena_bytes = micro.measure_arena(tflite_bytes) + ARENA_MARGIN

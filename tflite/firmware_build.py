@@ -344,6 +344,11 @@ def _kernel_objects(tflm_root: Path) -> set:
     return names
 
 
+# Objects of a generated firmware project (firmware.firmware) besides the model's C array, and where they are built.
+_PROJECT_OBJECTS = ("main.o", "startup.o", "test_inputs.o", "ptq_kernels.o")
+_PROJECT_BUILD = "build/"
+
+
 def flash_parts(map_file: str | os.PathLike, tflm_root: str | os.PathLike) -> dict:
     """Flash bytes of a firmware by origin, from its GNU ld map: ``model`` (the C array), ``kernels`` (TFLM's op
     kernels, CMSIS-NN and ptq_kernels.cc), ``runtime`` (the rest of TFLM: interpreter, allocator, flatbuffer
@@ -355,9 +360,10 @@ def flash_parts(map_file: str | os.PathLike, tflm_root: str | os.PathLike) -> di
     parts = dict.fromkeys(("model", "kernels", "runtime", "other", "test_inputs"), 0)
 
     def add(size: int, obj: str) -> None:
-        member = obj[obj.rfind("(") + 1 : -1] if obj.endswith(")") else os.path.basename(obj)
-        if member == "model_data.o" or obj.endswith("_data.o") and "(" not in obj:
-            parts["model"] += size
+        archived = obj.endswith(")")
+        member = obj[obj.rfind("(") + 1 : -1] if archived else os.path.basename(obj)
+        if not archived and member not in _PROJECT_OBJECTS and obj.startswith(_PROJECT_BUILD):
+            parts["model"] += size  # the project's one other source: <symbol>.cc, the C array
         elif member == "test_inputs.o":
             parts["test_inputs"] += size
         elif (
