@@ -210,6 +210,11 @@ TfLiteStatus ConcatPrepare(TfLiteContext* context, TfLiteNode* node) {
     }
     if (input != nullptr) micro_context->DeallocateTempTfLiteTensor(input);
   }
+  if (ok) {  // the rows fill the output exactly: Eval writes no byte past it
+    uint32_t row = 0;
+    for (size_t i = 0; i < inputs; ++i) row += rows[1 + i];
+    ok = static_cast<int64_t>(rows[0]) * row == tflite::NumElements(output);
+  }
   if (output != nullptr) micro_context->DeallocateTempTfLiteTensor(output);
   if (!ok) {
     MicroPrintf("ptq_keras CONCATENATION: int8 with one quantization only (register AddConcatenation())");
