@@ -41,8 +41,8 @@ bench: setup data
 
 # Everything in benchmarks/results/: also the ablation of the options over seeds (ablation.md), the related
 # methods at 0.7 and 0.85 on both models (methods.md), int8-file agreement (activations.md), the export targets,
-# the TFLM_DECODE encodings, bounded decode memory, the Ethos-U (Vela) figures and the micro file's parts. Many hours on 2 cores; every
-# training run is cached in out/bench/.
+# the TFLM_DECODE encodings, bounded decode memory, the Ethos-U (Vela) figures and the micro file's parts. Many
+# hours on 2 cores; every training run is cached in out/bench/.
 bench-all: bench
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/ablation.py --models=small_cnn,ds_cnn --sparsities=0.7,0.85 \
