@@ -193,41 +193,14 @@ def _cosine(build):
 
 
 def _split_separables(model):
-    """A copy of ``model`` (fresh layers, the same weights) in which each SeparableConv2D is the two ops the
-    converter makes of it, a DepthwiseConv2D ``<name>_depthwise`` and a 1x1 Conv2D ``<name>_pointwise``, so that
-    ``keep_float`` can name its depthwise half; ``model`` itself if it has none."""
+    """``model`` with each SeparableConv2D split into ``<name>_depthwise`` and ``<name>_pointwise``
+    (``ptq_keras.activations.split_separables``), so that ``keep_float`` can name its depthwise half; ``model``
+    itself if it has none."""
     from ptq_keras import activations, keras
 
-    L = keras.layers
-    if not any(isinstance(layer, L.SeparableConv2D) for layer in model.layers):
+    if not any(isinstance(layer, keras.layers.SeparableConv2D) for layer in model.layers):
         return model
-    config = model.get_config()
-    layers = {layer.name: layer for layer in model.layers}
-    tensors, inputs, copies = {}, [], []
-    for name, _, _ in config["input_layers"]:
-        spec = layers[name].get_config()
-        inputs.append(keras.Input(batch_shape=spec["batch_input_shape"], dtype=spec["dtype"], name=name))
-        tensors[(name, 0, 0)] = inputs[-1]
-    for spec in config["layers"]:
-        layer = layers[spec["name"]]
-        if isinstance(layer, L.InputLayer):
-            continue
-        if isinstance(layer, L.SeparableConv2D):
-            depthwise, pointwise = activations.split_separable(layer)
-            copies.append((layer, (depthwise, pointwise)))
-
-            def fresh(x, depthwise=depthwise, pointwise=pointwise):
-                return pointwise(depthwise(x))
-        else:
-            fresh = layer.__class__.from_config(layer.get_config())
-            copies.append((layer, fresh))
-        for node_index, node in enumerate(spec["inbound_nodes"]):
-            args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]
-            tensors[(layer.name, node_index, 0)] = fresh(args[0] if len(args) == 1 else args)
-    outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
-    new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
-    activations.copy_weights(copies)
-    return new
+    return activations.split_separables(model)[0]
 
 
 def _depthwise_and_stem(model) -> list:

@@ -32,7 +32,7 @@ from keras import ops
 
 from .compat import is_keras3, keras, keras3, tf
 
-__all__ = ["ActivationQuantizer", "insert", "quantizers"]
+__all__ = ["ActivationQuantizer", "insert", "quantizers", "split_separables"]
 
 ACTIVATIONS = (None, "int8")
 
@@ -527,6 +527,18 @@ def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, li
     Each SeparableConv2D becomes a DepthwiseConv2D and a 1x1 Conv2D (``<name>_depthwise``, ``<name>_pointwise``)
     with a quantizer between them, as in the converted file. Returns the model and ``{separable name: [the two
     new names]}``."""
+    return _copy(model, ema_decay)
+
+
+def split_separables(model) -> tuple[keras.Model, dict[str, list[str]]]:
+    """A functional copy of ``model`` (fresh layers, the same weights) in which each SeparableConv2D is the two
+    ops the converter makes of it, ``<name>_depthwise`` and ``<name>_pointwise`` (so that ``keep_float`` or
+    ``overrides`` can name either half). Returns the model and ``{separable name: [the two new names]}``."""
+    return _copy(model, None)
+
+
+def _copy(model, ema_decay: float | None) -> tuple[keras.Model, dict[str, list[str]]]:
+    """:func:`insert` (``ema_decay`` a number) or :func:`split_separables` (``None``: no quantizers)."""
     model = _functional(model)
     config = model.get_config()
     layers = {layer.name: layer for layer in model.layers}
@@ -543,7 +555,7 @@ def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, li
     aliases = {}
 
     def emit(layer, key, tensor):
-        if _needs_quantizer(layer, consumers[layer.name]):
+        if ema_decay is not None and _needs_quantizer(layer, consumers[layer.name]):
             tensor = ActivationQuantizer(ema_decay=ema_decay, name=f"{layer.name}_act_quant")(tensor)
         tensors[key] = tensor
 
@@ -564,7 +576,9 @@ def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, li
 
             def fresh(x, depthwise=depthwise, pointwise=pointwise):
                 x = depthwise(x)
-                return pointwise(ActivationQuantizer(ema_decay=ema_decay, name=f"{depthwise.name}_act_quant")(x))
+                if ema_decay is not None:
+                    x = ActivationQuantizer(ema_decay=ema_decay, name=f"{depthwise.name}_act_quant")(x)
+                return pointwise(x)
 
             copies.append((layer, (depthwise, pointwise)))
         else:

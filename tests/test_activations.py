@@ -42,6 +42,18 @@ def test_quantizers_sit_where_the_int8_converter_quantizes():
     assert _quantized_after(plain) == []  # activations=None: no fake-quant anywhere
 
 
+def test_split_separables_computes_the_same_with_the_two_halves_and_no_quantizer():
+    from ptq_keras import activations
+
+    model = residual_dw()
+    x = np.random.default_rng(0).uniform(0, 1, (4, *model.inputs[0].shape[1:])).astype(np.float32)
+    split, aliases = activations.split_separables(model)
+    assert aliases == {"sep": ["sep_depthwise", "sep_pointwise"]} and _quantized_after(split) == []
+    names = [layer.name for layer in split.layers]
+    assert "sep" not in names and {"sep_depthwise", "sep_pointwise"} <= set(names)
+    np.testing.assert_allclose(split(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_ranges_are_learned_then_static_after_strip_and_reestimated_with_batchnorm(fashion_mnist):
     x_train, y_train, _, _ = fashion_mnist
     x, y = x_train[:512], y_train[:512]
