@@ -132,8 +132,7 @@ def _encoded_bytes(projected: np.ndarray, dims: int, max_decode_bytes: int | Non
         part = np.take(codes, np.arange(first, stop), axis=axis)
         count = stop - first
         layout = encoders.ChannelLayout(count, axis, (0,) * count) if count > 1 else encoders.ChannelLayout(1, 0, (0,))
-        chosen = decode._choose(part, layout, macs=part.size, latency_budget=None)
-        total += int(chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
+        total += decode.auto_bytes(part, layout)
     return total
 
 

@@ -120,9 +120,10 @@ def is_wrapper(layer) -> bool:
     return isinstance(layer, TernaryWrapper)
 
 
-def ternarize(model, targets: set, options_of) -> object:
-    """A Keras 3 copy of ``model`` whose ``targets`` layers are wrapped with the options ``options_of(name)``;
-    the other layers are copies with the same weights."""
+def ternarize(model, targets: set, options_of, partial=None) -> object:
+    """A Keras 3 copy of ``model`` whose ``targets`` layers are wrapped with the options ``options_of(name)``
+    (``partial``: ``{name: attributes}`` for layers of which only those kernels are ternarized); the other layers
+    are copies with the same weights."""
     copies = []
 
     from .wrap import _fresh_copy
@@ -132,7 +133,8 @@ def ternarize(model, targets: set, options_of) -> object:
         copies.append((layer, fresh))
         if layer.name not in targets:
             return fresh
-        return TernaryWrapper(fresh, kernel_attributes(layer), options_of(layer.name), name=f"ptq_{layer.name}")
+        attributes = (partial or {}).get(layer.name, kernel_attributes(layer))
+        return TernaryWrapper(fresh, attributes, options_of(layer.name), name=f"ptq_{layer.name}")
 
     qmodel = k3.models.clone_model(model, clone_function=wrap)
     for original, fresh in copies:

@@ -24,6 +24,7 @@ _CHOICES = {
     "criterion": CRITERIA,
     "regularizer": REGULARIZERS,
 }
+PRECISIONS = ("ternary", "mixed")
 
 
 def custom_objects() -> dict:
@@ -146,6 +147,7 @@ def ternarize(
     keep_float: Iterable[str] = (),
     overrides: Mapping[str, Mapping] | None = None,
     activations: str | None = None,
+    precision: str = "ternary",
     flash_budget: int | None = None,
     ram_budget: int | None = None,
     budget_data=None,
@@ -173,6 +175,13 @@ def ternarize(
         fits it, so weights the RAM budget keeps as plain int8 are paid in flash); an impossible budget is an
         error naming the smallest arena reached. Export with the same ``ram_budget`` (``export``, ``ptq-convert
         --ram_budget``). Needs ``budget_data``.
+      precision: ``"ternary"`` (default: every quantizable kernel not in ``keep_float``) or ``"mixed"``: the
+        depthwise kernels (every DepthwiseConv2D, the depthwise half of every SeparableConv2D) and the stem (the
+        first quantizable layer, when it is a Conv1D or Conv2D) stay in float, so the exported files hold them as
+        int8 (target ``micro`` leaves them plain int8); every other kernel is ternary (a tf_keras SeparableConv2D
+        becomes its two halves, ``<name>_depthwise`` and ``<name>_pointwise``). Such kernels have few
+        weights per output channel (9 for a 3x3 depthwise filter) and are a small share of a depthwise-separable
+        model's weights, but ternarizing them costs the most accuracy (README: depthwise models).
       activations: ``None`` (activations stay float in training; the int8 export calibrates them) or ``"int8"``
         (8-bit activation fake-quantization where the int8 converter quantizes, with ranges learned in training
         and used by the export; see :mod:`ptq_keras.activations`).
@@ -207,6 +216,13 @@ def ternarize(
     base = _validate_options(options, "ternarize")
     if activations not in act.ACTIVATIONS:
         raise ValueError(f"ternarize: activations={activations!r} is not one of {list(act.ACTIVATIONS)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"ternarize: precision={precision!r} is not one of {list(PRECISIONS)}.")
+    if precision != "ternary" and (flash_budget is not None or ram_budget is not None):
+        raise ValueError(
+            f"ternarize: precision={precision!r} cannot be combined with flash_budget / ram_budget yet (the budget "
+            "chooses sparsities for ternary kernels only); pass one of the two."
+        )
     names = {layer.name for layer in model.layers}
     keep_float = list(keep_float)
     for name in keep_float:
@@ -222,11 +238,24 @@ def ternarize(
         per_layer[name] = _validate_options({**options, **layer_options}, f"overrides[{name!r}]")
 
     targets = {layer.name for layer in model.layers if kernel_attributes(layer) and layer.name not in keep_float}
+    # layers of which only some kernels are ternarized: {name: those kernels' attributes}
+    partial: dict[str, tuple] = {}
+    if precision == "mixed":
+        if not is_keras3(model) and any(type(model.get_layer(n)).__name__ == "SeparableConv2D" for n in targets):
+            # tf_keras: a tfmot wrapper that ternarizes one of a layer's two kernels reloads from .h5 with its
+            # weights in another order, so each SeparableConv2D becomes its two halves (as with activations="int8")
+            model, aliases = act.split_separables(model)
+            targets = {new for name in targets for new in aliases.get(name, [name])}
+            per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
+            overrides = {new: opts for name, opts in overrides.items() for new in aliases.get(name, [name])}
+        kept, partial = _mixed_precision(model, targets)
+        targets -= kept
     if not targets:
         raise ValueError(
             f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes Dense, Conv1D, Conv2D, "
             "DepthwiseConv2D and SeparableConv2D layers"
             + (f" (all of them are in keep_float={keep_float})" if keep_float else "")
+            + (" (precision='mixed' keeps its depthwise kernels and stem in float)" if precision == "mixed" else "")
             + "."
         )
 
@@ -282,7 +311,7 @@ def ternarize(
     elif budget_data is not None:
         raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
 
-    _report_capped(model, sorted(targets), lambda name: per_layer.get(name, base))
+    _report_capped(model, sorted(targets), lambda name: per_layer.get(name, base), partial)
 
     if activations == "int8":
         if is_keras3(model):
@@ -293,6 +322,9 @@ def ternarize(
             model, aliases = act.insert(model)
         # A SeparableConv2D becomes its depthwise and pointwise halves (an int8 tensor lies between them).
         targets = {new for name in targets for new in aliases.get(name, [name])}
+        for name in partial:  # its depthwise half (the first of the two) stays float
+            targets.discard(aliases[name][0])
+        partial = {}
         per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
 
     if is_keras3(model):
@@ -300,7 +332,8 @@ def ternarize(
 
         if keras3().backend.backend() != "tensorflow":
             _check_off_tensorflow([base, *per_layer.values()])
-        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)))
+        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)),
+                                         partial)  # fmt: skip
         attach(qmodel)
         qmodel.ptq_allocation = allocation
         return qmodel
@@ -312,7 +345,8 @@ def ternarize(
         copies[layer.name] = (layer, fresh)
         if layer.name not in targets:
             return fresh
-        config = TernaryQuantizeConfig(kernel_attributes(layer), _stored_options(per_layer.get(layer.name, base)))
+        attributes = partial.get(layer.name, kernel_attributes(layer))
+        config = TernaryQuantizeConfig(attributes, _stored_options(per_layer.get(layer.name, base)))
         return tfmot.quantization.keras.quantize_annotate_layer(fresh, config)
 
     with custom_object_scope():
@@ -327,7 +361,38 @@ def ternarize(
     return qmodel
 
 
-def _report_capped(model, targets, options_of) -> None:
+def _mixed_precision(model, targets: set) -> tuple[set, dict]:
+    """``precision="mixed"``: the layers of ``targets`` left in float (each DepthwiseConv2D, and the stem: the
+    first of them when it is a Conv1D or Conv2D) and ``{SeparableConv2D name: (its pointwise kernel,)}``. Says
+    what it keeps and what share of the quantizable weights that is."""
+    layers = [layer for layer in model.layers if layer.name in targets]
+    kept, partial, names = set(), {}, []
+    for i, layer in enumerate(layers):
+        kind = type(layer).__name__
+        if kind == "DepthwiseConv2D" or (i == 0 and kind in ("Conv1D", "Conv2D")):
+            kept.add(layer.name)
+            names.append(layer.name)
+        elif kind == "SeparableConv2D":
+            partial[layer.name] = tuple(a for a in kernel_attributes(layer) if a[0] != "depthwise_kernel")
+            names.append(f"{layer.name}.depthwise_kernel")
+    total = sum(int(np.prod(getattr(layer, a).shape)) for layer in layers for a, _ in kernel_attributes(layer))
+    float_weights = sum(
+        int(np.prod(getattr(layer, a).shape))
+        for layer in layers
+        for a, _ in kernel_attributes(layer)
+        if layer.name in kept or (layer.name in partial and a == "depthwise_kernel")
+    )
+    if names:
+        print(f"ptq_keras: precision='mixed' keeps {len(names)} kernel(s) in float, int8 in the exported files "
+              f"({float_weights:,} weights, {float_weights / max(total, 1):.1%} of the quantizable weights): "
+              f"{', '.join(names)}.")  # fmt: skip
+    else:
+        print("ptq_keras: precision='mixed' found no depthwise kernel and no Conv1D/Conv2D stem: every kernel is "
+              "ternary.")  # fmt: skip
+    return kept, partial
+
+
+def _report_capped(model, targets, options_of, partial) -> None:
     """Say which layers ``min_kept`` holds under their target sparsity (few weights per output channel)."""
     capped = []
     for name in targets:
@@ -337,7 +402,7 @@ def _report_capped(model, targets, options_of) -> None:
         final = schedules.final_sparsity(schedules.to_schedule(options["sparsity"], 1))
         layer = model.get_layer(name)
         kernels = kernel_attributes(layer)
-        for attr, dims in kernels:
+        for attr, dims in partial.get(name, kernels):
             cap = ternary.max_sparsity(tuple(getattr(layer, attr).shape), dims, options["min_kept"])
             if cap < final:  # a SeparableConv2D names which of its two kernels
                 capped.append(f"{name}{'.' + attr if len(kernels) > 1 else ''} {cap:.2f}")

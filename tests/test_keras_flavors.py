@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -242,6 +243,53 @@ def test_export_micro_is_bit_exact_with_int8_on_tflm(trained, data, tmp_path):
         )
         assert report.ok, str(report)
         assert report.steps[-1].max_lsb == 0.0, str(report)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_precision_mixed_keeps_depthwise_and_stem_int8_and_the_rest_ternary(flavor, data, tmp_path):
+    from ptq_keras.configs import is_ternary_wrapper, kernel_attributes
+    from ptq_keras.tflite import decode
+
+    model = build(flavor)
+    qmodel = ptq_keras.ternarize(model, sparsity=0.7, precision="mixed")
+    wrapped = {layer.layer.name: [a for a, _ in layer.quantize_config.attributes]
+               for layer in qmodel.layers if is_ternary_wrapper(layer)}  # fmt: skip
+    # the stem (first quantizable layer, a Conv2D) and the depthwise kernels stay float; conv1d is no stem
+    # (tf_keras splits the SeparableConv2D in two; Keras 3 ternarizes its pointwise kernel alone)
+    sep = {"sep": ["pointwise_kernel"]} if flavor == "keras3" else {"sep_pointwise": ["kernel"]}
+    assert wrapped == {**sep, "conv1d": ["kernel"], "logits": ["kernel"]}
+    _fit(qmodel, flavor, data, epochs=1)
+    path = str(tmp_path / ("q.keras" if flavor == "keras3" else "q.h5"))
+    qmodel.save(path)
+    loaded = ptq_keras.load_model(path)
+    assert {layer.layer.name: [a for a, _ in layer.quantize_config.attributes]
+            for layer in loaded.layers if is_ternary_wrapper(layer)} == wrapped  # fmt: skip
+    x = data[0][:16]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+    plain = ptq_keras.strip(qmodel)
+    kinds = {}
+    for layer in plain.layers:
+        for attr, dims in kernel_attributes(layer):
+            kernel = getattr(layer, attr).numpy()
+            columns = kernel.reshape(-1, int(np.prod(kernel.shape[-dims:])))
+            kinds[f"{layer.name}.{attr}"] = max(len(np.unique(np.abs(c[c != 0]))) for c in columns.T) <= 1
+    ternary_kernels = {"sep.pointwise_kernel", "conv1d.kernel", "logits.kernel"}
+    if flavor == "tf_keras":
+        ternary_kernels = {"sep_pointwise.kernel", "conv1d.kernel", "logits.kernel"}
+    assert len(kinds) == 6 and {k for k, ternary in kinds.items() if ternary} == ternary_kernels, kinds
+
+    out = tmp_path / "export"
+    kept = ["conv", "dw", "sep"] if flavor == "keras3" else ["conv", "dw", "sep_depthwise"]
+    with pytest.warns(UserWarning, match=r"3 layer\(s\) are not ternary.*" + re.escape(str(kept))):
+        tflite.export(qmodel, data[0][:64], out, targets=("int8", "micro"), measure=False)
+    micro = (out / "model_micro.tflite").read_bytes()
+    assert len(decode.describe(micro)) == 3  # the ternary kernels; the others are plain int8
+    report = tflite.verify(qmodel, out / "model_micro.tflite", data[0][:64], int8=out / "model_int8.tflite")
+    assert report.ok, str(report)
+    assert report.steps[-1].max_lsb == 0.0, str(report)
+    with pytest.raises(tflite.ExportError, match="layer 'conv'.*not ternary"):
+        tflite.convert(qmodel, data[0][:64], target="litert")  # LiteRT's INT2 holds ternary kernels only
 
 
 def test_keras3_exports_int4_and_ethos_u(data, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,13 +173,18 @@ def needs_ternary(target: str, encoding: str = "lut") -> bool:
     return target not in ("int8", "ethos-u") and not (target == "micro" and encoding != "lut")
 
 
-def check_layers(model, target: str, encoding: str = "lut") -> None:
-    """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values."""
+def check_layers(model, target: str, encoding: str = "lut") -> list[str]:
+    """Raise ``ExportError`` naming a layer whose weights ``target`` cannot store as exact ternary values.
+
+    Target ``micro`` with the LUT keeps the kernels of layers that are not ternary (``keep_float``,
+    ``ternarize(precision="mixed")``) as plain int8 when at least one layer is ternary: it returns their names
+    (and warns, naming them); a model with no ternary layer is refused as for the other packed targets."""
     if not needs_ternary(target, encoding):
-        return
+        return []
     from ptq_keras.activations import is_activation_quantizer
     from ptq_keras.configs import is_batchnorm, kernel_attributes
 
+    problems, ternary_layers = {}, 0
     for layer in _layers(model):
         attributes = kernel_attributes(layer)
         if not attributes:
@@ -189,21 +195,42 @@ def check_layers(model, target: str, encoding: str = "lut") -> None:
                     "export target 'int8' instead, or replace the layer."
                 )
             continue
+        problem = None
         for attr, channel_dims in attributes:
             kernel = getattr(layer, attr).numpy()
             columns = kernel.reshape(-1, int(np.prod(kernel.shape[-channel_dims:])))
             if target == "int4" and type(layer).__name__ == "Dense":
                 _check_one_scale(layer, columns)
-            for c in range(columns.shape[1]):
-                magnitudes = np.abs(columns[:, c][columns[:, c] != 0])
-                if magnitudes.size and not np.allclose(magnitudes, magnitudes[0], rtol=1e-5, atol=0):
-                    raise ExportError(
-                        f"layer {layer.name!r}: {attr} channel {c} is not ternary (values with "
-                        f"{len(np.unique(magnitudes))} distinct magnitudes, e.g. {magnitudes[:3].tolist()}); "
-                        f"target {target!r} stores only "
-                        "{-alpha, 0, +alpha} per channel. Ternarize this layer (ptq_keras.ternarize, then strip), "
-                        "or export target 'int8'."
-                    )
+            problem = problem or _not_ternary(layer.name, attr, columns, target)
+        if problem:
+            problems[layer.name] = problem
+        else:
+            ternary_layers += 1
+    if problems and (target != "micro" or not ternary_layers):
+        raise ExportError(next(iter(problems.values())))
+    if problems:
+        warnings.warn(
+            f"target 'micro': {len(problems)} layer(s) are not ternary and keep plain int8 kernels (8 bits per "
+            f"weight, no decode): {sorted(problems)} (layers kept in float by keep_float or precision='mixed'; "
+            "ternarize them for 2-bit weights).",
+            stacklevel=2,
+        )
+    return sorted(problems)
+
+
+def _not_ternary(name: str, attr: str, columns: np.ndarray, target: str) -> str | None:
+    """The message for the first channel of ``columns`` (weights x channels) that is not ternary, else None."""
+    for c in range(columns.shape[1]):
+        magnitudes = np.abs(columns[:, c][columns[:, c] != 0])
+        if magnitudes.size and not np.allclose(magnitudes, magnitudes[0], rtol=1e-5, atol=0):
+            return (
+                f"layer {name!r}: {attr} channel {c} is not ternary (values with "
+                f"{len(np.unique(magnitudes))} distinct magnitudes, e.g. {magnitudes[:3].tolist()}); "
+                f"target {target!r} stores only "
+                "{-alpha, 0, +alpha} per channel. Ternarize this layer (ptq_keras.ternarize, then strip), "
+                "or export target 'int8'."
+            )
+    return None
 
 
 def _check_one_scale(layer, kernel) -> None:
@@ -507,7 +534,7 @@ def compile_ethos_u(int8: bytes, options: ethosu.VelaOptions):
 
 
 def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, latency_budget) -> bytes:
-    check_layers(prep.plain, target, encoding)
+    int8_layers = check_layers(prep.plain, target, encoding)
     buf = _int8(prep, per_tensor=target == "int4")
     if target == "int8" and not strip:
         return buf
@@ -518,7 +545,7 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         return compiled
     model = flatbuffer.read(buf, "int8 .tflite")  # every stage edits this one parsed model; one serialization
     if target == "micro":
-        if needs_ternary(target, encoding):
+        if needs_ternary(target, encoding) and not int8_layers:
             check_ternary_model(model)
         before = channels.weight_macs(model)
         prep.channel_rows = channels.remove_dead_channels(model, buf, prep.calibration)
@@ -531,7 +558,8 @@ def _convert_prepared(prep: _Prepared, target: str, encoding: str, strip: bool, 
         prep.split_rows = split.split_model(model, bound) if bound else []
         prep.decode_bytes = bound if prep.split_rows else None
         try:
-            decode.compress_model(model, encoding=encoding, latency_budget=latency_budget, keep_int8=prep.keep_int8)
+            decode.compress_model(model, encoding=encoding, latency_budget=latency_budget, keep_int8=prep.keep_int8,
+                                  keep_unencodable=bool(int8_layers))  # fmt: skip
         except ValueError as exc:
             raise ExportError(f"target 'micro': {exc}") from exc
         trim_model(model)

@@ -19,7 +19,16 @@ import numpy as np
 from . import encoders, flatbuffer, groups
 from .encoders import ChannelLayout, Encoded
 
-__all__ = ["DECODE_OP", "ENCODINGS", "DECODE_NS_PER_WEIGHT", "INT8_NS_PER_MAC", "compress", "describe"]
+__all__ = [
+    "DECODE_OP",
+    "ENCODINGS",
+    "DECODE_NS_PER_WEIGHT",
+    "INT8_NS_PER_MAC",
+    "auto_bytes",
+    "compress",
+    "describe",
+    "encoding_for",
+]
 
 DECODE_OP = "TFLM_DECODE"
 ENCODINGS = ("auto", *encoders.ENCODERS, groups.ENCODING)
@@ -31,6 +40,11 @@ DECODE_NS_PER_WEIGHT = {"lut": 0.45, "prune": 4.0, "huffman": 8.0, groups.ENCODI
 INT8_NS_PER_MAC = 0.57
 # ``auto`` takes huffman_group only when it is at least this much smaller than the best other encoding.
 GROUP_MIN_SAVING = 0.10
+# What one encoded tensor costs in a slimmed ``micro`` file besides its payload: the TFLM_DECODE op, the decoded
+# tensor and the ancillary tensor with its buffer, after slimming shares tables (0-46 B measured on ds_cnn and
+# small_cnn; tests/test_precision.py checks the bound on an exported file). ``auto``
+# leaves a tensor plain int8 where its smallest encoding plus this is no smaller than the plain bytes.
+DECODE_OVERHEAD_BYTES = 48
 # Among equally small encodings, prefer the faster decode.
 _SPEED_ORDER = ("lut", "prune", groups.ENCODING, "huffman")
 
@@ -79,11 +93,16 @@ def compress_model(
     encoding: str = "lut",
     latency_budget: float | None = None,
     keep_int8: int = 0,
-) -> None:
-    """``compress`` on a parsed model, in place (the export path parses once and serializes once).
+    keep_unencodable: bool = False,
+) -> list[str]:
+    """``compress`` on a parsed model, in place (the export path parses once and serializes once). Returns the
+    names of the weight tensors left plain int8 besides ``keep_int8`` (``auto``: where no encoding is smaller;
+    ``keep_unencodable``: where ``encoding`` cannot encode them).
 
     ``keep_int8``: leave that many of the largest weight tensors as plain int8 constants (no decode buffer in the
     arena, 8 bits per weight in flash), for a RAM budget that decode buffers would exceed.
+    ``keep_unencodable``: a tensor that ``encoding`` cannot encode (a LUT of 2-bit indices holds four values per
+    channel: an int8 layer that is not ternary) stays plain int8 instead of raising.
     """
     check_options(encoding, latency_budget)
     weights = _weights(model)
@@ -91,6 +110,7 @@ def compress_model(
         sizes = [int(np.prod(model.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in weights]
         kept = set(sorted(range(len(weights)), key=lambda i: (-sizes[i], i))[:keep_int8])
         weights = [w for i, w in enumerate(weights) if i not in kept]
+    plain = []
     for weight in weights:
         subgraph = model.subgraphs[weight.subgraph]
         tensor = subgraph.tensors[weight.tensor]
@@ -105,13 +125,20 @@ def compress_model(
             else:
                 encoded = encoders.get(encoding).encode(values, layout)
         except encoders.EncodingError as exc:
+            if keep_unencodable:
+                plain.append(name)
+                continue
             shape = [int(d) for d in tensor.shape]
             raise ValueError(f"tensor {name!r} {shape} cannot be encoded as {encoding!r}: {exc}") from None
+        if encoded is None:  # auto: plain int8 is no larger
+            plain.append(name)
+            continue
         if isinstance(encoded, groups.GroupEncoded):
             groups.insert(model, weight.subgraph, weight.tensor, encoded, _decode_opcode(model))
         else:
             _insert_decode(model, weight, encoded)
     _drop_unreferenced_buffers(model)
+    return plain
 
 
 def encoded_names(model: flatbuffer.schema.ModelT) -> list[str]:
@@ -294,8 +321,25 @@ def _layout(tensor: flatbuffer.schema.TensorT, name: str) -> ChannelLayout:
     return ChannelLayout(len(q.scale), axis, zero_points)
 
 
-def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget: float | None) -> Encoded:
-    """``auto``: the smallest payload (ties: faster decode), within the latency budget when one is given."""
+def _choose(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget: float | None) -> Encoded | None:
+    """``auto``: the smallest payload (ties: faster decode), within the latency budget when one is given; ``None``
+    (leave the tensor plain int8) where that payload plus ``DECODE_OVERHEAD_BYTES`` is no smaller than
+    ``values.size`` bytes (a small int8 kernel that is not ternary)."""
+    best = encoding_for(values, layout, macs, latency_budget)
+    if best.payload_bytes + getattr(best, "structure_bytes", 0) + DECODE_OVERHEAD_BYTES >= values.size:
+        return None
+    return best
+
+
+def auto_bytes(values: np.ndarray, layout: ChannelLayout) -> int:
+    """Bytes ``encoding="auto"`` stores one int8 tensor in: its chosen encoding's payload (and structure), or the
+    plain int8 bytes where it leaves the tensor unencoded (the file's per-tensor tables come on top)."""
+    chosen = _choose(values, layout, values.size, None)
+    return int(values.size if chosen is None else chosen.payload_bytes + getattr(chosen, "structure_bytes", 0))
+
+
+def encoding_for(values: np.ndarray, layout: ChannelLayout, macs: int, latency_budget: float | None) -> Encoded:
+    """The encoding ``auto`` picks among the encoders for one int8 tensor (``EncodingError`` if none can)."""
     candidates: list[Encoded] = []
     errors = []
     for name in _SPEED_ORDER:
