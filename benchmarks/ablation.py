@@ -95,8 +95,7 @@ def _variants():
     def kept_depthwise(**options):
         # the depthwise kernels and the stem (the first conv) in float: they export as int8
         def build(model, steps, sparsity):
-            model = _split_separables(model)
-            return ptq_keras.ternarize(model, sparsity=sparsity, keep_float=_depthwise_and_stem(model), **options)
+            return ptq_keras.ternarize(model, sparsity=sparsity, precision="mixed", **options)
 
         return _uses_default_ste(build, True)
 
@@ -141,9 +140,9 @@ def _variants():
         "min_kept8": ("min_kept=8 (small fan-in layers keep 8 weights per channel)", ternarize(min_kept=8), "defaults"),
         "erk": ("per-layer sparsities by Erdos-Renyi-Kernel (Evci et al. 2020), the same total of zeros",
                 allocated(_erk), "defaults"),
-        "keep_dw_int8": ("The defaults with the depthwise kernels (each SeparableConv2D's depthwise half included) "
-                         "and the stem conv kept in float via keep_float, so they export as int8.", kept_depthwise(),
-                         "defaults"),
+        "keep_dw_int8": ("`precision='mixed'`: the defaults with the depthwise kernels (each SeparableConv2D's "
+                         "depthwise half included) and the stem conv kept in float, so they export as int8.",
+                         kept_depthwise(), "defaults"),
         "cosine": ("The defaults, compiled with Adam whose learning rate follows a cosine decay from 1e-3 to 0 over "
                    "the fine-tuning steps.", _cosine(ternarize()), "defaults"),
         "keep_dw_int8_cosine": ("The depthwise kernels and the stem kept in float (as keep_dw_int8), compiled with "
@@ -190,26 +189,6 @@ def _cosine(build):
     fine-tuning steps) instead of Adam's constant default."""
     build.cosine = True
     return build
-
-
-def _split_separables(model):
-    """``model`` with each SeparableConv2D split into ``<name>_depthwise`` and ``<name>_pointwise``
-    (``ptq_keras.activations.split_separables``), so that ``keep_float`` can name its depthwise half; ``model``
-    itself if it has none."""
-    from ptq_keras import activations, keras
-
-    if not any(isinstance(layer, keras.layers.SeparableConv2D) for layer in model.layers):
-        return model
-    return activations.split_separables(model)[0]
-
-
-def _depthwise_and_stem(model) -> list:
-    """Names of the DepthwiseConv2D layers and of the first Conv2D (the stem)."""
-    from ptq_keras import keras
-
-    names = [layer.name for layer in model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
-    convs = [layer.name for layer in model.layers if type(layer) is keras.layers.Conv2D]
-    return names + convs[:1]
 
 
 def _uses_default_ste(build, uses: bool, uses_min_kept: bool = True):

@@ -241,3 +241,39 @@ def test_every_buffer_of_a_compressed_file_is_16_byte_aligned(ternary_cnn):
         if not isinstance(data, int) and data.size:
             offsets.append(data.__array_interface__["data"][0] - start)
     assert offsets and all(offset % 16 == 0 for offset in offsets), offsets
+
+
+def test_auto_leaves_a_tensor_plain_int8_where_no_encoding_is_smaller():
+    from ptq_keras.tflite.encoders import ChannelLayout
+
+    rng = np.random.default_rng(7)
+    small = rng.integers(-127, 128, size=(3, 3, 12)).astype(np.int8)  # a 3x3 depthwise kernel kept int8
+    layout = ChannelLayout(12, 2, (0,) * 12)
+    assert decode._choose(small, layout, small.size, None) is None
+    assert decode.auto_bytes(small, layout) == small.size
+    ternary = (rng.integers(-1, 2, size=(64, 64)) * 127).astype(np.int8)
+    chosen = decode._choose(ternary, ChannelLayout(64, 0, (0,) * 64), ternary.size, None)
+    assert chosen is not None and chosen.payload_bytes + decode.DECODE_OVERHEAD_BYTES < ternary.size
+    assert decode.auto_bytes(ternary, ChannelLayout(64, 0, (0,) * 64)) == chosen.payload_bytes
+
+
+def test_decode_overhead_bound_holds_on_a_slimmed_micro_file():
+    """What encoding one tensor costs beyond its payload, measured on an exported file: leaving the largest weight
+    plain int8 grows the file by its int8 bytes less its payload less that overhead."""
+    import importlib
+
+    import tflite_models as tm
+
+    conv = importlib.import_module("ptq_keras.tflite.convert")
+    model = tm.build("cnn")
+    prep = conv._prepare(model, tm.inputs(model, 16), 16)
+    sizes, payloads = [], []
+    for keep in (0, 1):
+        prep.keep_int8 = keep
+        buf = conv._convert_prepared(prep, "micro", "lut", False, None)
+        sizes.append(len(buf))
+        payloads.append(sorted(row["payload_bytes"] for row in decode.describe(buf)))
+    int8_bytes = max(int(np.prod(model.get_layer(n).kernel.shape)) for n in ("conv1", "conv2", "logits"))
+    payload = sum(payloads[0]) - sum(payloads[1])
+    overhead = int8_bytes - payload - (sizes[1] - sizes[0])
+    assert -16 <= overhead <= decode.DECODE_OVERHEAD_BYTES, (overhead, sizes, int8_bytes, payload)

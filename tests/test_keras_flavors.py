@@ -247,8 +247,9 @@ def test_export_micro_is_bit_exact_with_int8_on_tflm(trained, data, tmp_path):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_precision_mixed_keeps_depthwise_and_stem_int8_and_the_rest_ternary(flavor, data, tmp_path):
-    from ptq_keras.configs import is_ternary_wrapper, kernel_attributes
     from ptq_keras.tflite import decode
+
+    from ptq_keras.configs import is_ternary_wrapper, kernel_attributes
 
     model = build(flavor)
     qmodel = ptq_keras.ternarize(model, sparsity=0.7, precision="mixed")

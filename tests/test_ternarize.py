@@ -189,6 +189,34 @@ def test_keep_float_and_overrides():
     assert report["dw"].sparsity == pytest.approx(0.5, abs=1 / 9)
 
 
+def test_precision_mixed_leaves_only_the_depthwise_kernels_and_the_stem_in_float(capsys):
+    qmodel = ptq_keras.ternarize(residual_dw(), sparsity=0.5, precision="mixed", overrides={"sep": {"sparsity": 0.6}},
+                                 activations="int8")  # fmt: skip
+    wrapped = {layer.layer.name for layer in qmodel.layers if hasattr(layer, "quantize_config")}
+    assert wrapped == {"pw", "sep_pointwise", "head"}  # stem, dw and the separable's depthwise half stay float
+    assert "kernel(s) in float" in capsys.readouterr().out
+    options = {layer.layer.name: layer.quantize_config.options for layer in qmodel.layers if layer.name in
+               {"ptq_pw", "ptq_sep_pointwise"}}  # fmt: skip
+    assert (options["pw"]["sparsity"], options["sep_pointwise"]["sparsity"]) == (0.5, 0.6)  # the override follows
+    report = {r.name: r for r in ptq_keras.summary(qmodel, print_fn=None).layers}
+    assert not report["sep_depthwise"].ternary and not report["stem"].ternary and report["pw"].ternary
+
+    mlp = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="d1"), keras.layers.Dense(3, name="d2")])
+    qmlp = ptq_keras.ternarize(mlp, precision="mixed")  # no stem to keep: a Dense comes first
+    assert {layer.layer.name for layer in qmlp.layers if hasattr(layer, "quantize_config")} == {"d1", "d2"}
+    assert "every kernel is ternary" in capsys.readouterr().out
+
+
+def test_precision_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"precision='int4' is not one of \['ternary', 'mixed'\]"):
+        ptq_keras.ternarize(residual_dw(), precision="int4")
+    with pytest.raises(ValueError, match="precision='mixed' cannot be combined with flash_budget"):
+        ptq_keras.ternarize(residual_dw(), precision="mixed", flash_budget=4_000, budget_data=np.zeros((4, 16, 16, 3)))
+    dw_only = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.DepthwiseConv2D(3, name="dw")])
+    with pytest.raises(ValueError, match="no layer to ternarize.*precision='mixed' keeps"):
+        ptq_keras.ternarize(dw_only, precision="mixed")
+
+
 @pytest.mark.parametrize("threshold", ["l2", "twn"])
 @pytest.mark.parametrize("ste", ["masked", "clipped"])
 def test_other_thresholds_and_stes_train_and_strip(threshold, ste):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import tflite_models as tm
+from ptq_keras.tflite import decode
 
 from ptq_keras import keras
 from ptq_keras import tflite as ptq_tflite
@@ -120,13 +121,20 @@ def test_non_ternary_layer_is_named_and_nothing_is_written(tmp_path):
     kernel = model.get_layer("conv2").kernel
     kernel.assign(kernel.numpy() * np.linspace(0.5, 1.5, kernel.shape[0] * kernel.shape[1]).reshape(3, 3, 1, 1))
     x = tm.inputs(model, 8)
-    for target in ("micro", "litert", "int4"):
+    for target in ("litert", "int4"):
         with pytest.raises(ptq_tflite.ExportError, match=r"layer 'conv2': kernel channel 0 is not ternary"):
             ptq_tflite.convert(model, x, target=target)
     with pytest.raises(ptq_tflite.ExportError, match="conv2"):
-        ptq_tflite.export(model, x, tmp_path / "out", targets=("int8", "micro"))
+        ptq_tflite.export(model, x, tmp_path / "out", targets=("int8", "litert"))
     assert not (tmp_path / "out").exists()
     assert ptq_tflite.convert(model, x, target="int8")[4:8] == b"TFL3"
+    # micro keeps a layer that is not ternary as plain int8 (keep_float, precision="mixed"), and says so
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) are not ternary and keep plain int8 kernels.*\['conv2'\]"):
+        micro = ptq_tflite.convert(model, x, target="micro")
+    assert len(decode.describe(micro)) == 2  # conv1 and logits are encoded, conv2 is not
+    # ... but a model without any ternary layer is refused (it was not ternarized)
+    with pytest.raises(ptq_tflite.ExportError, match="layer 'conv1': kernel channel 0 is not ternary"):
+        ptq_tflite.convert(tm.cnn(), x, target="micro")
 
 
 def test_layer_without_packed_storage_is_named():

@@ -202,11 +202,13 @@ def check_layers(model, target: str, encoding: str = "lut") -> list[str]:
             if target == "int4" and type(layer).__name__ == "Dense":
                 _check_one_scale(layer, columns)
             problem = problem or _not_ternary(layer.name, attr, columns, target)
+        if problem and target != "micro":
+            raise ExportError(problem)
         if problem:
             problems[layer.name] = problem
         else:
             ternary_layers += 1
-    if problems and (target != "micro" or not ternary_layers):
+    if problems and not ternary_layers:
         raise ExportError(next(iter(problems.values())))
     if problems:
         warnings.warn(
