@@ -194,6 +194,7 @@ def test_flag_errors_name_the_problem_and_the_choices(tmp_path, mock_data):
         ("--sparsity=1.0",): r"outside \[0, 1\)",
         ("--ramp_epochs=3", "--epochs=2"): "exceeds --epochs",
         ("--init_from=/nonexistent/float.h5",): "does not exist",
+        ("--precision=mixed", "--export=int8,litert"): r"--precision=mixed keeps int8 kernels.*\['litert'\]",
     }
     for args, message in cases.items():
         with pytest.raises(app.UsageError, match=message):
@@ -204,6 +205,19 @@ def test_flag_errors_name_the_problem_and_the_choices(tmp_path, mock_data):
         call_main(evaluate)
     with pytest.raises(app.UsageError, match="neither a .h5 file"):
         call_main(evaluate, f"--model_path={tmp_path}")
+
+
+def test_train_precision_mixed_keeps_depthwise_and_stem_int8(tmp_path, mock_data):
+    call_main(train, "--model=ds_cnn", "--batch_size=32", "--recalibrate_bn_steps=2", "--nomeasure", "--limit=128",
+              "--method=ptq", "--epochs=1", "--precision=mixed", "--export=int8,micro",
+              f"--out_dir={tmp_path}")  # fmt: skip
+    res = results(tmp_path)
+    assert res["config"]["precision"] == "mixed"
+    plain = load_h5(res["model"])
+    assert not ternary_channels(plain.get_layer("stem").kernel.numpy())
+    assert not ternary_channels(plain.get_layer("dw1").depthwise_kernel.numpy())
+    assert ternary_channels(plain.get_layer("pw1").kernel.numpy())
+    assert res["export"]["micro"]["file_bytes"] < res["export"]["int8"]["file_bytes"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, mock_data):
