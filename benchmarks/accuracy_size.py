@@ -1,5 +1,6 @@
 """Accuracy against file size on real Fashion-MNIST, over several seeds: float, int8, tfmot QAT, tfmot pruning
-(int8 and entropy-coded ``micro`` files), TWN and PTQ (defaults, with distillation, with int8 activations).
+(int8 and entropy-coded ``micro`` files), TWN and PTQ (defaults, ``precision="mixed"``, with distillation, with
+int8 activations), on ``small_cnn``, ``ds_cnn`` and ``ds_resnet``.
 
 Per model and seed a float model trains ``--float_epochs`` (``examples/train.py``'s ``run``, Adam 1e-3, batch
 128); it is the float row, and its post-training int8 file the int8 row. Every other row fine-tunes that float
@@ -9,7 +10,7 @@ models are stripped and their BatchNorm statistics re-estimated. Every file's ac
 10k test set on the TFLM interpreter. The pruning rows export two files: the stock ``int8`` file and the ``micro``
 file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the baseline gets entropy-coded bytes too.
 
-    .venv/bin/python benchmarks/accuracy_size.py                                 # both models, seeds 0 1 2
+    .venv/bin/python benchmarks/accuracy_size.py                                 # three models, seeds 0 1 2
     .venv/bin/python benchmarks/accuracy_size.py --models=small_cnn --seeds=1
     .venv/bin/python benchmarks/accuracy_size.py --quick                         # smoke run, minutes
 
@@ -38,13 +39,15 @@ from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 from examples import common, train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["small_cnn", "ds_cnn"], "Models of ptq_keras.models.")
+flags.DEFINE_list("models", ["small_cnn", "ds_cnn", "ds_resnet"], "Models of ptq_keras.models.")
 flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. N-1).", lower_bound=1)
 flags.DEFINE_bool("quick", False, "Smoke run: 2048 examples per split, one epoch each; numbers are not meaningful.")
 flags.DEFINE_integer("float_epochs", 6, "Epochs of the float model every row starts from.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", 4, "Epochs every compressed row fine-tunes.", lower_bound=1)
 flags.DEFINE_list("ptq_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the PTQ rows.")
 flags.DEFINE_list("prune_sparsities", ["0.5", "0.7", "0.85", "0.9"], "Sparsities of the tfmot pruning rows.")
+flags.DEFINE_list("mixed_sparsities", ["0.7", "0.85"],
+                  "Sparsities of the PTQ rows with precision='mixed' (depthwise kernels and the stem int8).")
 flags.DEFINE_float("variant_sparsity", 0.7, "Sparsity of the PTQ + distillation and PTQ + int8 activation rows.")
 flags.DEFINE_list("identity_sparsities", [],
                   "Sparsities of extra PTQ rows with ste='identity' (the default STE before 'psg'; the ablation "
@@ -68,6 +71,9 @@ def _row_specs() -> list[tuple[str, str, str, dict, tuple]]:
     rows.append(("twn", "TWN", "twn", dict(method="twn"), ("micro",)))
     for s in map(float, FLAGS.ptq_sparsities):
         rows.append((f"ptq{s:g}", f"PTQ {s:g}", "ptq", dict(method="ptq", sparsity=s), ("micro",)))
+    for s in map(float, FLAGS.mixed_sparsities):
+        rows.append((f"ptq{s:g}_mixed", f"PTQ {s:g}, precision='mixed'", "ptq",
+                     dict(method="ptq", sparsity=s, precision="mixed"), ("micro",)))  # fmt: skip
     for s in map(float, FLAGS.identity_sparsities):
         rows.append((f"ptq{s:g}_identity", f"PTQ {s:g}, ste='identity'", "ptq",
                      dict(method="ptq", sparsity=s, ste="identity"), ("micro",)))  # fmt: skip
