@@ -30,14 +30,14 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 import numpy as np
 from absl import app, flags
-from ptq_keras.tflite.convert import ENCODINGS, needs_ternary
-from ptq_keras.tflite.flatbuffer import atomic_write
 
 import ptq_keras
 from examples import common
 from ptq_keras import keras, models
 from ptq_keras.compat import tf, tfmot
-from ptq_keras.quantizers import DEFAULTS
+from ptq_keras.core.options import DEFAULTS
+from ptq_keras.tflite.convert import ENCODINGS, needs_ternary
+from ptq_keras.tflite.flatbuffer import atomic_write
 
 METHODS = ("float", "ptq", "twn", "int8_ptq", "tfmot_qat", "tfmot_prune")
 TERNARY_METHODS = ("ptq", "twn")

@@ -5,10 +5,10 @@
 """
 
 from .compat import keras
+from .core.schedules import ConstantSparsity, PolynomialDecay
 from .distill import distill
 from .fitting import decay_pruned, resolve_freeze
 from .report import summary
-from .schedules import ConstantSparsity, PolynomialDecay
 from .wrap import (
     attach,
     custom_object_scope,

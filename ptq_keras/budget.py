@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ternary
 from .compat import is_keras3, keras, keras3
-from .configs import is_batchnorm, kernel_attributes
-from .quantizers import DEFAULTS
+from .core import ternary
+from .core.layers import kernel_attributes
+from .core.options import DEFAULTS
+from .frontends import is_batchnorm
 
 __all__ = ["CANDIDATES", "Allocation", "allocate"]
 

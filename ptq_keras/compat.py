@@ -6,15 +6,9 @@ TensorFlow 2.21 ships Keras 3, but tfmot 0.8.1 only works with Keras 2 (``tf_ker
 
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from .frontends.tf_keras import keras, tf, tfmot  # noqa: E402
 
 __all__ = ["tf", "keras", "tfmot", "check_keras_model", "keras3", "is_keras3"]
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import schedules
 from .compat import is_keras3, keras
-from .configs import is_ternary_wrapper
+from .core import schedules
+from .frontends import is_ternary_wrapper
 
 
 def all_layers(model) -> Iterator:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .compat import check_keras_model, tfmot
-from .configs import kernel_attributes
-from .ternary import as_groups
+from .core.layers import kernel_attributes
+from .core.ternary import as_groups
 from .wrap import _ternary_wrapper, student_of, ternary_kernels
 
 ACCOUNTINGS = ("fp32", "dense_2bit", "nnz_2bit", "entropy")

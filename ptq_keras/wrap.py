@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 import types
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from . import activations as act
-from . import fitting, schedules, ste, ternary
+from . import fitting
 from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras, keras3, tf, tfmot
-from .configs import TernaryQuantizeConfig, TernaryScheme, is_batchnorm, is_ternary_wrapper, kernel_attributes
-from .quantizers import CRITERIA, DEFAULTS, REGULARIZERS, TernaryQuantizer
+from .core import options as core_options
+from .core import schedules, ternary
+from .core.layers import NAMES_TEXT, kernel_attributes
+from .frontends import is_batchnorm, is_ternary_wrapper
+from .frontends.tf_keras.config import TernaryQuantizeConfig, TernaryQuantizer, TernaryScheme
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
-_CHOICES = {
-    "threshold": ternary.THRESHOLDS,
-    "granularity": ternary.GRANULARITIES,
-    "selection": ternary.GRANULARITIES,
-    "ste": ste.STE_MODES,
-    "criterion": CRITERIA,
-    "regularizer": REGULARIZERS,
-}
 PRECISIONS = ("ternary", "mixed")
 
 
@@ -41,83 +35,8 @@ def custom_object_scope():
     return tfmot.quantization.keras.quantize_scope(custom_objects())
 
 
-def _validate_options(options: Mapping, where: str) -> dict:
-    """Check every per-layer option; return them with defaults filled in."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f"{where}: unknown option(s) {unknown}; known options: {sorted(DEFAULTS)}.")
-    merged = {**DEFAULTS, **options}
-    for name, choices in _CHOICES.items():
-        if merged[name] not in choices:
-            raise ValueError(f"{where}: {name}={merged[name]!r} is not one of {list(choices)}.")
-    try:
-        schedules.to_schedule(merged["sparsity"], 1)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
-    if not isinstance(merged["normalize"], bool):
-        raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
-    for name, (accepts, wanted) in _NUMBERS.items():
-        value = merged[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not accepts(value):
-            raise ValueError(f"{where}: {name} must be {wanted}, got {value!r}.")
-    if not isinstance(merged["greg_interval"], numbers.Integral) or merged["greg_interval"] < 1:
-        raise ValueError(f"{where}: greg_interval must be an integer >= 1, got {merged['greg_interval']!r}.")
-    if merged["criterion"] == "taylor" and merged["threshold"] != "sparsity":
-        raise ValueError(
-            f"{where}: criterion='taylor' ranks weights for the exact top-k; use it with threshold='sparsity', "
-            f"not {merged['threshold']!r}."
-        )
-    decay = merged["decay"]
-    if not callable(decay) and (not isinstance(decay, numbers.Real) or decay < 0):
-        raise ValueError(f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}.")
-    merged["freeze_at"] = _checked_freeze_at(merged["freeze_at"], where)
-    if isinstance(merged["sparsity"], schedules.PruningSchedule):
-        merged["sparsity"] = schedules.checked_frequency(merged["sparsity"], merged["ste"], where)
-    if not isinstance(merged["frequency"], numbers.Integral) or merged["frequency"] < 1:
-        raise ValueError(f"{where}: frequency must be an integer >= 1, got {merged['frequency']!r}.")
-    return merged
-
-
-# Numeric options: name -> (accepts the value, what the error message asks for).
-_NUMBERS = {
-    "clip": (lambda v: v > 0, "a positive number"),
-    "psg_strength": (lambda v: v > 0, "a positive number"),
-    "greg_ceiling": (lambda v: v > 0, "a positive number"),
-    "greg_delta": (lambda v: v >= 0, "a number >= 0"),
-    "taylor_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "soft_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: pruned weights keep their values)"),
-    "channel_sparsity": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of output channels to zero whole"),
-    "min_kept": (lambda v: v >= 0, "a number >= 0 of weights kept per output channel on average (0: no cap)"),
-}
-
-
-def _checked_freeze_at(freeze_at, where: str):
-    """``None``, an int step >= 0, or a float fraction of training in (0, 1]."""
-    if freeze_at is None:
-        return None
-    if isinstance(freeze_at, bool) or not isinstance(freeze_at, numbers.Real):
-        raise TypeError(
-            f"{where}: freeze_at must be a fraction of training in (0, 1] (e.g. 0.5), a step number (int), or None, "
-            f"got {freeze_at!r}."
-        )
-    if isinstance(freeze_at, numbers.Integral):
-        if freeze_at < 0:
-            raise ValueError(f"{where}: freeze_at={freeze_at!r}: a step number must be >= 0.")
-        return int(freeze_at)
-    if not 0.0 < float(freeze_at) <= 1.0:
-        raise ValueError(
-            f"{where}: freeze_at={freeze_at!r}: a float is a fraction of the training steps of the first fit() and "
-            "must be in (0, 1]; pass an int for a step number."
-        )
-    return float(freeze_at)
-
-
-def _stored_options(options: Mapping) -> dict:
-    """Options as stored in a layer's config (schedules serialized)."""
-    stored = dict(options)
-    if isinstance(stored["sparsity"], schedules.PruningSchedule):
-        stored["sparsity"] = schedules.serialize(stored["sparsity"])
-    return stored
+_validate_options = core_options.validate
+_stored_options = core_options.stored
 
 
 def _check_graph_model(model) -> None:
@@ -156,7 +75,8 @@ def ternarize(
     """Return a new model whose quantizable kernels train as sparse ternary weights.
 
     ``model`` is a tf_keras model (the result is a tf_keras model) or a Keras 3 model on the TensorFlow backend
-    (the result is a Keras 3 model whose ternarized layers are :class:`ptq_keras.keras3_layers.TernaryWrapper`,
+    (the result is a Keras 3 model whose ternarized layers are
+    :class:`ptq_keras.frontends.keras3.layers.TernaryWrapper`,
     saved and loaded in the ``.keras`` format; ``flash_budget`` / ``ram_budget`` need Keras 3's TensorFlow
     backend).
 
@@ -252,8 +172,7 @@ def ternarize(
         targets -= kept
     if not targets:
         raise ValueError(
-            f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes Dense, Conv1D, Conv2D, "
-            "DepthwiseConv2D and SeparableConv2D layers"
+            f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes {NAMES_TEXT} layers"
             + (f" (all of them are in keep_float={keep_float})" if keep_float else "")
             + (" (precision='mixed' keeps its depthwise kernels and stem in float)" if precision == "mixed" else "")
             + "."
@@ -315,7 +234,7 @@ def ternarize(
 
     if activations == "int8":
         if is_keras3(model):
-            from . import keras3_layers
+            from .frontends.keras3 import layers as keras3_layers
 
             model, aliases = keras3_layers.insert_activation_quantizers(model)
         else:
@@ -328,7 +247,7 @@ def ternarize(
         per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
 
     if is_keras3(model):
-        from . import keras3_layers
+        from .frontends.keras3 import layers as keras3_layers
 
         if keras3().backend.backend() != "tensorflow":
             _check_off_tensorflow([base, *per_layer.values()])
@@ -423,7 +342,7 @@ def _check_off_tensorflow(option_sets) -> None:
                 "TensorFlow backend (KERAS_BACKEND=tensorflow)."
             )
         sparsity = options["sparsity"]
-        if isinstance(sparsity, schedules.PruningSchedule) and type(sparsity) not in (
+        if schedules.is_schedule(sparsity) and type(sparsity) not in (
             schedules.ConstantSparsity, schedules.PolynomialDecay
         ):  # fmt: skip
             raise NotImplementedError(
@@ -461,7 +380,7 @@ def load_model(filepath, *, compile: bool = True, **kwargs):
     ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`); a ``.keras`` file loads as a Keras 3 model.
     Plain models load as they are."""
     if str(filepath).endswith(".keras"):
-        from . import keras3_layers
+        from .frontends.keras3 import layers as keras3_layers
 
         model = keras3_layers.load_model(filepath, compile=compile, **kwargs)
     else:
@@ -539,7 +458,7 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
             "ptq_keras.ternarize (or loaded from one inside ptq_keras.custom_object_scope())."
         )
     if is_keras3(model):
-        from . import keras3_layers
+        from .frontends.keras3 import layers as keras3_layers
 
         plain = keras3_layers.strip(model, lambda wrapper: {
             attr: quantizer.project_numpy(latent, mask) for attr, latent, mask, quantizer, _ in ternary_kernels(wrapper)

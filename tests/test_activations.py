@@ -135,7 +135,7 @@ def _pooling_model(flavor, size, input_range, output_range, keepdims):
     else:
         import keras as k
 
-        from ptq_keras.keras3_layers import ActivationQuantizer as quantizer
+        from ptq_keras.frontends.keras3.layers import ActivationQuantizer as quantizer
     inp = k.Input((size, size, 16))
     first, last = quantizer(static=True, name="q_in"), quantizer(static=True, name="q_out")
     out = last(k.layers.GlobalAveragePooling2D(keepdims=keepdims, name="gap")(first(inp)))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ptq_keras.tflite import decode
 
 import ptq_keras
 from ptq_keras import budget, keras
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode
 
 L = keras.layers
 
@@ -147,7 +147,7 @@ def test_flash_and_ram_budgets_together():
 def test_sizes_are_measured_at_the_sparsity_min_kept_allows():
     # A 3x3 depthwise kernel keeps 4 weights per channel on average (as the quantizer keeps it in training), so
     # the allocator never counts bytes that training would not save; min_kept=0 lifts the cap.
-    from ptq_keras.ternary import keep_count
+    from ptq_keras.core.ternary import keep_count
 
     kernel = np.random.default_rng(0).normal(size=(3, 3, 16, 1)).astype("float32")
     assert np.count_nonzero(budget._project(kernel, 2, 0.9, {})) == keep_count(1 - 4 / 9, kernel.size)
@@ -157,7 +157,7 @@ def test_sizes_are_measured_at_the_sparsity_min_kept_allows():
 def test_the_table_names_kernels_min_kept_holds_below_the_chosen_sparsity(capsys):
     # A 1x1 convolution over 4 channels has a fan-in of 4: min_kept=4 keeps it dense whatever sparsity the
     # allocator picks, and the 3x3 depthwise kernel (fan-in 9) is held at 1 - 4/9 when its layer goes above that.
-    from ptq_keras.ternary import max_sparsity
+    from ptq_keras.core.ternary import max_sparsity
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential(

@@ -7,9 +7,10 @@ import pytest
 from conftest import small_cnn
 
 import ptq_keras
-from ptq_keras import fitting, keras, ste, ternary
+from ptq_keras import fitting, keras
 from ptq_keras.compat import tf
-from ptq_keras.quantizers import TernaryQuantizer
+from ptq_keras.core import ste, ternary
+from ptq_keras.core.quantizer import TernaryQuantizer
 
 
 def _setup(seed=0):

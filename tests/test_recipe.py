@@ -215,7 +215,7 @@ def test_distill_trains_and_strip_summary_save_export_work(tmp_path, fashion_mni
     assert history.history["distill_loss"][-1] < history.history["distill_loss"][0]
     assert ptq_keras.is_ternarized(model)
     report = ptq_keras.summary(model, print_fn=None)
-    from ptq_keras.ternary import max_sparsity
+    from ptq_keras.core.ternary import max_sparsity
 
     targets = {layer.name: min(0.7, max_sparsity(layer.kernel.shape, 1, 4))  # conv1: 3x3 on one channel, capped
                for layer in teacher.layers if hasattr(layer, "kernel")}  # fmt: skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptq_keras import ste, ternary
 from ptq_keras.compat import tf
+from ptq_keras.core import ste, ternary
 
 
 def _setup(seed=0):

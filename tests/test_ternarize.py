@@ -8,9 +8,9 @@ from conftest import conv1d_model, residual_dw, small_cnn
 
 import ptq_keras
 from ptq_keras import keras
-from ptq_keras.configs import kernel_attributes
-from ptq_keras.quantizers import DEFAULTS
-from ptq_keras.ternary import as_groups, keep_count, max_sparsity
+from ptq_keras.core.layers import kernel_attributes
+from ptq_keras.core.options import DEFAULTS
+from ptq_keras.core.ternary import as_groups, keep_count, max_sparsity
 
 
 def _data(model, n=64, seed=0):

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ptq_keras import schedules, ternary
 from ptq_keras.compat import tf
+from ptq_keras.core import schedules, ternary
 
 # No subnormals, also after normalization: TensorFlow's CPU kernels flush them to zero, numpy does not (real weights
 # are never that small).

@@ -182,7 +182,8 @@ def check_layers(model, target: str, encoding: str = "lut") -> list[str]:
     if not needs_ternary(target, encoding):
         return []
     from ptq_keras.activations import is_activation_quantizer
-    from ptq_keras.configs import is_batchnorm, kernel_attributes
+    from ptq_keras.core.layers import kernel_attributes
+    from ptq_keras.frontends import is_batchnorm
 
     problems, ternary_layers = {}, 0
     for layer in _layers(model):

@@ -1,4 +1,7 @@
-"""Sparsity schedules. tfmot ``PruningSchedule`` objects are used as they are; a float means a constant target.
+"""Sparsity schedules: ``ConstantSparsity`` and ``PolynomialDecay`` with tfmot's constructors, formulas and saved
+configs, computed in ``keras.ops`` (every Keras 3 backend; no tfmot import). tfmot's own schedules of those two
+kinds are converted to them; another schedule object (``schedule(step) -> (update, sparsity)`` and
+``get_config()``, e.g. a tfmot ``PruningSchedule`` subclass) is called as it is. A float means a constant target.
 
 A schedule maps the quantizer's own step counter to ``(update_mask, sparsity)``. The counter lives in the
 quantizer (tfmot's wrapper step is never advanced), so plain ``model.fit`` moves the schedule forward.
@@ -9,25 +12,104 @@ from __future__ import annotations
 import numbers
 import warnings
 
-from .compat import tfmot
 
-PruningSchedule = tfmot.sparsity.keras.PruningSchedule
-ConstantSparsity = tfmot.sparsity.keras.ConstantSparsity
-PolynomialDecay = tfmot.sparsity.keras.PolynomialDecay
+class PruningSchedule:
+    """Base of the schedules: ``schedule(step) -> (re-select the support at step, scheduled sparsity)``."""
+
+    def __call__(self, step):
+        return evaluate(self, step)
+
+    def get_config(self) -> dict:
+        return {"class_name": type(self).__name__, "config": dict(self._config())}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __hash__(self):
+        return hash(repr(sorted(self._config().items())))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._config().items())})"
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+
+def _check_sparsity(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name}={value!r} must be a float in [0, 1).")
+    return float(value)
+
+
+def _check_steps(begin_step, end_step, frequency, end_may_be_open: bool) -> None:
+    if begin_step < 0:
+        raise ValueError(f"begin_step={begin_step} must be >= 0.")
+    if frequency <= 0:
+        raise ValueError(f"frequency={frequency} must be > 0 (steps between support re-selections).")
+    if end_step != -1 or not end_may_be_open:
+        if end_step < 0:
+            raise ValueError(f"end_step={end_step} must be >= 0" + (" or -1 (never)." if end_may_be_open else "."))
+        if end_step < begin_step:
+            raise ValueError(f"end_step={end_step} must be >= begin_step={begin_step}.")
+
+
+class ConstantSparsity(PruningSchedule):
+    """The target sparsity from ``begin_step`` on, re-selected every ``frequency`` steps (until ``end_step``)."""
+
+    def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
+        self.target_sparsity = _check_sparsity(target_sparsity, "target_sparsity")
+        self.begin_step, self.end_step, self.frequency = int(begin_step), int(end_step), int(frequency)
+        _check_steps(self.begin_step, self.end_step, self.frequency, end_may_be_open=True)
+
+    def _config(self) -> dict:
+        return {"target_sparsity": self.target_sparsity, "begin_step": self.begin_step, "end_step": self.end_step,
+                "frequency": self.frequency}  # fmt: skip
+
+
+class PolynomialDecay(PruningSchedule):
+    """Sparsity from ``initial_sparsity`` to ``final_sparsity`` between ``begin_step`` and ``end_step``:
+    ``final + (initial - final) * (1 - progress) ** power``, re-selected every ``frequency`` steps."""
+
+    def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100):
+        self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+        self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
+        self.begin_step, self.end_step, self.frequency = int(begin_step), int(end_step), int(frequency)
+        self.power = power
+        _check_steps(self.begin_step, self.end_step, self.frequency, end_may_be_open=False)
+
+    def _config(self) -> dict:
+        return {"initial_sparsity": self.initial_sparsity, "final_sparsity": self.final_sparsity,
+                "begin_step": self.begin_step, "end_step": self.end_step, "power": self.power,
+                "frequency": self.frequency}  # fmt: skip
+
 
 _SCHEDULES = {"ConstantSparsity": ConstantSparsity, "PolynomialDecay": PolynomialDecay}
 
-__all__ = ["ConstantSparsity", "PolynomialDecay", "to_schedule", "final_sparsity", "end_step", "serialize",
-           "deserialize", "freeze_fraction", "initial_freeze_step", "with_frequency"]
+__all__ = ["ConstantSparsity", "PolynomialDecay", "PruningSchedule", "is_schedule", "to_schedule", "final_sparsity",
+           "end_step", "serialize", "deserialize", "freeze_fraction", "initial_freeze_step", "with_frequency"]
+
+
+def is_schedule(value) -> bool:
+    """A schedule object: ours, or another with ``__call__`` and ``get_config`` (a tfmot ``PruningSchedule``)."""
+    return isinstance(value, PruningSchedule) or (callable(value) and hasattr(value, "get_config")
+                                                 and not isinstance(value, type))  # fmt: skip
 
 
 def to_schedule(sparsity, frequency: int = 1) -> PruningSchedule:
-    """A float becomes ``ConstantSparsity(sparsity, begin_step=0, frequency=frequency)``; schedules pass."""
+    """A float becomes ``ConstantSparsity(sparsity, begin_step=0, frequency=frequency)``; schedules pass (tfmot's
+    ``ConstantSparsity`` / ``PolynomialDecay`` as the same schedule of this module)."""
     if isinstance(sparsity, PruningSchedule):
         return sparsity
+    if is_schedule(sparsity):
+        kind = _SCHEDULES.get(type(sparsity).__name__)
+        return kind.from_config(sparsity.get_config()["config"]) if kind else sparsity
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(
-            f"sparsity must be a float in [0, 1) or a tfmot PruningSchedule "
+            f"sparsity must be a float in [0, 1) or a PruningSchedule "
             f"(e.g. ptq_keras.PolynomialDecay(...)), got {sparsity!r}."
         )
     if not 0.0 <= float(sparsity) < 1.0:
@@ -38,13 +120,13 @@ def to_schedule(sparsity, frequency: int = 1) -> PruningSchedule:
 
 
 def evaluate(schedule: PruningSchedule, step):
-    """``(re-select the support at step, scheduled sparsity)``, as ``schedule(step)`` returns them.
+    """``(re-select the support at step, scheduled sparsity)``.
 
-    tfmot's ``ConstantSparsity`` and ``PolynomialDecay`` are computed here in ``keras.ops`` with tfmot's formulas
-    (so they run on every Keras 3 backend; tested equal to tfmot's own); another ``PruningSchedule`` is called
-    (TensorFlow).
+    ``ConstantSparsity`` and ``PolynomialDecay`` are computed here in ``keras.ops`` with tfmot's formulas (so they
+    run on every Keras 3 backend; tested equal to tfmot's own); another schedule object is called (TensorFlow).
     """
-    if type(schedule) not in (ConstantSparsity, PolynomialDecay):
+    ours = isinstance(schedule, (ConstantSparsity, PolynomialDecay))
+    if not ours or type(schedule).__call__ is not PruningSchedule.__call__:
         return schedule(step)
     from keras import ops
 
@@ -54,7 +136,7 @@ def evaluate(schedule: PruningSchedule, step):
     if end >= 0:
         in_range = ops.logical_and(in_range, step <= end)
     update = ops.logical_and(in_range, ops.mod(step - begin, every) == 0)
-    if type(schedule) is ConstantSparsity:
+    if isinstance(schedule, ConstantSparsity):
         return update, ops.cast(schedule.target_sparsity, "float32")
     progress = ops.cast(step - begin, "float32") / float(end - begin)
     progress = ops.minimum(1.0, ops.maximum(0.0, progress))

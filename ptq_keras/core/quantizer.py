@@ -1,60 +1,49 @@
-"""The tfmot ``Quantizer`` that ternarizes one kernel, with its own schedule step, mask and STE."""
+"""The ternary quantizer of one kernel: its options, its state (step, mask, sparsity, freeze step, Taylor score)
+and the projection with its straight-through gradient, in ``keras.ops`` (tf_keras, Keras 3 on TensorFlow or JAX).
+
+The frontends create its variables from :meth:`TernaryQuantizer.variable_specs` (tf_keras through tfmot's
+``Quantizer.build``, Keras 3 through its wrapper layer) and call it with them.
+"""
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
 
 import numpy as np
 from keras import ops
 
+from . import options as options_module
 from . import schedules, ste, ternary
-from .compat import check_tensorflow_backend, keras, tf, tfmot
+from .options import CRITERIA, DEFAULTS, REGULARIZERS
 
-SELECTIONS = ternary.GRANULARITIES
+__all__ = ["CRITERIA", "DEFAULTS", "REGULARIZERS", "KernelQuantizers", "TernaryQuantizer", "VariableSpec"]
 
-# Options of one quantized kernel, with their defaults. ``ternarize`` validates them; the quantizer stores them.
-DEFAULTS = {
-    "sparsity": 0.7,
-    "threshold": "sparsity",
-    "granularity": "channel",
-    "selection": "tensor",  # layer-wide top-k, every channel kept alive (measured: benchmarks/results/ablation.md)
-    "normalize": False,
-    "ste": "psg",  # position-based scaled gradient; measured better than "identity" on both models, 0.7 and 0.85
-    "clip": 2.0,
-    "decay": 1e-3,
-    "freeze_at": 0.5,
-    "frequency": 1,
-    # A layer keeps at least this many weights per output channel on average: its sparsity is capped at
-    # 1 - min_kept / fan-in (stems, depthwise 3x3 filters; measured: benchmarks/results/min_kept_*.md)
-    "min_kept": 4,
-    # Related methods (docs/METHODS.md)
-    # Support by |w|, or "taylor": a running mean of |w * dL/dW_q| (Yu et al. 2020), each step's score divided by
-    # its mean over the layer (every step weighs the same; scores comparable across steps and loss scales)
-    "criterion": "magnitude",
-    "taylor_decay": 0.99,  # the running mean's decay per step (0.99: about the last 100 steps)
-    "psg_strength": 150.0,  # lambda_s of ste="psg" (Kim et al. 2020)
-    "regularizer": None,  # or "greg": growing L2 penalty on the weights about to be pruned (Wang et al. 2021)
-    "greg_delta": 1e-4,  # GReg: the penalty grows by delta ...
-    "greg_interval": 5,  # ... every interval steps ...
-    "greg_ceiling": 1.0,  # ... up to this ceiling (the paper's code defaults)
-    # SRFP (Cai et al. 2020): pruned latents are multiplied by soft_decay once per epoch (at the end of each epoch
-    # of fit, ptq_keras.fitting.decay_pruned) until the support freezes (1: SFP, no decay)
-    "soft_decay": 1.0,
-    "channel_sparsity": 0.0,  # 0-bit channels: this fraction of output channels (smallest norm) is zeroed whole
-}
-CRITERIA = ("magnitude", "taylor")
-REGULARIZERS = (None, "greg")
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """One non-trainable variable of a quantizer: ``aggregation`` is how ``tf.distribute`` combines replicas
+    (``"only_first_replica"``: every replica computes the same value; ``"mean"``: averaged)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    initial: float  # a constant
+    aggregation: str
+    autocast: bool = False
 
 
 def _after(effects, value):
     """``value``, computed after ``effects`` (variable updates) in TensorFlow graphs. JAX traces run in program
     order (Keras 3 records the updates), so there it is ``value`` as it is."""
-    if any(tf.is_tensor(e) or isinstance(e, tf.Operation) for e in effects if e is not None):
+    tf = sys.modules.get("tensorflow")  # effects are TensorFlow ops only where TensorFlow runs
+    if tf is not None and any(tf.is_tensor(e) or isinstance(e, tf.Operation) for e in effects if e is not None):
         with tf.control_dependencies([e for e in effects if e is not None]):
             return tf.identity(value)
     return value
 
 
-@keras.utils.register_keras_serializable(package="ptq_keras")
-class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+class TernaryQuantizer:
     """Sparse ternary projection of a kernel: ``W_q = alpha * sign(W) * M``.
 
     Variables (non-trainable, saved with the model): ``step`` (training steps seen), ``mask`` (the support ``M``)
@@ -64,11 +53,8 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     """
 
     def __init__(self, channel_dims: int = 1, **options):
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise TypeError(f"Unknown TernaryQuantizer option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
         self.channel_dims = int(channel_dims)
-        self.options = {**DEFAULTS, **options}
+        self.options = options_module.with_defaults(options, "TernaryQuantizer")
         sparsity = self.options["sparsity"]
         if isinstance(sparsity, dict):
             sparsity = schedules.deserialize(sparsity)
@@ -76,48 +62,25 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         self.freeze_fraction = schedules.freeze_fraction(self.options["freeze_at"])
         self.freeze_step = schedules.initial_freeze_step(self.options["freeze_at"], self.schedule)
 
-    # -- tfmot Quantizer interface
-    def build(self, tensor_shape, name, layer):
-        if isinstance(layer, keras.layers.Layer):  # tf_keras: its tensors are TensorFlow's, and so must keras.ops be
-            check_tensorflow_backend(
-                f"Layer {layer.name!r}, a tf_keras layer,",
-                "keras.ops compute ptq_keras' ternary math, and tf_keras models need them on TensorFlow tensors: set "
-                "KERAS_BACKEND=tensorflow (or leave it unset). Keras 3 models train on JAX too.",
-            )
-        self.compute_dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or tf.float32).name  # mixed precision
-        # Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
-        # weights; ONLY_FIRST_REPLICA makes that explicit (the first replica's value is written to all). The Taylor
-        # score comes from each replica's own gradients, so it is averaged over the replicas (MEAN): every
-        # replica then selects the same support, that of the global batch.
-        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        step = layer.add_weight(
-            f"{name}_ptq_step", shape=(), dtype=tf.int64, initializer="zeros", trainable=False, aggregation=first
-        )
-        mask = layer.add_weight(
-            f"{name}_ptq_mask", shape=tensor_shape, dtype=tf.float32, initializer="ones", trainable=False,
-            aggregation=first, experimental_autocast=False,  # float32 also under mixed precision
-        )  # fmt: skip
-        sparsity = layer.add_weight(
-            f"{name}_ptq_sparsity", shape=(), dtype=tf.float32, initializer="zeros", trainable=False,
-            aggregation=first, experimental_autocast=False,
-        )  # fmt: skip
-        # The step where the support freezes: -1 never (or, for a fractional freeze_at, not yet resolved: the
-        # first ``fit`` writes it, see ptq_keras.fitting).
-        freeze = layer.add_weight(
-            f"{name}_ptq_freeze_step",
-            shape=(),
-            dtype=tf.int64,
-            initializer=keras.initializers.Constant(self.freeze_step),
-            trainable=False,
-            aggregation=first,
-        )
-        variables = {"step": step, "mask": mask, "sparsity": sparsity, "freeze_step": freeze}
+    def variable_specs(self, tensor_shape, name: str) -> list[VariableSpec]:
+        """The quantizer's variables for a kernel of ``tensor_shape`` (``name`` prefixes theirs), by role:
+        ``step`` (training steps seen), ``mask`` (the support), ``sparsity`` (scheduled when the mask was last
+        chosen), ``freeze_step`` (-1: never, or for a fractional ``freeze_at`` not yet resolved: the first ``fit``
+        writes it, see ptq_keras.fitting) and, for ``criterion="taylor"``, ``score``.
+
+        Under tf.distribute every replica computes the same step, mask and sparsity from the same mirrored
+        weights (``only_first_replica``); the Taylor score comes from each replica's own gradients and is averaged
+        (``mean``), so every replica selects the support of the global batch."""
+        shape, first = tuple(tensor_shape), "only_first_replica"
+        specs = {
+            "step": VariableSpec(f"{name}_ptq_step", (), "int64", 0, first),
+            "mask": VariableSpec(f"{name}_ptq_mask", shape, "float32", 1, first),  # float32 under mixed precision
+            "sparsity": VariableSpec(f"{name}_ptq_sparsity", (), "float32", 0, first),
+            "freeze_step": VariableSpec(f"{name}_ptq_freeze_step", (), "int64", self.freeze_step, first),
+        }
         if self.options["criterion"] == "taylor":
-            variables["score"] = layer.add_weight(
-                f"{name}_ptq_taylor_score", shape=tensor_shape, dtype=tf.float32, initializer="zeros",
-                trainable=False, aggregation=tf.VariableAggregation.MEAN, experimental_autocast=False,
-            )  # fmt: skip
-        return variables
+            specs["score"] = VariableSpec(f"{name}_ptq_taylor_score", shape, "float32", 0, "mean")
+        return specs
 
     def __call__(self, inputs, training, weights, **kwargs):
         # Written in keras.ops: the tf_keras path (TensorFlow) and Keras 3 (TensorFlow or JAX) run this same code.
@@ -199,6 +162,9 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     def __eq__(self, other):
         return isinstance(other, TernaryQuantizer) and self.get_config() == other.get_config()
 
+    def __hash__(self):
+        return hash(repr(sorted(self.get_config().items())))
+
     def __ne__(self, other):
         return not self.__eq__(other)
 
@@ -257,3 +223,31 @@ class TernaryQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         w2d = ternary.as_groups(np.asarray(w, np.float32), self.channel_dims)
         m2d = ternary.as_groups(np.asarray(mask) > 0.5, self.channel_dims)
         return ternary.project_np(w2d, m2d, self.options["granularity"]).reshape(np.shape(w))
+
+
+class KernelQuantizers:
+    """The kernels of one layer that train as ternary weights, ``[(attribute, channel_dims), ...]``, their options,
+    and one quantizer per kernel (of ``quantizer_class``, made on first use). Saved as ``{"attributes",
+    "options"}`` in the wrapper's config (both frontends)."""
+
+    quantizer_class = TernaryQuantizer
+
+    def __init__(self, attributes, options=None):
+        self.attributes = [(str(a), int(d)) for a, d in attributes]
+        self.options = dict(options or {})
+        self._quantizers = None
+
+    def _get_quantizers(self):
+        if self._quantizers is None:
+            self._quantizers = [self.quantizer_class(dims, **self.options) for _, dims in self.attributes]
+        return self._quantizers
+
+    def get_config(self):
+        stored = dict(self.options)
+        if "sparsity" in stored and not isinstance(stored["sparsity"], (int, float, dict)):
+            stored["sparsity"] = stored["sparsity"].get_config()
+        return {"attributes": [list(a) for a in self.attributes], "options": stored}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

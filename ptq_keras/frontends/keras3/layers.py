@@ -1,62 +1,27 @@
 """The Keras 3 side of ptq_keras: a wrapper layer that trains a Keras 3 layer's kernels as sparse ternary weights.
 
-The wrapper runs the same :class:`~ptq_keras.quantizers.TernaryQuantizer` as the tf_keras path (same options,
+The wrapper runs the same :class:`~ptq_keras.core.quantizer.TernaryQuantizer` as the tf_keras path (same options,
 schedules, STEs, support selection and scales: one implementation of the math), with its state (step, mask,
 sparsity, freeze step, Taylor score) held as Keras 3 variables of the wrapper, so that it is saved in the
-``.keras`` format and mirrored under ``tf.distribute``. Keras 3 runs it on the TensorFlow backend.
+``.keras`` format and mirrored under ``tf.distribute``. It runs on Keras 3's TensorFlow and JAX backends, and
+imports neither tf_keras nor tfmot.
 
 Keras 3 is imported here only; ``ptq_keras`` imports this module when it first meets a Keras 3 model.
 """
 
 from __future__ import annotations
 
-from . import activations as act
-from .compat import keras3, tf
-from .configs import TernaryQuantizeConfig
+from ... import activations as act
+from ...compat import keras3
+from ...core import layers
+from ...core.quantizer import KernelQuantizers
 
 k3 = keras3()
-
-# Keras 3 layer type -> ((attribute, channel_dims, attribute the layer's call reads), ...). DepthwiseConv2D's
-# kernel is ``kernel`` in Keras 3 (``depthwise_kernel`` in tf_keras); Dense and Conv read ``_kernel`` through
-# their ``kernel`` property.
-LAYER_KERNELS = {
-    k3.layers.Dense: (("kernel", 1, "_kernel"),),
-    k3.layers.Conv1D: (("kernel", 1, "_kernel"),),
-    k3.layers.Conv2D: (("kernel", 1, "_kernel"),),
-    k3.layers.DepthwiseConv2D: (("kernel", 2, "kernel"),),
-    k3.layers.SeparableConv2D: (
-        ("depthwise_kernel", 2, "depthwise_kernel"),
-        ("pointwise_kernel", 1, "pointwise_kernel"),
-    ),
-}
-
-_AGGREGATIONS = {
-    tf.VariableAggregation.ONLY_FIRST_REPLICA: "only_first_replica",
-    tf.VariableAggregation.MEAN: "mean",
-    tf.VariableAggregation.NONE: "none",
-}
 
 
 def kernel_attributes(layer) -> tuple[tuple[str, int], ...]:
     """``((attribute, channel_dims), ...)`` of a quantizable Keras 3 layer, ``()`` otherwise (exact type match)."""
-    return tuple((attr, dims) for attr, dims, _ in LAYER_KERNELS.get(type(layer), ()))
-
-
-class _VariableMaker:
-    """What :meth:`TernaryQuantizer.build` calls ``layer``: its tf_keras-style ``add_weight`` calls made on a
-    Keras 3 layer."""
-
-    def __init__(self, layer):
-        self._layer = layer
-        self.compute_dtype = layer.compute_dtype
-
-    def add_weight(self, name, *, shape, dtype, initializer, trainable, aggregation, experimental_autocast=True):
-        if not isinstance(initializer, str):  # tf_keras Constant(freeze step)
-            initializer = k3.initializers.Constant(float(initializer.get_config()["value"]))
-        return self._layer.add_weight(
-            name=name, shape=tuple(shape), dtype=tf.as_dtype(dtype).name, initializer=initializer,
-            trainable=trainable, aggregation=_AGGREGATIONS[aggregation], autocast=experimental_autocast,
-        )  # fmt: skip
+    return layers.kernel_attributes(layer)
 
 
 @k3.saving.register_keras_serializable(package="ptq_keras")
@@ -73,23 +38,30 @@ class TernaryWrapper(k3.layers.Wrapper):
         super().__init__(layer, **kwargs)
         if attributes is None:
             attributes = kernel_attributes(layer)
-        self.quantize_config = TernaryQuantizeConfig(attributes, options)
+        self.quantize_config = KernelQuantizers(attributes, options)
         self._weight_vars = []
 
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        maker = _VariableMaker(self)
         self._weight_vars = []
         quantizers = self.quantize_config._get_quantizers()
         for (attr, _), quantizer in zip(self.quantize_config.attributes, quantizers):
             latent = getattr(self.layer, attr)
-            qvars = quantizer.build(tuple(latent.shape), attr, maker)
+            quantizer.compute_dtype = self.compute_dtype
+            qvars = {
+                role: self.add_weight(
+                    name=spec.name, shape=spec.shape, dtype=spec.dtype, trainable=False,
+                    initializer=k3.initializers.Constant(spec.initial), aggregation=spec.aggregation,
+                    autocast=spec.autocast,
+                )  # fmt: skip
+                for role, spec in quantizer.variable_specs(tuple(latent.shape), attr).items()
+            }
             self._weight_vars.append((latent, quantizer, qvars))
         self.built = True
 
     def call(self, inputs, training=None):
-        storage = {attr: store for attr, _, store in LAYER_KERNELS[type(self.layer)]}
+        storage = {attr: layers.call_attribute(self.layer, attr) for attr, _ in self.quantize_config.attributes}
         saved = {}
         try:
             for (attr, _), (latent, quantizer, qvars) in zip(self.quantize_config.attributes, self._weight_vars):
@@ -126,7 +98,7 @@ def ternarize(model, targets: set, options_of, partial=None) -> object:
     are copies with the same weights."""
     copies = []
 
-    from .wrap import _fresh_copy
+    from ...wrap import _fresh_copy
 
     def wrap(layer):
         fresh = _fresh_copy(layer)
@@ -146,7 +118,7 @@ def ternarize(model, targets: set, options_of, partial=None) -> object:
 def strip(model, project):
     """A plain Keras 3 copy of a ternarized ``model``: every wrapper becomes its layer, whose kernels are
     ``project(wrapper)`` (``{attribute: exact ternary kernel}``); other weights are copied."""
-    from .wrap import _fresh_copy
+    from ...wrap import _fresh_copy
 
     pairs = []
 
@@ -208,7 +180,7 @@ def insert_activation_quantizers(model, ema_decay: float = 0.99):
     """The Keras 3 :func:`ptq_keras.activations.insert`: a functional copy of ``model`` (fresh layers, same
     weights) with an :class:`ActivationQuantizer` on each input and where the int8 converter puts an int8 tensor
     (the same graph rules); each SeparableConv2D split in two. Returns the model and ``{separable: [halves]}``."""
-    from .wrap import _fresh_copy
+    from ...wrap import _fresh_copy
 
     if isinstance(model, k3.Sequential):
         model = k3.Model(model.inputs, model.outputs, name=model.name)
