@@ -28,15 +28,33 @@ import contextlib
 import math
 
 import numpy as np
-from keras import ops
 
-from .compat import is_keras3, keras, keras3, tf
+from .compat import is_keras3, keras3
+from .core.int8 import (  # noqa: F401 - re-exported: the int8 arithmetic the quantizers use
+    fake_quant,
+    int8_params,
+    mean_parameters,
+    range_update,
+    requantize_parameters,
+    tflite_mean,
+    tflite_requantize,
+)
 
-__all__ = ["ActivationQuantizer", "insert", "quantizers", "split_separables"]
+__all__ = ["ActivationQuantizer", "insert", "quantizers", "split_separables"]  # noqa: F822 - see __getattr__
+
+# tf_keras's ActivationQuantizer and graph copies live in its frontend (imported on first use)
+_TF_KERAS = ("ActivationQuantizer", "insert", "split_separables")
+
+
+def __getattr__(name: str):
+    if name in _TF_KERAS:
+        from .frontends.tf_keras import activations as tf_keras_activations
+
+        return getattr(tf_keras_activations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ACTIVATIONS = (None, "int8")
 
-L = keras.layers
 # Layers whose int8 output keeps its input's scale: no quantizer after them. The graph rules name layer classes,
 # so that they read tf_keras and Keras 3 graphs alike.
 _PASSTHROUGH = frozenset(
@@ -53,21 +71,6 @@ def _is(layer, names) -> bool:
     return any(cls.__name__ in names for cls in type(layer).__mro__)
 
 
-def range_update(x, low, high, calibrated, ema_decay):
-    """The new ``(min, max)`` after a training batch ``x``: the batch's range (always containing 0) in an
-    ``ema_decay`` moving average; the first batch (``calibrated`` 0) sets it. ``keras.ops``: both Keras APIs."""
-    batch_min = ops.minimum(ops.min(x), 0.0)
-    batch_max = ops.maximum(ops.max(x), 0.0)
-    decay = ops.where(calibrated > 0.5, ema_decay, 0.0)
-    return decay * low + (1.0 - decay) * batch_min, decay * high + (1.0 - decay) * batch_max
-
-
-def fake_quant(x, low, high, num_bits: int):
-    """``num_bits`` fake quantization over ``[low, high]`` (nudged so that 0 is exact), straight-through gradient.
-    On TensorFlow this is ``tf.quantization.fake_quant_with_min_max_vars``, the op the TFLite converter reads."""
-    return keras3().quantizers.fake_quant_with_min_max_vars(x, low, high, num_bits=num_bits, narrow_range=False)
-
-
 _exporting = 0
 
 
@@ -81,128 +84,6 @@ def exporting():
         yield
     finally:
         _exporting -= 1
-
-
-def int8_params(low: float, high: float, num_bits: int = 8) -> tuple[float, int]:
-    """``(scale, zero_point)`` of the int8 tensor the converter makes of a fake quantization over ``[low, high]``
-    (the same nudging as ``tf.quantization.fake_quant_with_min_max_vars``: zero exactly representable)."""
-    qmax = 2**num_bits - 1
-    low, high = float(np.float32(low)), float(np.float32(high))
-    scale = (high - low) / qmax
-    zero_from_min = -low / scale
-    zero = min(max(math.floor(zero_from_min + 0.5), 0), qmax)
-    return float(np.float32(scale)), zero - 2 ** (num_bits - 1)  # the file stores float32 scales
-
-
-def _quantize_multiplier(real: float) -> tuple[int, int]:
-    """TFLite's ``QuantizeMultiplier``: ``real = multiplier * 2**(shift - 31)``, multiplier a Q31 integer."""
-    fraction, shift = math.frexp(real)
-    multiplier = math.floor(fraction * 2**31 + 0.5)
-    if multiplier == 2**31:
-        multiplier, shift = multiplier // 2, shift + 1
-    if shift < -31:  # too small for a Q31 multiplier: the kernels compute 0
-        return 0, 0
-    return multiplier, shift
-
-
-def mean_parameters(input_range, output_range, count: int) -> dict:
-    """The integer parameters of TFLite's int8 MEAN over ``count`` elements, from a tensor quantized over
-    ``input_range`` to one quantized over ``output_range``: the kernel folds the division by ``count`` into its
-    fixed-point multiplier (``keepdims`` or not), which leaves few fraction bits before the last rounding."""
-    input_scale, _ = int8_params(*input_range)
-    output_scale, output_zero = int8_params(*output_range)
-    multiplier, shift = _quantize_multiplier(input_scale / output_scale)
-    folded = min(count.bit_length() - 1, 32, 31 + shift)
-    return {
-        "count": int(count),
-        "input_scale": input_scale,
-        "multiplier": int((multiplier << folded) // count),
-        "shift": int(shift - folded),
-        "output_scale": output_scale,
-        "output_zero_point": int(output_zero),
-    }
-
-
-def _multiply_by_quantized_multiplier(x, multiplier, shift):
-    """TFLite's ``MultiplyByQuantizedMultiplier`` on integral float64 values: a rounding doubling high multiply,
-    then a rounding right shift (two roundings, as the kernels do). ``multiplier`` and ``shift`` are integers or
-    arrays of them, one per channel (the last axis of ``x``).
-
-    On magnitudes both roundings are ``floor(|v| + 1/2)``: the high multiply ``(p + nudge) / 2**31`` (C++ division)
-    rounds half up, and half towards zero below zero (``- 2**-31`` there); the rounding shift rounds half away
-    from zero. Few elementwise ops: the stripped model runs this on every int8 tensor."""
-    multiplier = np.asarray(multiplier, np.float64)
-    shift = np.asarray(shift, np.int64)
-    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
-    sign = ops.sign(x)
-    magnitude = ops.abs(x) * (2.0**left * multiplier * 2.0**-31)  # |x * multiplier| / 2**31: exact scaling
-    high = ops.floor(magnitude + (sign * 2.0**-32 + (0.5 - 2.0**-32)))  # + 1/2, less 2**-31 below zero
-    return sign * ops.floor(high * 2.0**-right + 0.5)
-
-
-def _multiply_by_quantized_multiplier_reference(x, multiplier, shift):
-    """The kernels' integer steps one by one (``nudge``, truncating division, mask and threshold), for the tests."""
-    multiplier = np.asarray(multiplier, np.float64)
-    shift = np.asarray(shift, np.int64)
-    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
-    product = x * (2.0**left * multiplier)
-    nudge = 2.0**30 - ops.cast(product < 0, "float64") * (2.0**31 - 1.0)  # 2**30, or 1 - 2**30 below zero
-    high = ops.sign(product + nudge) * ops.floor(ops.abs(product + nudge) / 2.0**31)  # C++ division: toward zero
-    power = 2.0**right
-    floor = ops.floor(high / power)  # arithmetic shift
-    remainder = high - floor * power
-    threshold = np.floor((power - 1.0) / 2.0) + ops.cast(high < 0, "float64")
-    return floor + ops.cast(remainder > threshold, "float64")
-
-
-def tflite_mean(x, p: dict):
-    """The output of TFLite's int8 MEAN, dequantized, from ``x``, the float mean of the int8 input values (the
-    global average pooling of fake-quantized values); ``p`` from :func:`mean_parameters`. Its accumulator is the
-    int32 sum (less the zero points): ``x`` in units of ``input_scale / count``; then the requantization of
-    :func:`tflite_requantize`. Straight-through gradient."""
-    return tflite_requantize(x, {
-        "unit": [p["input_scale"] / p["count"]], "multiplier": [p["multiplier"]], "shift": [p["shift"]],
-        "live": [True], "output_scale": p["output_scale"], "output_zero_point": p["output_zero_point"],
-    }, fallback=None)  # fmt: skip
-
-
-def requantize_parameters(units, real_multipliers, output_range, live=None, single_rounding=False) -> dict:
-    """The integer requantization of an int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED (per output channel)
-    or ADD: the op's int32 accumulator is the real output in ``units`` (one per channel, or one), multiplied by
-    ``real_multipliers`` in Q31 fixed point (TFLite's ``QuantizeMultiplier``) onto the output scale. ``live``: per
-    channel, False where the parameters are unknown (an all-zero kernel channel; plain fake quantization there).
-    ``single_rounding``: one rounding of the exact product instead of the high multiply and the rounding shift
-    (LiteRT's reference per-channel FULLY_CONNECTED; TFLM's rounds twice, see :func:`link_requantization`)."""
-    output_scale, output_zero = int8_params(*output_range)
-    pairs = [_quantize_multiplier(float(real)) for real in np.atleast_1d(real_multipliers)]
-    units = np.atleast_1d(np.asarray(units, np.float64))
-    return {
-        "unit": [float(u) for u in units],
-        "multiplier": [int(m) for m, _ in pairs],
-        "shift": [int(shift) for _, shift in pairs],
-        "live": [bool(v) for v in (np.ones(len(units), bool) if live is None else live)],
-        "rounding": "single" if single_rounding else "double",
-        "output_scale": output_scale,
-        "output_zero_point": int(output_zero),
-    }
-
-
-def tflite_requantize(x, p: dict, fallback):
-    """The output of an int8 kernel that requantizes its int32 accumulator (``p`` from
-    :func:`requantize_parameters`), dequantized, from ``x``, the float output the Keras layers compute (the
-    accumulator up to float rounding, in ``p["unit"]``). ``fallback()``: the plain fake quantization of ``x``, used
-    on channels that are not ``live``. Straight-through gradient."""
-    accumulator = ops.round(ops.cast(x, "float64") * (1.0 / np.asarray(p["unit"], np.float64)))
-    if p.get("rounding") == "single":
-        scale = np.asarray(p["multiplier"], np.float64) * 2.0 ** (np.asarray(p["shift"], np.float64) - 31.0)
-        q = ops.floor(accumulator * scale + 0.5)
-    else:
-        q = _multiply_by_quantized_multiplier(accumulator, p["multiplier"], p["shift"])
-    zero = p["output_zero_point"]
-    y = ops.cast(ops.clip(q, -128.0 - zero, 127.0 - zero) * p["output_scale"], x.dtype)
-    if not all(p["live"]):
-        y = ops.where(np.asarray(p["live"]), y, fallback())
-    return x + ops.stop_gradient(y - x)
 
 
 def _has_float64(layer) -> bool:
@@ -400,50 +281,6 @@ class QuantizerOptions:
         return plain()
 
 
-@keras.utils.register_keras_serializable(package="ptq_keras")
-class ActivationQuantizer(QuantizerOptions, L.Layer):
-    """Fake-quantizes its input to 8 bits over a range learned in training.
-
-    Variables (non-trainable): ``min``, ``max`` and ``calibrated`` (0 until the first training batch). In training
-    the range follows ``ema_decay`` moving averages of the batch min / max (the first batch sets it); before the
-    first training batch the layer passes its input through. ``static=True`` (what ``strip`` writes) always
-    fake-quantizes, with no branch in the graph, which is what the TFLite converter reads.
-    """
-
-    def build(self, input_shape):
-        # Under tf.distribute each replica sees its own part of the batch: the range is the replicas' mean.
-        mean = tf.VariableAggregation.MEAN
-        self.min = self.add_weight("min", shape=(), initializer="zeros", trainable=False, aggregation=mean)
-        self.max = self.add_weight("max", shape=(), initializer="zeros", trainable=False, aggregation=mean)
-        self.calibrated = self.add_weight(
-            "calibrated", shape=(), initializer="zeros", trainable=False, aggregation=mean
-        )
-        super().build(input_shape)
-
-    def _fake_quant(self, x):
-        return fake_quant(x, self.min, self.max, self.num_bits)
-
-    def call(self, inputs, training=None):
-        x = tf.convert_to_tensor(inputs)
-        if self.static:
-            return self._static(x)
-        if training is None:
-            training = keras.backend.learning_phase()
-        if isinstance(training, bool):  # fit passes a Python bool: no tf.cond (a replica merge inside a cond fails)
-            return self._train(x) if training else self._inference(x)
-        return tf.cond(tf.cast(training, tf.bool), lambda: self._train(x), lambda: self._inference(x))
-
-    def _inference(self, x):
-        return tf.cond(self.calibrated > 0.5, lambda: self._fake_quant(x), lambda: tf.identity(x))
-
-    def _train(self, x):
-        new_min, new_max = range_update(x, self.min, self.max, self.calibrated, self.ema_decay)
-        with tf.control_dependencies(
-            [self.min.assign(new_min), self.max.assign(new_max), self.calibrated.assign(1.0)]
-        ):
-            return self._fake_quant(tf.identity(x))
-
-
 def quantizers(model) -> list:
     return [layer for layer in model.layers if is_activation_quantizer(layer)]
 
@@ -481,13 +318,7 @@ def _needs_quantizer(layer, consumers) -> bool:
     return not (len(consumers) == 1 and _fuses_into(layer, consumers[0]))
 
 
-def _functional(model):
-    if isinstance(model, keras.Sequential):
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    return model
-
-
-def split_separable(layer, layers=L):
+def split_separable(layer, layers):
     """A SeparableConv2D as the two ops the converter makes of it: DepthwiseConv2D, then a 1x1 Conv2D (of the
     Keras API whose ``layers`` module is given)."""
     L = layers
@@ -518,83 +349,6 @@ def split_separable(layer, layers=L):
         name=f"{layer.name}_pointwise",
     )
     return depthwise, pointwise
-
-
-def insert(model, *, ema_decay: float = 0.99) -> tuple[keras.Model, dict[str, list[str]]]:
-    """A functional copy of ``model`` (same layers, fresh copies with the same weights) with an
-    :class:`ActivationQuantizer` after the model inputs and at the end of every int8 block.
-
-    Each SeparableConv2D becomes a DepthwiseConv2D and a 1x1 Conv2D (``<name>_depthwise``, ``<name>_pointwise``)
-    with a quantizer between them, as in the converted file. Returns the model and ``{separable name: [the two
-    new names]}``."""
-    return _copy(model, ema_decay)
-
-
-def split_separables(model) -> tuple[keras.Model, dict[str, list[str]]]:
-    """A functional copy of ``model`` (fresh layers, the same weights) in which each SeparableConv2D is the two
-    ops the converter makes of it, ``<name>_depthwise`` and ``<name>_pointwise`` (so that ``keep_float`` or
-    ``overrides`` can name either half). Returns the model and ``{separable name: [the two new names]}``."""
-    return _copy(model, None)
-
-
-def _copy(model, ema_decay: float | None) -> tuple[keras.Model, dict[str, list[str]]]:
-    """:func:`insert` (``ema_decay`` a number) or :func:`split_separables` (``None``: no quantizers)."""
-    model = _functional(model)
-    config = model.get_config()
-    layers = {layer.name: layer for layer in model.layers}
-    consumers: dict[str, list] = {name: [] for name in layers}
-    for spec in config["layers"]:
-        for node in spec["inbound_nodes"]:
-            for inbound in node:
-                consumers[inbound[0]].append(layers[spec["name"]])
-    for name, *_ in config["output_layers"]:
-        consumers[name].append(None)  # a model output: never fused
-
-    tensors = {}
-    copies = []
-    aliases = {}
-
-    def emit(layer, key, tensor):
-        if ema_decay is not None and _needs_quantizer(layer, consumers[layer.name]):
-            tensor = ActivationQuantizer(ema_decay=ema_decay, name=f"{layer.name}_act_quant")(tensor)
-        tensors[key] = tensor
-
-    inputs = []
-    for name, _, _ in config["input_layers"]:
-        layer = layers[name]
-        spec = layer.get_config()
-        inp = keras.Input(batch_shape=spec["batch_input_shape"], dtype=spec["dtype"], name=name)
-        inputs.append(inp)
-        emit(layer, (name, 0, 0), inp)
-    for spec in config["layers"]:
-        layer = layers[spec["name"]]
-        if isinstance(layer, L.InputLayer):
-            continue
-        if isinstance(layer, L.SeparableConv2D):
-            depthwise, pointwise = split_separable(layer)
-            aliases[layer.name] = [depthwise.name, pointwise.name]
-
-            def fresh(x, depthwise=depthwise, pointwise=pointwise):
-                x = depthwise(x)
-                if ema_decay is not None:
-                    x = ActivationQuantizer(ema_decay=ema_decay, name=f"{depthwise.name}_act_quant")(x)
-                return pointwise(x)
-
-            copies.append((layer, (depthwise, pointwise)))
-        else:
-            fresh = layer.__class__.from_config(layer.get_config())
-            copies.append((layer, fresh))
-        for node_index, node in enumerate(spec["inbound_nodes"]):
-            args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]
-            kwargs = node[0][3] if len(node[0]) > 3 and node[0][3] else {}
-            out = fresh(args[0] if len(args) == 1 else args, **kwargs)
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            for i, tensor in enumerate(outs):
-                emit(layer, (layer.name, node_index, i), tensor)
-    outputs = [tensors[(n, ni, ti)] for n, ni, ti in config["output_layers"]]
-    new = keras.Model(inputs, outputs[0] if len(outputs) == 1 else outputs, name=model.name)
-    copy_weights(copies)
-    return new, aliases
 
 
 def copy_weights(copies) -> None:

@@ -1,16 +1,25 @@
-"""The one place that selects Keras 2 (tf_keras) and imports TensorFlow, tf_keras and tfmot.
+"""Which Keras a model is, and what each Keras backend can run; importing nothing heavy.
 
-TensorFlow 2.21 ships Keras 3, but tfmot 0.8.1 only works with Keras 2 (``tf_keras``). The environment variable
-``TF_USE_LEGACY_KERAS`` must be set before TensorFlow is first imported, so ``import ptq_keras`` does it here.
+``keras``, ``tf`` and ``tfmot`` (tf_keras, TensorFlow and tfmot) are attributes loaded on first use from the tf_keras
+frontend (:mod:`ptq_keras.frontends.tf_keras`), the one module that imports tf_keras and tfmot.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .frontends.tf_keras import keras, tf, tfmot  # noqa: E402
+_TF_KERAS = ("keras", "tf", "tfmot")
 
-__all__ = ["tf", "keras", "tfmot", "check_keras_model", "keras3", "is_keras3"]
+
+def __getattr__(name: str):
+    if name in _TF_KERAS:
+        from .frontends import tf_keras
+
+        return getattr(tf_keras, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["tf", "keras", "tfmot", "check_keras_model", "keras3", "is_keras3"]  # noqa: F822 - __getattr__
 
 
 def keras3():
@@ -29,7 +38,8 @@ def is_keras3(obj) -> bool:
 
 def check_keras_model(model, what: str = "model") -> None:
     """Raise a TypeError unless ``model`` is a tf_keras (Keras 2) or Keras 3 model."""
-    if isinstance(model, keras.Model):
+    tf_keras = sys.modules.get("tf_keras")  # a tf_keras model exists only once tf_keras is loaded
+    if tf_keras is not None and isinstance(model, tf_keras.Model):
         return
     if is_keras3(model) and isinstance(model, keras3().Model):
         backend = keras3().backend.backend()

@@ -16,9 +16,17 @@ import numbers
 
 from keras import ops
 
-from .compat import check_keras_model, is_keras3, keras, tf
+from .compat import check_keras_model, is_keras3
 
-__all__ = ["Distiller", "distill"]
+__all__ = ["Distiller", "distill"]  # noqa: F822 - Distiller: see __getattr__
+
+
+def __getattr__(name: str):
+    if name == "Distiller":  # tf_keras's, in its frontend
+        from .frontends.tf_keras.distill import Distiller
+
+        return Distiller
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _EPS = 1e-7
 
@@ -45,69 +53,7 @@ def soft_target_loss(teacher_logits, student_logits, temperature: float):
     return temperature**2 * ops.mean(kl)
 
 
-class Distiller(keras.Model):
-    """A student trained against a frozen teacher; see :func:`distill`."""
-
-    _ptq_distiller = True
-
-    def __init__(self, student, teacher, *, temperature: float, alpha: float, **kwargs):
-        super().__init__(name=kwargs.pop("name", f"{student.name}_distilled"), **kwargs)
-        self.student = student
-        # The teacher is never updated: it runs in inference mode and only the student's variables get gradients.
-        # (Its ``trainable`` flag is left alone: a model cloned from it later must still train.)
-        self.teacher = teacher
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self._student_probs = _ends_in_softmax(student)
-        self._teacher_probs = _ends_in_softmax(teacher)
-        self._soft_tracker = keras.metrics.Mean(name="distill_loss")
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
-
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        return metrics if any(m is self._soft_tracker for m in metrics) else metrics + [self._soft_tracker]
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
-        with tf.GradientTape() as tape:
-            outputs = self.student(x, training=True)
-            hard = self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
-            soft = soft_target_loss(
-                tf.stop_gradient(teacher_logits), _as_logits(outputs, self._student_probs), self.temperature
-            )
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        self.compiled_metrics.update_state(y, outputs, sample_weight)
-        self._soft_tracker.update_state(soft)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        outputs = self.student(x, training=False)
-        self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
-        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
-        soft = soft_target_loss(teacher_logits, _as_logits(outputs, self._student_probs), self.temperature)
-        self.compiled_metrics.update_state(y, outputs, sample_weight)
-        self._soft_tracker.update_state(soft)
-        return {m.name: m.result() for m in self.metrics}
-
-    def save(self, filepath, *args, **kwargs):
-        """Save the student (the ternarized model); the teacher is not saved. Load it with
-        ``ptq_keras.load_model`` and wrap it with :func:`distill` again to continue distilling."""
-        return self.student.save(filepath, *args, **kwargs)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "A ptq_keras.distill model is not serialized itself: save() writes its student (model.student)."
-        )
-
-
-def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5) -> Distiller:
+def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5):
     """Wrap the ternarized ``qmodel`` so that ``fit`` also matches the float ``teacher``'s outputs.
 
     Args:
@@ -147,7 +93,10 @@ def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5) ->
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-    make = _keras3_distiller() if is_keras3(qmodel) else Distiller
+    if is_keras3(qmodel):
+        make = _keras3_distiller()
+    else:
+        from .frontends.tf_keras.distill import Distiller as make
     model = make(qmodel, teacher, temperature=temperature, alpha=alpha)
     return attach(model)
 

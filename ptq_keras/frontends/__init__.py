@@ -7,9 +7,22 @@ never imports tf_keras or tfmot, and a tf_keras user never needs Keras 3's layer
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 _FRONTENDS = ("ptq_keras.frontends.tf_keras.config", "ptq_keras.frontends.keras3.layers")
+
+
+def of(model):
+    """The frontend module of ``model``'s Keras (imported on first use). Each offers the same functions:
+    ``ternarize(model, targets, options_of, partial)``, ``strip(model, project)``, ``load_model(path, ...)``,
+    ``insert(model)`` (activation quantizers), ``fresh_copy(layer)``, ``is_graph_model(model)``,
+    ``guard_save(model)``, and ``PARTIAL_KERNELS`` (whether a wrapper may ternarize some of a layer's kernels)."""
+    from ..compat import is_keras3
+
+    return importlib.import_module(
+        "ptq_keras.frontends.keras3.layers" if is_keras3(model) else "ptq_keras.frontends.tf_keras.wrap"
+    )
 
 
 def is_ternary_wrapper(layer) -> bool:

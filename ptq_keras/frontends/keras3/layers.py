@@ -19,6 +19,25 @@ from ...core.quantizer import KernelQuantizers
 k3 = keras3()
 
 
+# A wrapper may ternarize some of a layer's kernels (a SeparableConv2D's pointwise kernel alone) and reload so.
+PARTIAL_KERNELS = True
+
+
+def fresh_copy(layer):
+    """A new layer of ``layer``'s class and config (no weights yet)."""
+    return layer.__class__.from_config(layer.get_config())
+
+
+def is_graph_model(model) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (k3.Sequential, Functional))
+
+
+def guard_save(model) -> None:
+    """Nothing to guard: the ``.keras`` format saves the wrapper."""
+
+
 def kernel_attributes(layer) -> tuple[tuple[str, int], ...]:
     """``((attribute, channel_dims), ...)`` of a quantizable Keras 3 layer, ``()`` otherwise (exact type match)."""
     return layers.kernel_attributes(layer)
@@ -98,10 +117,8 @@ def ternarize(model, targets: set, options_of, partial=None) -> object:
     are copies with the same weights."""
     copies = []
 
-    from ...wrap import _fresh_copy
-
     def wrap(layer):
-        fresh = _fresh_copy(layer)
+        fresh = fresh_copy(layer)
         copies.append((layer, fresh))
         if layer.name not in targets:
             return fresh
@@ -118,13 +135,11 @@ def ternarize(model, targets: set, options_of, partial=None) -> object:
 def strip(model, project):
     """A plain Keras 3 copy of a ternarized ``model``: every wrapper becomes its layer, whose kernels are
     ``project(wrapper)`` (``{attribute: exact ternary kernel}``); other weights are copied."""
-    from ...wrap import _fresh_copy
-
     pairs = []
 
     def unwrap(layer):
         inner = layer.layer if is_wrapper(layer) else layer
-        fresh = _fresh_copy(inner)
+        fresh = fresh_copy(inner)
         if act.is_activation_quantizer(inner):  # trained ranges: a plain fake-quant the converter reads
             fresh.static = bool(inner.calibrated.numpy() > 0.5)
         pairs.append((layer, inner, fresh))
@@ -180,8 +195,6 @@ def insert_activation_quantizers(model, ema_decay: float = 0.99):
     """The Keras 3 :func:`ptq_keras.activations.insert`: a functional copy of ``model`` (fresh layers, same
     weights) with an :class:`ActivationQuantizer` on each input and where the int8 converter puts an int8 tensor
     (the same graph rules); each SeparableConv2D split in two. Returns the model and ``{separable: [halves]}``."""
-    from ...wrap import _fresh_copy
-
     if isinstance(model, k3.Sequential):
         model = k3.Model(model.inputs, model.outputs, name=model.name)
     consumers = {layer.name: [] for layer in model.layers}
@@ -199,7 +212,7 @@ def insert_activation_quantizers(model, ema_decay: float = 0.99):
 
     def clone(layer):
         fresh = act.split_separable(layer, k3.layers) if type(layer).__name__ == "SeparableConv2D" else None
-        fresh = fresh or _fresh_copy(layer)
+        fresh = fresh or fresh_copy(layer)
         copies.append((layer, fresh))
         original_of[id(fresh)] = layer
         return fresh
@@ -222,3 +235,6 @@ def insert_activation_quantizers(model, ema_decay: float = 0.99):
     new = k3.Model(inputs, outputs, name=model.name)
     act.copy_weights(copies)
     return new, aliases
+
+
+insert = insert_activation_quantizers
