@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numbers
 
-from keras import ops
-
 from .compat import check_keras_model, is_keras3
+from .core.distillation import soft_target_loss  # noqa: F401 - public here
 
 __all__ = ["Distiller", "distill"]  # noqa: F822 - Distiller: see __getattr__
 
@@ -27,30 +26,6 @@ def __getattr__(name: str):
 
         return Distiller
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-_EPS = 1e-7
-
-
-def _ends_in_softmax(model) -> bool:
-    last = model.layers[-1]
-    inner = getattr(last, "layer", last)  # a ternary wrapper
-    if type(inner).__name__ == "Softmax":
-        return True
-    return getattr(getattr(inner, "activation", None), "__name__", "") == "softmax"
-
-
-def _as_logits(outputs, probabilities: bool):
-    outputs = ops.cast(outputs, "float32")
-    return ops.log(ops.clip(outputs, _EPS, 1.0)) if probabilities else outputs
-
-
-def soft_target_loss(teacher_logits, student_logits, temperature: float):
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (the gradient scale of the hard loss
-    is kept when ``T`` changes). In ``keras.ops``: tf_keras and Keras 3 (TensorFlow or JAX) use it alike."""
-    t = ops.log_softmax(ops.cast(teacher_logits, "float32") / temperature, axis=-1)
-    s = ops.log_softmax(ops.cast(student_logits, "float32") / temperature, axis=-1)
-    kl = ops.sum(ops.exp(t) * (t - s), axis=-1)
-    return temperature**2 * ops.mean(kl)
 
 
 def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5):
@@ -94,45 +69,8 @@ def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
     if is_keras3(qmodel):
-        make = _keras3_distiller()
+        from .frontends.keras3.distill import Keras3Distiller as make
     else:
         from .frontends.tf_keras.distill import Distiller as make
     model = make(qmodel, teacher, temperature=temperature, alpha=alpha)
     return attach(model)
-
-
-def _keras3_distiller():
-    """The Keras 3 twin of :class:`Distiller`: the soft-target term is added in ``compute_loss``, which Keras 3's
-    ``train_step`` calls on every backend (TensorFlow and JAX)."""
-    import keras as keras_3
-
-    class Keras3Distiller(keras_3.Model):
-        _ptq_distiller = True
-
-        def __init__(self, student, teacher, *, temperature: float, alpha: float):
-            super().__init__(name=f"{student.name}_distilled")
-            self.student = student
-            # Not tracked: the teacher's variables get no gradient and are not saved (it runs in inference mode).
-            object.__setattr__(self, "teacher", teacher)
-            self.temperature, self.alpha = float(temperature), float(alpha)
-            self._student_probs, self._teacher_probs = _ends_in_softmax(student), _ends_in_softmax(teacher)
-
-        def call(self, inputs, training=None):
-            return self.student(inputs, training=training)
-
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            hard = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-            teacher_logits = ops.stop_gradient(_as_logits(self.teacher(x, training=False), self._teacher_probs))
-            soft = soft_target_loss(teacher_logits, _as_logits(y_pred, self._student_probs), self.temperature)
-            return (1.0 - self.alpha) * hard + self.alpha * soft
-
-        def save(self, filepath, *args, **kwargs):
-            """Save the student (the ternarized model); the teacher is not saved."""
-            return self.student.save(filepath, *args, **kwargs)
-
-        def get_config(self):
-            raise NotImplementedError(
-                "A ptq_keras.distill model is not serialized itself: save() writes its student (model.student)."
-            )
-
-    return Keras3Distiller

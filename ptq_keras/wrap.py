@@ -381,38 +381,16 @@ def load_model(filepath, *, compile: bool = True, **kwargs):
     """Load a ternarized model with ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`): a ``.keras``
     file as a Keras 3 model, an ``.h5`` / SavedModel as a tf_keras one (inside :func:`custom_object_scope`).
     Plain models load as they are."""
-    if str(filepath).endswith(".keras"):
-        from .frontends.keras3 import layers as frontend
-    else:
-        from .frontends.tf_keras import wrap as frontend
-    model = frontend.load_model(filepath, compile=compile, **kwargs)
+    model = frontends.load(filepath, compile=compile, **kwargs)
     if is_ternarized(model):
         attach(model)
     return model
 
 
-def student_of(model):
-    """The ternarized model inside a :func:`ptq_keras.distill` wrapper; any other model as it is."""
-    return model.student if getattr(model, "_ptq_distiller", False) else model
-
-
-def is_ternarized(model) -> bool:
-    """True if ``model`` holds layers wrapped by :func:`ternarize` (also after save and load, and inside a
-    :func:`ptq_keras.distill` wrapper)."""
-    model = student_of(model)
-    return any(_ternary_wrapper(layer) for layer in getattr(model, "layers", ()))
-
-
+student_of = frontends.student_of
+is_ternarized = frontends.is_ternarized
+ternary_kernels = frontends.ternary_kernels
 _ternary_wrapper = is_ternary_wrapper
-
-
-def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, object, dict]]:
-    """For a ternarized wrapper: ``(attribute, latent kernel, mask, quantizer, variables)`` per kernel."""
-    out = []
-    attrs = wrapper.quantize_config.attributes
-    for (attr, _), (weight, quantizer, qvars) in zip(attrs, wrapper._weight_vars):
-        out.append((attr, weight.numpy(), qvars["mask"].numpy(), quantizer, qvars))
-    return out
 
 
 def strip(model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> object:
@@ -431,12 +409,10 @@ def strip(model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> o
             f"Model {model.name!r} has no ternarized layer: strip() takes the model returned by "
             "ptq_keras.ternarize (or loaded from one inside ptq_keras.custom_object_scope())."
         )
-    plain = frontends.of(model).strip(model, lambda wrapper: {
-        attr: quantizer.project_numpy(latent, mask) for attr, latent, mask, quantizer, _ in ternary_kernels(wrapper)
-    })  # fmt: skip
+    plain = frontends.plain_copy(model)
     if batchnorm_data is not None:
         recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
-    act.link(plain)
+        act.link(plain)
     return plain
 
 

@@ -124,7 +124,8 @@ def _decode_bytes(value: str, ram_budget) -> int | str | None:
 def load_model(path: str, flag: str = "--model"):
     """A Keras model from ``.h5`` or a SavedModel folder (tf_keras, loaded inside
     ``ptq_keras.custom_object_scope()``), or from a ``.keras`` file (Keras 3)."""
-    import ptq_keras
+    from ptq_keras import frontends
+    from ptq_keras.frontends.detect import check_keras_model
 
     if not os.path.exists(path):
         raise app.UsageError(f"{flag} {path!r} does not exist (give a .h5 or .keras file, or a SavedModel folder).")
@@ -138,7 +139,7 @@ def load_model(path: str, flag: str = "--model"):
         )
     keras3 = path.endswith(".keras")
     try:
-        model = ptq_keras.load_model(path, compile=False)
+        model = frontends.load(path, compile=False)
     except Exception as exc:  # h5py, zipfile, protobuf and Keras raise assorted errors on damaged files
         kind = "SavedModel folder" if os.path.isdir(path) else (".keras file" if keras3 else ".h5 file")
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -147,8 +148,10 @@ def load_model(path: str, flag: str = "--model"):
             f"{flag} {path!r}: the {kind} cannot be loaded as {what} model ({type(exc).__name__}: {cause}). "
             "Is it damaged or incomplete? Save it again with model.save()."
         ) from exc
-    if not isinstance(model, ptq_keras.keras.Model) and not ptq_keras.compat.is_keras3(model):
-        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a Keras model.")
+    try:
+        check_keras_model(model)
+    except TypeError:
+        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a Keras model.") from None
     return model
 
 

@@ -109,15 +109,15 @@ def _check_options(target: str, encoding: str, num_samples: int) -> None:
 
 def plain_model(model):
     """The plain model to convert (tf_keras or Keras 3): ``ptq_keras.strip(model)`` if ternarized, else ``model``."""
-    import ptq_keras
-    from ptq_keras.compat import check_keras_model
+    from ptq_keras import frontends
+    from ptq_keras.frontends.detect import check_keras_model, check_tensorflow_backend, is_keras3
 
     check_keras_model(model)
-    if ptq_keras.compat.is_keras3(model):
-        ptq_keras.compat.check_tensorflow_backend("Exporting to TensorFlow Lite")
-    if ptq_keras.is_ternarized(model):
+    if is_keras3(model):
+        check_tensorflow_backend("Exporting to TensorFlow Lite")
+    if frontends.is_ternarized(model):
         # Converting the tfmot-wrapped model directly gives wrong int32 bias scales: always go through strip.
-        return ptq_keras.strip(model)
+        return frontends.plain_copy(model)
     return model
 
 

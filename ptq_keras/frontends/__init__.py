@@ -18,7 +18,7 @@ def of(model):
     ``ternarize(model, targets, options_of, partial)``, ``strip(model, project)``, ``load_model(path, ...)``,
     ``insert(model)`` (activation quantizers), ``fresh_copy(layer)``, ``is_graph_model(model)``,
     ``guard_save(model)``, and ``PARTIAL_KERNELS`` (whether a wrapper may ternarize some of a layer's kernels)."""
-    from ..compat import is_keras3
+    from .detect import is_keras3
 
     return importlib.import_module(
         "ptq_keras.frontends.keras3.layers" if is_keras3(model) else "ptq_keras.frontends.tf_keras.wrap"
@@ -35,3 +35,46 @@ def is_batchnorm(layer) -> bool:
     """A BatchNormalization layer (or subclass) of tf_keras or Keras 3."""
     return any(cls.__name__ == "BatchNormalization" and cls.__module__.split(".")[0] in ("keras", "tf_keras")
                for cls in type(layer).__mro__)  # fmt: skip
+
+
+def student_of(model):
+    """The ternarized model inside a ``ptq_keras.distill`` wrapper; any other model as it is."""
+    return model.student if getattr(model, "_ptq_distiller", False) else model
+
+
+def is_ternarized(model) -> bool:
+    """True if ``model`` holds layers wrapped by ``ptq_keras.ternarize`` (also after save and load, and inside a
+    ``ptq_keras.distill`` wrapper)."""
+    return any(is_ternary_wrapper(layer) for layer in getattr(student_of(model), "layers", ()))
+
+
+def ternary_kernels(wrapper) -> list[tuple]:
+    """For a ternarized wrapper (either frontend): ``(attribute, latent kernel, mask, quantizer, variables)`` per
+    kernel, as numpy arrays."""
+    attrs = wrapper.quantize_config.attributes
+    return [(attr, weight.numpy(), qvars["mask"].numpy(), quantizer, qvars)
+            for (attr, _), (weight, quantizer, qvars) in zip(attrs, wrapper._weight_vars)]  # fmt: skip
+
+
+def plain_copy(model):
+    """The plain model of a ternarized ``model`` (the original architecture, each ternarized kernel exactly
+    ternary: its quantizer's projection of the latent kernel on the support; other weights copied), with the
+    activation quantizers linked to the int8 rounding (:func:`ptq_keras.frontends.activations.link`)."""
+    from . import activations
+
+    model = student_of(model)
+    plain = of(model).strip(model, lambda wrapper: {
+        attr: quantizer.project_numpy(latent, mask) for attr, latent, mask, quantizer, _ in ternary_kernels(wrapper)
+    })  # fmt: skip
+    activations.link(plain)
+    return plain
+
+
+def load(filepath, *, compile: bool = True, **kwargs):
+    """A model saved by either frontend: a ``.keras`` file as a Keras 3 model, an ``.h5`` / SavedModel as a tf_keras
+    one (with ptq_keras' objects known to the loader)."""
+    if str(filepath).endswith(".keras"):
+        from .keras3 import layers as frontend
+    else:
+        from .tf_keras import wrap as frontend
+    return frontend.load_model(filepath, compile=compile, **kwargs)

@@ -22,7 +22,7 @@ class TernaryQuantizer(_CoreQuantizer, tfmot.quantization.keras.quantizers.Quant
     variables tf_keras weights of the wrapper."""
 
     def build(self, tensor_shape, name, layer):
-        from ...compat import check_tensorflow_backend
+        from ..detect import check_tensorflow_backend
 
         if isinstance(layer, keras.layers.Layer):  # tf_keras: its tensors are TensorFlow's, and so must keras.ops be
             check_tensorflow_backend(

@@ -3,7 +3,9 @@ soft-target term of :func:`ptq_keras.distill.soft_target_loss`."""
 
 from __future__ import annotations
 
-from ...distill import _as_logits, _ends_in_softmax, soft_target_loss
+from ...core.distillation import as_logits as _as_logits
+from ...core.distillation import ends_in_softmax as _ends_in_softmax
+from ...core.distillation import soft_target_loss
 from . import keras, tf
 
 

@@ -66,7 +66,7 @@ def ternarize(model, targets: set, options_of, partial: dict):
 def strip(model, project):
     """A plain copy of a ternarized ``model``: every wrapper becomes its layer, whose kernels are
     ``project(wrapper)`` (``{attribute: exact ternary kernel}``); other weights are copied."""
-    from ... import activations as act
+    from .. import activations as act
 
     pairs = []
 
