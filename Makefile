@@ -78,8 +78,11 @@ firmware: setup data
 fuzz: setup
 	$(PY) tests/fuzz.py --cases=10000
 
+# ruff, the import contracts of pyproject.toml (import-linter) and the function length rule
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) tools/function_length.py ptq_keras tflite
 
 clean:
 	rm -rf $(VENV) out runs *.egg-info

@@ -88,60 +88,21 @@ class TernaryQuantizer:
         # top-k, scales, masks), and the result goes back in the layer's compute dtype.
         compute_dtype = getattr(self, "compute_dtype", "float32")
         w = ops.cast(ops.convert_to_tensor(inputs), "float32")
-        step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
         freeze = ops.copy(weights["freeze_step"])
-        freezes = freeze >= 0
         if training:
-            now = ops.copy(step)
-            should_update, target = schedules.evaluate(self.schedule, now)
-            target = ops.minimum(ops.cast(target, "float32"), self.max_sparsity(w.shape))
-            update = ops.logical_or(now == 0, should_update)
-            ramp_end = schedules.end_step(self.schedule)
-            if ramp_end >= 0:
-                # After a ramp, keep re-selecting every step until the freeze: a support left fixed under a
-                # pass-through STE lets pruned latents drift, then reshuffles at once.
-                update = ops.logical_or(update, now > ramp_end)
-            # Re-select at the freeze step itself (the last selection), never after it.
-            update = ops.logical_or(update, ops.logical_and(freezes, now == freeze))
-            update = ops.logical_and(update, ops.logical_or(ops.logical_not(freezes), now <= freeze))
-            scores = self._scores(w, weights, now)
-            mask = ops.cond(update, lambda: self.support(scores, target), lambda: ops.copy(mask_var))
-            new_sparsity = ops.where(update, ops.cast(target, "float32"), ops.copy(sparsity_var))
-            updates = [mask_var.assign(mask), sparsity_var.assign(new_sparsity)]
-            # soft_decay (SRFP) is not applied here: fit multiplies the pruned latents once per epoch
-            # (ptq_keras.fitting.decay_pruned).
-            current_step = _after(updates, now)
-            step_update = _after([current_step], step.assign_add(1))
-            mask = ops.copy(mask)
+            mask, current_step, step_update = self._select(w, weights, freeze)
         else:
-            mask = ops.copy(mask_var)
-            current_step = ops.copy(step)
-            step_update = None
-        frozen = ops.logical_and(freezes, current_step >= freeze)
+            mask, current_step, step_update = ops.copy(weights["mask"]), ops.copy(weights["step"]), None
+        frozen = ops.logical_and(freeze >= 0, current_step >= freeze)
         w_q = self.project(w, mask)
-        clip_bound = None
-        if self.options["ste"] == "clipped":
-            alpha = self._alpha(w, mask)
-            clip_bound = self.options["clip"] * alpha
+        clip_bound = self.options["clip"] * self._alpha(w, mask) if self.options["ste"] == "clipped" else None
         decay = self.options["decay"]
         if callable(decay):
             decay = decay(current_step)
         greg = ops.where(frozen, 0.0, self.greg_strength(current_step)) if self.options["regularizer"] else 0.0
         on_gradient = None
         if training and "score" in weights:
-            score_var = weights["score"]
-            keep = self.options["taylor_decay"]
-
-            def on_gradient(upstream):
-                fresh = ops.abs(w * ops.cast(upstream, "float32"))
-                # Each step's score over its mean on the layer: every step weighs the same in the running mean,
-                # whatever the gradient's magnitude at that step (or the loss's scale).
-                mean = ops.mean(fresh)
-                fresh = fresh / ops.maximum(mean, 1e-30)
-                started = ops.cast(current_step > 0, "float32")  # the first step sets the mean
-                rate = ops.where(mean > 0, keep * started, 1.0)  # a step with no gradient leaves the score
-                return score_var.assign(rate * ops.copy(score_var) + (1.0 - rate) * fresh)
-
+            on_gradient = self._taylor_update(w, weights["score"], current_step)
         out = ste.ternary_ste(
             w, w_q, mask, mode=self.options["ste"], clip_bound=clip_bound, decay=decay, frozen=frozen,
             psg_strength=self.options["psg_strength"], greg=greg, on_gradient=on_gradient,
@@ -149,6 +110,45 @@ class TernaryQuantizer:
         if step_update is not None:
             out = _after([step_update], out)
         return ops.cast(out, compute_dtype)
+
+    def _select(self, w, weights, freeze):
+        """One training step's support: re-chosen when the schedule says so (and at step 0, after a ramp every step,
+        and at the freeze step itself: the last selection), never after the freeze. Writes the mask, the sparsity
+        and the step; returns ``(mask, this step, the step counter's update)``. (``soft_decay``, SRFP, is not
+        applied here: ``fit`` multiplies the pruned latents once per epoch, ptq_keras.fitting.decay_pruned.)"""
+        step, mask_var, sparsity_var = weights["step"], weights["mask"], weights["sparsity"]
+        freezes = freeze >= 0
+        now = ops.copy(step)
+        should_update, target = schedules.evaluate(self.schedule, now)
+        target = ops.minimum(ops.cast(target, "float32"), self.max_sparsity(w.shape))
+        update = ops.logical_or(now == 0, should_update)
+        if schedules.end_step(self.schedule) >= 0:
+            # After a ramp, keep re-selecting every step until the freeze: a support left fixed under a
+            # pass-through STE lets pruned latents drift, then reshuffles at once.
+            update = ops.logical_or(update, now > schedules.end_step(self.schedule))
+        update = ops.logical_or(update, ops.logical_and(freezes, now == freeze))
+        update = ops.logical_and(update, ops.logical_or(ops.logical_not(freezes), now <= freeze))
+        scores = self._scores(w, weights, now)
+        mask = ops.cond(update, lambda: self.support(scores, target), lambda: ops.copy(mask_var))
+        new_sparsity = ops.where(update, ops.cast(target, "float32"), ops.copy(sparsity_var))
+        current_step = _after([mask_var.assign(mask), sparsity_var.assign(new_sparsity)], now)
+        return ops.copy(mask), current_step, _after([current_step], step.assign_add(1))
+
+    def _taylor_update(self, w, score_var, current_step):
+        """``criterion="taylor"``: the backward-pass hook that folds ``|w * dL/dW_q|``, over its mean on the layer
+        (every step weighs the same, whatever the gradient's magnitude or the loss's scale), into the running
+        score (``taylor_decay`` per step; the first step sets it; a step with no gradient leaves it)."""
+        keep = self.options["taylor_decay"]
+
+        def on_gradient(upstream):
+            fresh = ops.abs(w * ops.cast(upstream, "float32"))
+            mean = ops.mean(fresh)
+            fresh = fresh / ops.maximum(mean, 1e-30)
+            started = ops.cast(current_step > 0, "float32")
+            rate = ops.where(mean > 0, keep * started, 1.0)
+            return score_var.assign(rate * ops.copy(score_var) + (1.0 - rate) * fresh)
+
+        return on_gradient
 
     def get_config(self):
         options = dict(self.options)
