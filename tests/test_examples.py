@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 
 import ptq_keras
-from examples import evaluate, train
+from examples import evaluate, recipe, train
 from ptq_keras import keras, models
 from ptq_keras.compat import tf
 
@@ -125,7 +125,7 @@ def test_mixed_precision_trains_float16_and_saves_exact_float32_ternary(tmp_path
     assert {layer.dtype_policy.name for layer in plain.layers} == {"float32"}
     _assert_exact_ternary(plain, res)
     assert res["export"]["micro"]["accuracy"] == res["export"]["int8"]["accuracy"]
-    assert train.keras.mixed_precision.global_policy().name == "float32"  # the run restores the policy
+    assert recipe.keras.mixed_precision.global_policy().name == "float32"  # the run restores the policy
 
 
 @pytest.mark.parametrize("method", ["twn", "tfmot_prune", "tfmot_qat"])
@@ -153,7 +153,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, mock_data
     args = [*QUICK, "--method=ptq", "--ramp_epochs=1", "--epochs=3", "--export=", "--seed=5", "--learning_rate=0.01"]
     call_main(train, *args, f"--out_dir={tmp_path / 'straight'}")
 
-    real_batches = train._ArrayData.train
+    real_batches = recipe._ArrayData.train
 
     def crash_in_epoch_two(self, epoch, steps):
         batches = real_batches(self, epoch, steps)
@@ -162,12 +162,12 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, mock_data
         killed = batches.skip(1).map(lambda a, b: (tf.debugging.assert_all_finite(a * np.inf, "killed"), b))
         return batches.take(1).concatenate(killed)
 
-    monkeypatch.setattr(train._ArrayData, "train", crash_in_epoch_two)
+    monkeypatch.setattr(recipe._ArrayData, "train", crash_in_epoch_two)
     with pytest.raises(tf.errors.InvalidArgumentError, match="killed"):
         call_main(train, *args, f"--out_dir={tmp_path / 'crashed'}")
     state = json.loads((tmp_path / "crashed" / "checkpoints" / "state.json").read_text())
     assert state["epochs_done"] == 1
-    monkeypatch.setattr(train._ArrayData, "train", real_batches)
+    monkeypatch.setattr(recipe._ArrayData, "train", real_batches)
     call_main(train, *args, "--resume", f"--out_dir={tmp_path / 'crashed'}")
 
     straight, resumed = results(tmp_path / "straight"), results(tmp_path / "crashed")
