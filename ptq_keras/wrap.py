@@ -53,10 +53,6 @@ def _check_graph_model(model) -> None:
         raise ValueError(f"Model {model.name!r} is not built; call model.build(input_shape) or give it an Input first.")
 
 
-def _fresh_copy(layer):
-    return layer.__class__.from_config(layer.get_config())
-
-
 @dataclass
 class _Plan:
     """What ``ternarize`` wraps: the model (after any split of its SeparableConv2D layers), the validated options

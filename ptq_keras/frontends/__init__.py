@@ -37,6 +37,28 @@ def is_batchnorm(layer) -> bool:
                for cls in type(layer).__mro__)  # fmt: skip
 
 
+def fresh_copy(layer):
+    """A new layer of ``layer``'s class and config (no weights yet)."""
+    return layer.__class__.from_config(layer.get_config())
+
+
+def clone_with_weights(clone_model, model, wrap=None):
+    """``clone_model(model, clone_function=...)`` (the Keras's own) in which every layer is a fresh copy with its
+    original's weights, returned as ``wrap(layer, fresh)`` where ``wrap`` is given (a wrapper around it)."""
+    copies = []
+
+    def clone(layer):
+        fresh = fresh_copy(layer)
+        copies.append((layer, fresh))
+        return wrap(layer, fresh) if wrap is not None else fresh
+
+    new = clone_model(model, clone_function=clone)
+    for original, fresh in copies:
+        if original.weights:
+            fresh.set_weights(original.get_weights())
+    return new
+
+
 def student_of(model):
     """The ternarized model inside a ``ptq_keras.distill`` wrapper; any other model as it is."""
     return model.student if getattr(model, "_ptq_distiller", False) else model

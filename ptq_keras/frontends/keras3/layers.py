@@ -23,9 +23,7 @@ k3 = keras3()
 PARTIAL_KERNELS = True
 
 
-def fresh_copy(layer):
-    """A new layer of ``layer``'s class and config (no weights yet)."""
-    return layer.__class__.from_config(layer.get_config())
+from .. import clone_with_weights, fresh_copy  # noqa: E402,F401 - fresh_copy: the frontend interface
 
 
 def is_graph_model(model) -> bool:
@@ -115,21 +113,14 @@ def ternarize(model, targets: set, options_of, partial=None) -> object:
     """A Keras 3 copy of ``model`` whose ``targets`` layers are wrapped with the options ``options_of(name)``
     (``partial``: ``{name: attributes}`` for layers of which only those kernels are ternarized); the other layers
     are copies with the same weights."""
-    copies = []
 
-    def wrap(layer):
-        fresh = fresh_copy(layer)
-        copies.append((layer, fresh))
+    def wrap(layer, fresh):
         if layer.name not in targets:
             return fresh
         attributes = (partial or {}).get(layer.name, kernel_attributes(layer))
         return TernaryWrapper(fresh, attributes, options_of(layer.name), name=f"ptq_{layer.name}")
 
-    qmodel = k3.models.clone_model(model, clone_function=wrap)
-    for original, fresh in copies:
-        if original.weights:
-            fresh.set_weights(original.get_weights())
-    return qmodel
+    return clone_with_weights(k3.models.clone_model, model, wrap)
 
 
 def strip(model, project):

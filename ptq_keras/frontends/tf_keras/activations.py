@@ -4,6 +4,7 @@ frontend-neutral (:mod:`ptq_keras.activations`, :mod:`ptq_keras.core.int8`)."""
 
 from __future__ import annotations
 
+from .. import fresh_copy
 from ..activations import QuantizerOptions, _needs_quantizer, copy_weights, split_separable
 from ...core.int8 import fake_quant, range_update
 from . import keras, tf
@@ -123,7 +124,7 @@ def _copy(model, ema_decay: float | None) -> tuple[keras.Model, dict[str, list[s
 
             copies.append((layer, (depthwise, pointwise)))
         else:
-            fresh = layer.__class__.from_config(layer.get_config())
+            fresh = fresh_copy(layer)
             copies.append((layer, fresh))
         for node_index, node in enumerate(spec["inbound_nodes"]):
             args = [tensors[(n, ni, ti)] for n, ni, ti, *_ in node]

@@ -15,9 +15,7 @@ _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 PARTIAL_KERNELS = False
 
 
-def fresh_copy(layer):
-    """A new layer of ``layer``'s class and config (no weights yet)."""
-    return layer.__class__.from_config(layer.get_config())
+from .. import clone_with_weights, fresh_copy  # noqa: E402
 
 
 def custom_objects() -> dict:
@@ -44,20 +42,15 @@ def ternarize(model, targets: set, options_of, partial: dict):
     ``options_of(name)``; the other layers are copies with the same weights."""
     from ...core.layers import kernel_attributes
 
-    copies = {}
 
-    def annotate(layer):
-        fresh = fresh_copy(layer)
-        copies[layer.name] = (layer, fresh)
+    def annotate(layer, fresh):
         if layer.name not in targets:
             return fresh
         config = TernaryQuantizeConfig(partial.get(layer.name, kernel_attributes(layer)), options_of(layer.name))
         return tfmot.quantization.keras.quantize_annotate_layer(fresh, config)
 
     with custom_object_scope():
-        annotated = keras.models.clone_model(model, clone_function=annotate)
-        for original, fresh in copies.values():
-            fresh.set_weights(original.get_weights())
+        annotated = clone_with_weights(keras.models.clone_model, model, annotate)
         return tfmot.quantization.keras.quantize_apply(
             annotated, scheme=TernaryScheme(), quantized_layer_name_prefix="ptq_"
         )
