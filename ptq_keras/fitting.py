@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .compat import is_keras3
-from .core import schedules
+from .core import log, schedules
 from .frontends import is_ternary_wrapper
 
 
@@ -91,10 +91,9 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
     if verbose and resolved:
         steps = sorted(set(resolved.values()))
         where = steps[0] if len(steps) == 1 else f"{steps[0]}..{steps[-1]}"
-        print(
-            f"ptq_keras: the ternary support of {len(resolved)} layer(s) freezes at step {where} "
-            f"(of {total_steps} training steps; then the STE is 'masked').",
-            flush=True,
+        log.info(
+            f"the ternary support of {len(resolved)} layer(s) freezes at step {where} "
+            f"(of {total_steps} training steps; then the STE is 'masked')."
         )
     return resolved
 
@@ -148,8 +147,8 @@ class ResolveFreeze:
             step = schedules.resolve_freeze_step(quantizer.freeze_fraction, quantizer.schedule, start, total)
             qvars["freeze_step"].assign(max(step, now))
         if self._verbose:
-            print(f"ptq_keras: {per_epoch} steps per epoch; the ternary support freezes at step "
-                  f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.", flush=True)  # fmt: skip
+            log.info(f"{per_epoch} steps per epoch; the ternary support freezes at step "
+                     f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.")  # fmt: skip
 
 
 def _soft_kernels(model) -> Iterator[tuple[object, object, dict]]:

@@ -17,7 +17,7 @@ from . import activations as act
 from . import fitting, frontends
 from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras3
 from .core import options as core_options
-from .core import schedules, ternary
+from .core import log, schedules, ternary
 from .core.layers import NAMES_TEXT, kernel_attributes
 from .frontends import is_batchnorm, is_ternary_wrapper
 
@@ -239,8 +239,8 @@ def _keep_outputs_whole(plan: _Plan) -> None:
     for name in skipped:
         plan.per_layer[name] = {**plan.options_of(name), "channel_sparsity": 0.0}
     if skipped:
-        print(f"ptq_keras: channel_sparsity is not applied to {skipped}: their output channels are the model's outputs "
-              "(set it in overrides for such a layer to force it).")  # fmt: skip
+        log.info(f"channel_sparsity is not applied to {skipped}: their output channels are the model's outputs (set it "
+                 "in overrides for such a layer to force it).")  # fmt: skip
 
 
 def _budgets(plan: _Plan, options: dict, flash_budget, ram_budget, budget_data):
@@ -265,14 +265,11 @@ def _budgets(plan: _Plan, options: dict, flash_budget, ram_budget, budget_data):
         )  # fmt: skip
     from . import budget
 
-    def log(line):
-        print(f"ptq_keras: {line}")
-
     if flash_budget is None:
         layers = {name: plan.options_of(name) for name in sorted(plan.targets)}
-        return budget.check_ram(plan.model, ram_budget, budget_data, layers, log=log)
+        return budget.check_ram(plan.model, ram_budget, budget_data, layers, log=log.info)
     free = {n: plan.options_of(n) for n in sorted(plan.targets) if "sparsity" not in plan.overrides.get(n, {})}
-    allocation = budget.allocate(plan.model, flash_budget, budget_data, free, log=log, ram_budget=ram_budget)
+    allocation = budget.allocate(plan.model, flash_budget, budget_data, free, log=log.info, ram_budget=ram_budget)
     for name, sparsity in allocation.sparsities.items():
         plan.per_layer[name] = _validate_options({**plan.options_of(name), "sparsity": sparsity},
                                                  f"flash_budget ({name})")  # fmt: skip
@@ -301,12 +298,11 @@ def _mixed_precision(model, targets: set) -> tuple[set, dict]:
         if layer.name in kept or (layer.name in partial and a == "depthwise_kernel")
     )
     if names:
-        print(f"ptq_keras: precision='mixed' keeps {len(names)} kernel(s) in float, int8 in the exported files "
-              f"({float_weights:,} weights, {float_weights / max(total, 1):.1%} of the quantizable weights): "
-              f"{', '.join(names)}.")  # fmt: skip
+        log.info(f"precision='mixed' keeps {len(names)} kernel(s) in float, int8 in the exported files "
+                 f"({float_weights:,} weights, {float_weights / max(total, 1):.1%} of the quantizable weights): "
+                 f"{', '.join(names)}.")  # fmt: skip
     else:
-        print("ptq_keras: precision='mixed' found no depthwise kernel and no Conv1D/Conv2D stem: every kernel is "
-              "ternary.")  # fmt: skip
+        log.info("precision='mixed' found no depthwise kernel and no Conv1D/Conv2D stem: every kernel is ternary.")
     return kept, partial
 
 
@@ -325,9 +321,9 @@ def _report_capped(model, targets, options_of, partial) -> None:
             if cap < final:  # a SeparableConv2D names which of its two kernels
                 capped.append(f"{name}{'.' + attr if len(kernels) > 1 else ''} {cap:.2f}")
     if capped:
-        print(
-            f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
-            f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off)."
+        log.info(
+            f"{len(capped)} kernel(s) with few weights per output channel keep min_kept weights per channel on "
+            f"average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off)."
         )
 
 
@@ -463,5 +459,5 @@ def recalibrate_batchnorm(model, data, *, steps: int | None = 100, verbose: bool
         act.link(model)  # the ranges moved: the int8 kernels' parameters with them
     if verbose:
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
-        print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
+        log.info(f"re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
     return model

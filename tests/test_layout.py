@@ -70,3 +70,24 @@ print(sorted(m for m in ("tf_keras", "tensorflow_model_optimization") if m in sy
     result = _run(code, KERAS_BACKEND="jax")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_library_messages_go_through_the_ptq_keras_logger_and_can_be_silenced(capsys):
+    import logging
+
+    from ptq_keras import keras
+
+    import ptq_keras
+
+    model = keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Conv2D(2, 3, name="stem"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, name="head")])  # fmt: skip
+    ptq_keras.ternarize(model, sparsity=0.9)  # the stem's fan-in of 9 caps it: a message says so
+    assert "ptq_keras: 2 kernel(s) with few weights per output channel" in capsys.readouterr().out
+    logger = logging.getLogger("ptq_keras")
+    level = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        ptq_keras.ternarize(model, sparsity=0.9)
+        assert capsys.readouterr().out == ""
+    finally:
+        logger.setLevel(level)
