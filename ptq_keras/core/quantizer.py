@@ -168,7 +168,7 @@ class TernaryQuantizer:
     def __ne__(self, other):
         return not self.__eq__(other)
 
-    # -- the math, through ptq_keras.ternary
+    # -- the math, through ptq_keras.core.ternary
     def greg_strength(self, step):
         """GReg's penalty at ``step``: ``min(ceiling, delta * floor(step / interval))``."""
         o = self.options
