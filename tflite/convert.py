@@ -155,7 +155,7 @@ def strip_names(tflite: bytes) -> bytes:
 
 
 # ----------------------------------------------------------------------------- the stages
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """The inputs of every stage: the plain model, its calibration samples and the options; ``int8_files`` caches
     the int8 file per scale layout (``int8_file``). ``with_options`` gives a copy with other options."""
