@@ -173,8 +173,10 @@ def _say_micro(conversion: Conversion, auto: bool, say) -> None:
         say(f"  {sum(r['dead'] for r in rows)} dead output channel(s), {sum(r['removed'] for r in rows)} removed: "
             f"MACs {conversion.macs[0]:,} -> {conversion.macs[1]:,}")  # fmt: skip
     if conversion.split_rows:
-        say(f"  split {len(conversion.split_rows)} weight tensor(s) larger than {conversion.decode_bytes:,} B along "
-            "output channels" + (" (max_decode_bytes='auto': half the int8 arena, at least 16 KiB)" if auto else ""))
+        say(
+            f"  split {len(conversion.split_rows)} weight tensor(s) larger than {conversion.decode_bytes:,} B along "
+            "output channels" + (" (max_decode_bytes='auto': half the int8 arena, at least 16 KiB)" if auto else "")
+        )
 
 
 def _vela_figures(conversions: dict, prep: Prepared, float_model, say) -> dict:

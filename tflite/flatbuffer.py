@@ -275,7 +275,6 @@ def buffer_array(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray | N
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-
 def drop_unreferenced_buffers(model: schema.ModelT) -> None:
     """Empty, in place, the buffers no tensor or metadata entry refers to any more (replaced weights)."""
     used = {int(t.buffer) for g in model.subgraphs for t in g.tensors}
@@ -383,6 +382,7 @@ def insert_before(graph: schema.SubGraphT, inserts: dict) -> None:
         operators += inserts.get(position, [])
         operators.append(op)
     graph.operators = operators
+
 
 def _broadcast(a: list[int], b: list[int]) -> list[int] | None:
     out = []
