@@ -34,7 +34,7 @@ def _grouped_fc(weights: np.ndarray, edit=None) -> bytes:
     if edit is not None:
         grouped = edit(grouped)
     groups.insert(model, 0, 1, grouped, decode._decode_opcode(model))
-    decode._drop_unreferenced_buffers(model)
+    flatbuffer.drop_unreferenced_buffers(model)
     return flatbuffer.write(model)
 
 

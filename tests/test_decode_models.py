@@ -266,11 +266,10 @@ def test_decode_overhead_bound_holds_on_a_slimmed_micro_file():
 
     conv = importlib.import_module("ptq_keras.tflite.convert")
     model = tm.build("cnn")
-    prep = conv._prepare(model, tm.inputs(model, 16), 16)
+    prep = conv.prepare(model, tm.inputs(model, 16), 16)
     sizes, payloads = [], []
     for keep in (0, 1):
-        prep.keep_int8 = keep
-        buf = conv._convert_prepared(prep, "micro", "lut", False, None)
+        buf = conv.convert_micro(prep.with_options(keep_int8=keep)).tflite
         sizes.append(len(buf))
         payloads.append(sorted(row["payload_bytes"] for row in decode.describe(buf)))
     int8_bytes = max(int(np.prod(model.get_layer(n).kernel.shape)) for n in ("conv1", "conv2", "logits"))
