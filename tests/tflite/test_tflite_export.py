@@ -18,7 +18,7 @@ convert_mod = importlib.import_module("ptq_keras.tflite.convert")
 S = flatbuffer.schema
 TARGETS = ("int8", "micro", "litert", "int4")
 MODELS = tuple(tm.BUILDERS)
-GOLDEN = os.path.join(os.path.dirname(__file__), "data", "tflite_mlp_tensors.json")
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tflite_mlp_tensors.json")
 CALIBRATION, CHECK = 32, 48
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import ptq_keras
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "saved_v0.1")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "saved_v0.1")
 
 
 @pytest.mark.parametrize("flavor, ext", [("tf_keras", "h5"), ("keras3", "keras")])

@@ -11,7 +11,8 @@ import pytest
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "accuracy_size.py")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PATH = os.path.join(_ROOT, "benchmarks", "accuracy_size.py")
 _spec = importlib.util.spec_from_file_location("accuracy_size", _PATH)
 accuracy_size = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(accuracy_size)
@@ -94,7 +95,7 @@ def test_flag_errors_name_the_problem(tmp_path):
 def test_results_files_record_the_command_without_this_machine_s_paths(monkeypatch, tmp_path):
     from examples import common
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = _ROOT
     monkeypatch.chdir(tmp_path)  # a worktree elsewhere, run with paths into this checkout
     argv = [f"--work_dir={root}/out/bench/ablation", f"--results_dir={tmp_path}/results", "--seeds=3"]
     assert common.command_line("benchmarks/ablation.py", argv) == (

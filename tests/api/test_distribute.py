@@ -107,7 +107,7 @@ def test_train_script_runs_mirrored_on_two_cpu_devices_and_resumes(tmp_path):
     and --resume continues the checkpoint under the strategy."""
     import pathlib
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    script = pathlib.Path(__file__).resolve().parents[2] / "examples" / "train.py"
     common = [sys.executable, str(script), "--strategy=mirrored", "--cpu_devices=2", "--limit=512",
               "--batch_size=64", "--export=", f"--out_dir={tmp_path}", "--sparsity=0.5"]  # fmt: skip
     first = subprocess.run(common + ["--epochs=1"], capture_output=True, text=True, timeout=600)
@@ -141,7 +141,7 @@ def test_imagenet_resnet18_path_runs_end_to_end_on_mock_data_under_mirrored(tmp_
     crop + flip, resize + central crop), torchvision's ResNet-18, two replicas, strip, export and TFLM accuracy."""
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     args = ["--dataset=imagenet2012", "--model=resnet18", "--image_size=32", "--limit=16", "--batch_size=8",
             "--epochs=1", "--max_steps_per_epoch=2", "--export=int8,micro", "--encoding=huffman",
             "--strategy=mirrored", "--cpu_devices=2", "--recalibrate_bn_steps=2", "--tflite_eval_samples=8",
