@@ -17,6 +17,7 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .core.schedules import ConstantSparsity, PolynomialDecay  # noqa: E402
+from .distill import distill  # noqa: E402 - the function, not its module (both are named distill)
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,6 @@ _LAZY = {
     "summary": "ptq_keras.report",
     "resolve_freeze": "ptq_keras.fitting",
     "decay_pruned": "ptq_keras.fitting",
-    "distill": "ptq_keras.distill",
 }
 
 __all__ = [

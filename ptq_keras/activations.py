@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from .frontends.tf_keras import activations as tf_keras_activations
 
         return getattr(tf_keras_activations, name)
-    from .frontends import activations  # private helpers
+    from .core import int8
+    from .frontends import activations
 
-    return getattr(activations, name)
+    for module in (activations, int8):  # private helpers
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,16 +15,19 @@ from __future__ import annotations
 import numbers
 
 from .compat import check_keras_model, is_keras3
-from .core.distillation import soft_target_loss  # noqa: F401 - public here
 
-__all__ = ["Distiller", "distill"]  # noqa: F822 - Distiller: see __getattr__
+__all__ = ["Distiller", "distill", "soft_target_loss"]  # noqa: F822 - see __getattr__
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # loaded on first use: ``import ptq_keras`` imports this module, and nothing heavy
     if name == "Distiller":  # tf_keras's, in its frontend
         from .frontends.tf_keras.distill import Distiller
 
         return Distiller
+    if name == "soft_target_loss":
+        from .core.distillation import soft_target_loss
+
+        return soft_target_loss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
