@@ -74,12 +74,15 @@ firmware: setup data
 	$(PY) benchmarks/firmware.py
 
 # 10,000 damaged copies of exported files through every reader and, when they parse, the runtimes (in a child
-# process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/test_fuzz.py).
+# process, so a crash is reported); a few minutes. `make test` runs 300 cases of the same (tests/tflite/test_fuzz.py).
 fuzz: setup
 	$(PY) tests/fuzz.py --cases=10000
 
+# ruff, the import contracts of pyproject.toml (import-linter) and the function length rule
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) tools/function_length.py ptq_keras tflite
 
 clean:
 	rm -rf $(VENV) out runs *.egg-info

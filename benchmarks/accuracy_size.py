@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
-from examples import common, train  # noqa: E402
+from examples import common, recipe  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small_cnn", "ds_cnn", "ds_resnet"], "Models of ptq_keras.models.")
@@ -63,7 +63,7 @@ BASELINE_KINDS = ("float", "int8", "qat", "prune", "twn")
 
 
 def _row_specs() -> list[tuple[str, str, str, dict, tuple]]:
-    """(key, label, kind, train.Config options, file targets) of every fine-tuned row."""
+    """(key, label, kind, recipe.Config options, file targets) of every fine-tuned row."""
     rows = [("qat", "tfmot int8 QAT", "qat", dict(method="tfmot_qat"), ("int8",))]
     for s in map(float, FLAGS.prune_sparsities):
         options = dict(method="tfmot_prune", sparsity=s, ramp_epochs=1)
@@ -85,7 +85,7 @@ def _row_specs() -> list[tuple[str, str, str, dict, tuple]]:
     return rows
 
 
-def _config(model: str, seed: int, out_dir: str, **options) -> train.Config:
+def _config(model: str, seed: int, out_dir: str, **options) -> recipe.Config:
     values = dict(
         model=model,
         batch_size=128,
@@ -98,7 +98,7 @@ def _config(model: str, seed: int, out_dir: str, **options) -> train.Config:
         out_dir=out_dir,
     )
     values.update(options)
-    return train.Config(**values)
+    return recipe.Config(**values)
 
 
 def _cached(path: str, compute) -> dict:
@@ -130,7 +130,7 @@ def _float_run(model: str, seed: int, work: str, x_test, y_test) -> dict:
 
     def compute():
         epochs = 1 if FLAGS.quick else FLAGS.float_epochs
-        res = train.run(_config(model, seed, work, method="float", epochs=epochs, export=("int8",)))
+        res = recipe.run(_config(model, seed, work, method="float", epochs=epochs, export=("int8",)))
         fp32 = convert.float_tflite(keras.models.load_model(res["model"], compile=False))
         path = os.path.join(work, "tflite", "model_fp32.tflite")
         atomic_write(path, fp32)
@@ -148,17 +148,17 @@ def _finetune_run(model: str, seed: int, spec, init_from: str, work: str, x_test
     epochs = 1 if FLAGS.quick else FLAGS.finetune_epochs
     export = ("int8", "micro") if "micro" in targets else ("int8",)
     cfg = _config(model, seed, work, **options, epochs=epochs, init_from=init_from, export=export)
-    ste = train._ste(cfg) if cfg.method in ("ptq", "twn") else None
+    ste = recipe.ste_for(cfg) if cfg.method in ("ptq", "twn") else None
     min_kept = cfg.min_kept if cfg.method == "ptq" else None
 
     def compute():
         checkpointed = os.path.exists(os.path.join(work, "checkpoints", "state.json"))
         try:  # a run killed after a checkpoint (or while exporting) continues from it
-            res = train.run(dataclasses.replace(cfg, resume=checkpointed))
+            res = recipe.run(dataclasses.replace(cfg, resume=checkpointed))
         except ValueError as exc:
             if not str(exc).startswith("--resume:"):
                 raise
-            res = train.run(cfg)  # no checkpoint, or one of another run: train afresh
+            res = recipe.run(cfg)  # no checkpoint, or one of another run: train afresh
         return {
             "ste": ste,
             "min_kept": min_kept,
@@ -187,7 +187,7 @@ def _is_cached(model: str, seed: int, spec, work: str) -> bool:
         return True
     cfg = _config(model, seed, work, **options)
     with open(path) as f:
-        return _same_recipe(json.load(f), train._ste(cfg), cfg.min_kept if cfg.method == "ptq" else None)
+        return _same_recipe(json.load(f), recipe.ste_for(cfg), cfg.min_kept if cfg.method == "ptq" else None)
 
 
 def _same_recipe(cached: dict, ste: str, min_kept) -> bool:

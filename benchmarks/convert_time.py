@@ -39,8 +39,8 @@ def staged(int8: bytes, target: str) -> bytes:
 
 
 def one_pass(int8: bytes, target: str) -> bytes:
-    prep = convert._Prepared(plain=None, calibration=None, int8={False: int8})
-    return convert._convert_prepared(prep, target, "auto", True, None)
+    prep = convert.Prepared(plain=None, calibration=None, encoding="auto", strip=True, int8_files={False: int8})
+    return convert.convert_prepared(prep, target).tflite
 
 
 def main() -> None:

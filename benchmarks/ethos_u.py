@@ -30,7 +30,7 @@ from absl import app, flags  # noqa: E402
 from ptq_keras.tflite import ethosu  # noqa: E402
 from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
-from examples import common, train  # noqa: E402
+from examples import common, recipe  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small_cnn", "ds_cnn"], "Models of ptq_keras.models.")
@@ -50,10 +50,10 @@ def _run(model: str, key: str, **options) -> dict:
         with open(path) as f:
             return json.load(f)
     epochs = options.pop("epochs")
-    cfg = train.Config(model=model, batch_size=128, learning_rate=1e-3, limit=2048 if FLAGS.quick else None,
+    cfg = recipe.Config(model=model, batch_size=128, learning_rate=1e-3, limit=2048 if FLAGS.quick else None,
                        measure=False, eval_tflite=False, seed=0, out_dir=out_dir, encoding="huffman",
                        epochs=1 if FLAGS.quick else epochs, **options)  # fmt: skip
-    res = train.run(cfg)
+    res = recipe.run(cfg)
     out = {"model": res["model"], "keras_accuracy": res["keras_accuracy"], "files": {}}
     for target, row in res["export"].items():
         out["files"][target] = {k: row[k] for k in ("file", "file_bytes", "bits_per_weight")}

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 from examples import common  # noqa: E402
+from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("budget", 40_000, "Flash budget of the micro file, bytes.", lower_bound=1)
@@ -54,7 +54,7 @@ def _float_model(seed: int, x, y):
 def _uniform_sparsity(float_model, x) -> float:
     """The smallest uniform sparsity of UNIFORM_GRID whose micro file fits the budget (sized like the allocator)."""
     from ptq_keras import budget
-    from ptq_keras.configs import kernel_attributes
+    from ptq_keras.core.layers import kernel_attributes
 
     layers = [layer for layer in float_model.layers if kernel_attributes(layer)]
     for s in UNIFORM_GRID:

@@ -93,14 +93,14 @@ def float_model(name: str, seed: int, x: np.ndarray, y: np.ndarray, caches=(), s
 
 def default_ste() -> str:
     """The library's default straight-through estimator (cached benchmark runs record it: a change retrains)."""
-    from ptq_keras.quantizers import DEFAULTS
+    from ptq_keras.core.options import DEFAULTS
 
     return DEFAULTS["ste"]
 
 
 def default_min_kept() -> float:
     """The library's default ``min_kept`` (cached benchmark runs record it: a change retrains)."""
-    from ptq_keras.quantizers import DEFAULTS
+    from ptq_keras.core.options import DEFAULTS
 
     return DEFAULTS["min_kept"]
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ternary
 from .compat import is_keras3, keras, keras3
-from .configs import is_batchnorm, kernel_attributes
-from .quantizers import DEFAULTS
+from .core import ternary
+from .core.layers import kernel_attributes
+from .core.options import DEFAULTS
+from .frontends import is_batchnorm
 
 __all__ = ["CANDIDATES", "Allocation", "allocate"]
 
@@ -238,24 +239,8 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
         layer = model.get_layer(name)
         kernels[name] = [(attr, dims, np.asarray(getattr(layer, attr).numpy(), np.float32))
                          for attr, dims in kernel_attributes(layer)]  # fmt: skip
-    reference = _output(model, x)
-    energy = float(np.mean(reference**2)) or 1.0
-    layer_bytes, sensitivity = {}, {}
     log(f"flash budget {int(flash_budget):,} B: measuring {len(layers)} layer(s) at {len(candidates)} sparsities ...")
-    bound = None  # the export's default split bound (max_decode_bytes="auto"); a ram_budget chooses its own
-    if ram_budget is None:
-        from .tflite import convert
-        from .tflite.convert import auto_decode_bytes
-
-        bound = auto_decode_bytes(convert(model, x, target="int8"))
-    for name, parts in kernels.items():
-        layer_bytes[name], sensitivity[name] = {}, {}
-        for s in candidates:
-            projected = {(name, attr): _project(w, dims, s, layers[name]) for attr, dims, w in parts}
-            layer_bytes[name][s] = sum(_encoded_bytes(projected[(name, attr)], dims, bound) for attr, dims, _ in parts)
-            error = np.mean((_output(_plain_copy(model, projected), x) - reference) ** 2) / energy
-            sensitivity[name][s] = float(error)
-
+    layer_bytes, sensitivity = _measure(model, kernels, layers, candidates, x, ram_budget)
     biases = _as_trained(model)
 
     def kernels_at(choice: dict) -> dict:
@@ -277,14 +262,10 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
                if ram_budget is not None else "")
             + "). Raise the budget, keep fewer layers in float, or use a smaller model."
         )  # fmt: skip
-    target = int(flash_budget)
-    for _ in range(_MAX_ROUNDS):
-        choice = _greedy(layer_bytes, sensitivity, candidates, target - overhead, int(MARGIN * flash_budget))
-        estimate = overhead + sum(layer_bytes[n][s] for n, s in choice.items())
-        file_bytes, _, final = _micro_bytes(model, kernels_at(choice), x, ram_budget)
-        if file_bytes <= flash_budget or estimate <= smallest:
-            break
-        target -= file_bytes - int(flash_budget)  # the estimate was short: tighten and choose again
+    choice, estimate, file_bytes, final = _fit(
+        lambda choice: _micro_bytes(model, kernels_at(choice), x, ram_budget), layer_bytes, sensitivity,
+        candidates, int(flash_budget), overhead, smallest,
+    )  # fmt: skip
     if file_bytes > flash_budget:
         raise ValueError(
             f"flash_budget={int(flash_budget):,} B: the closest allocation found gives a {file_bytes:,} B micro file; "
@@ -298,6 +279,43 @@ def allocate(model, flash_budget, data, layers: dict, candidates=CANDIDATES, log
         result.ram_budget, result.arena_bytes = int(ram_budget), micro.measure_arena(final)
     log(result.table())
     return result
+
+
+def _measure(model, kernels: dict, layers: dict, candidates: list, x, ram_budget) -> tuple[dict, dict]:
+    """``({layer: {sparsity: encoded bytes}}, {layer: {sparsity: relative output error}})``: each layer projected
+    alone at each candidate (its bytes as the export's default split, ``max_decode_bytes="auto"``, encodes them;
+    a ``ram_budget`` chooses its own bound)."""
+    reference = _output(model, x)
+    energy = float(np.mean(reference**2)) or 1.0
+    bound = None
+    if ram_budget is None:
+        from .tflite import convert
+        from .tflite.convert import auto_decode_bytes
+
+        bound = auto_decode_bytes(convert(model, x, target="int8"))
+    layer_bytes, sensitivity = {}, {}
+    for name, parts in kernels.items():
+        layer_bytes[name], sensitivity[name] = {}, {}
+        for s in candidates:
+            projected = {(name, attr): _project(w, dims, s, layers[name]) for attr, dims, w in parts}
+            layer_bytes[name][s] = sum(_encoded_bytes(projected[(name, attr)], dims, bound) for attr, dims, _ in parts)
+            error = np.mean((_output(_plain_copy(model, projected), x) - reference) ** 2) / energy
+            sensitivity[name][s] = float(error)
+    return layer_bytes, sensitivity
+
+
+def _fit(convert_at, layer_bytes, sensitivity, candidates, flash_budget: int, overhead: int, smallest: int):
+    """The greedy choice re-run with a tighter weight budget until the real file (``convert_at(choice)``: bytes,
+    payload, file) fits: ``(choice, estimated bytes, file bytes, file)``."""
+    target = flash_budget
+    for _ in range(_MAX_ROUNDS):
+        choice = _greedy(layer_bytes, sensitivity, candidates, target - overhead, int(MARGIN * flash_budget))
+        estimate = overhead + sum(layer_bytes[n][s] for n, s in choice.items())
+        file_bytes, _, final = convert_at(choice)
+        if file_bytes <= flash_budget or estimate <= smallest:
+            break
+        target -= file_bytes - flash_budget  # the estimate was short: tighten and choose again
+    return choice, estimate, file_bytes, final
 
 
 def _greedy(layer_bytes: dict, sensitivity: dict, candidates: list, weight_budget: int, margin: int = 0) -> dict:

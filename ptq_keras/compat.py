@@ -1,66 +1,21 @@
-"""The one place that selects Keras 2 (tf_keras) and imports TensorFlow, tf_keras and tfmot.
-
-TensorFlow 2.21 ships Keras 3, but tfmot 0.8.1 only works with Keras 2 (``tf_keras``). The environment variable
-``TF_USE_LEGACY_KERAS`` must be set before TensorFlow is first imported, so ``import ptq_keras`` does it here.
-"""
+"""Which Keras a model is (:mod:`ptq_keras.frontends.detect`), and ``keras``, ``tf`` and ``tfmot`` (tf_keras,
+TensorFlow and tfmot) loaded on first use from the tf_keras frontend, the one module that imports tf_keras and
+tfmot."""
 
 from __future__ import annotations
 
-import os
-import sys
+from .frontends.detect import TRAINING_BACKENDS, check_keras_model, check_tensorflow_backend, is_keras3, keras3
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+__all__ = [  # noqa: F822 - tf, keras, tfmot: see __getattr__
+    "tf", "keras", "tfmot", "TRAINING_BACKENDS", "check_keras_model", "check_tensorflow_backend", "keras3", "is_keras3",
+]  # fmt: skip
 
-import tensorflow as tf  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-__all__ = ["tf", "keras", "tfmot", "check_keras_model", "keras3", "is_keras3"]
+_TF_KERAS = ("keras", "tf", "tfmot")
 
 
-def keras3():
-    """The Keras 3 package (``import keras``; TensorFlow's default Keras), imported on first use."""
-    import keras as keras_3  # noqa: PLC0415 - Keras 3 is only needed for Keras 3 models
+def __getattr__(name: str):
+    if name in _TF_KERAS:
+        from .frontends import tf_keras
 
-    return keras_3
-
-
-def is_keras3(obj) -> bool:
-    """True for a Keras 3 model or layer (Keras 3 is not imported to say no: a Keras 3 object needs it loaded)."""
-    k3 = sys.modules.get("keras")
-    layers = getattr(k3, "layers", None)
-    return layers is not None and isinstance(obj, (k3.Model, layers.Layer))
-
-
-def check_keras_model(model, what: str = "model") -> None:
-    """Raise a TypeError unless ``model`` is a tf_keras (Keras 2) or Keras 3 model."""
-    if isinstance(model, keras.Model):
-        return
-    if is_keras3(model) and isinstance(model, keras3().Model):
-        backend = keras3().backend.backend()
-        if backend not in TRAINING_BACKENDS:
-            raise RuntimeError(
-                f"The {what} is a Keras 3 model on the {backend!r} backend; ptq_keras trains Keras 3 models on "
-                f"{' and '.join(TRAINING_BACKENDS)} (and exports them on tensorflow). Set KERAS_BACKEND=tensorflow "
-                "before Keras is imported."
-            )
-        return
-    raise TypeError(
-        f"The {what} must be a tf_keras or Keras 3 model, got {type(model).__module__}.{type(model).__name__}."
-    )
-
-
-TRAINING_BACKENDS = ("tensorflow", "jax")
-
-
-def check_tensorflow_backend(what: str, fix: str | None = None) -> None:
-    """Keras 3 runs ``what`` on its TensorFlow backend only (the TFLite converter and tf_keras are TensorFlow);
-    ``fix`` replaces the default advice (save the model and convert it in a TensorFlow process)."""
-    backend = keras3().backend.backend()
-    if backend != "tensorflow":
-        raise RuntimeError(
-            f"{what} needs Keras 3's TensorFlow backend; this process runs Keras 3 on {backend!r}. "
-            + (fix or "Save the model (model.save('q.keras')) and convert it in a process with "
-               "KERAS_BACKEND=tensorflow (for example `KERAS_BACKEND=tensorflow ptq-convert --model q.keras ...`).")
-        )  # fmt: skip
+        return getattr(tf_keras, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from .compat import tf
+from .core import log
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -106,7 +107,7 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike | None = None, source_dir:
             f"({', '.join(missing)}). Install them with `{INSTALL_FASHION_MNIST}` (Debian/Ubuntu); nothing is "
             "downloaded from the network."
         )
-    print(f"ptq_keras.data: preparing tfds fashion_mnist in {data_dir} from {source_dir} (once, about a minute).")
+    log.info(f"preparing tfds fashion_mnist in {data_dir} from {source_dir} (once, about a minute).")
     os.makedirs(data_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".fashion_mnist_src_") as tmp:
         extracted = {}

@@ -14,100 +14,24 @@ from __future__ import annotations
 
 import numbers
 
-from keras import ops
+from .compat import check_keras_model, is_keras3
 
-from .compat import check_keras_model, is_keras3, keras, tf
-
-__all__ = ["Distiller", "distill"]
-
-_EPS = 1e-7
+__all__ = ["Distiller", "distill", "soft_target_loss"]  # noqa: F822 - see __getattr__
 
 
-def _ends_in_softmax(model) -> bool:
-    last = model.layers[-1]
-    inner = getattr(last, "layer", last)  # a ternary wrapper
-    if type(inner).__name__ == "Softmax":
-        return True
-    return getattr(getattr(inner, "activation", None), "__name__", "") == "softmax"
+def __getattr__(name: str):  # loaded on first use: ``import ptq_keras`` imports this module, and nothing heavy
+    if name == "Distiller":  # tf_keras's, in its frontend
+        from .frontends.tf_keras.distill import Distiller
+
+        return Distiller
+    if name == "soft_target_loss":
+        from .core.distillation import soft_target_loss
+
+        return soft_target_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _as_logits(outputs, probabilities: bool):
-    outputs = ops.cast(outputs, "float32")
-    return ops.log(ops.clip(outputs, _EPS, 1.0)) if probabilities else outputs
-
-
-def soft_target_loss(teacher_logits, student_logits, temperature: float):
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (the gradient scale of the hard loss
-    is kept when ``T`` changes). In ``keras.ops``: tf_keras and Keras 3 (TensorFlow or JAX) use it alike."""
-    t = ops.log_softmax(ops.cast(teacher_logits, "float32") / temperature, axis=-1)
-    s = ops.log_softmax(ops.cast(student_logits, "float32") / temperature, axis=-1)
-    kl = ops.sum(ops.exp(t) * (t - s), axis=-1)
-    return temperature**2 * ops.mean(kl)
-
-
-class Distiller(keras.Model):
-    """A student trained against a frozen teacher; see :func:`distill`."""
-
-    _ptq_distiller = True
-
-    def __init__(self, student, teacher, *, temperature: float, alpha: float, **kwargs):
-        super().__init__(name=kwargs.pop("name", f"{student.name}_distilled"), **kwargs)
-        self.student = student
-        # The teacher is never updated: it runs in inference mode and only the student's variables get gradients.
-        # (Its ``trainable`` flag is left alone: a model cloned from it later must still train.)
-        self.teacher = teacher
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self._student_probs = _ends_in_softmax(student)
-        self._teacher_probs = _ends_in_softmax(teacher)
-        self._soft_tracker = keras.metrics.Mean(name="distill_loss")
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
-
-    @property
-    def metrics(self):
-        metrics = super().metrics
-        return metrics if any(m is self._soft_tracker for m in metrics) else metrics + [self._soft_tracker]
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
-        with tf.GradientTape() as tape:
-            outputs = self.student(x, training=True)
-            hard = self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
-            soft = soft_target_loss(
-                tf.stop_gradient(teacher_logits), _as_logits(outputs, self._student_probs), self.temperature
-            )
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        self.compiled_metrics.update_state(y, outputs, sample_weight)
-        self._soft_tracker.update_state(soft)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        outputs = self.student(x, training=False)
-        self.compiled_loss(y, outputs, sample_weight, regularization_losses=self.student.losses)
-        teacher_logits = _as_logits(self.teacher(x, training=False), self._teacher_probs)
-        soft = soft_target_loss(teacher_logits, _as_logits(outputs, self._student_probs), self.temperature)
-        self.compiled_metrics.update_state(y, outputs, sample_weight)
-        self._soft_tracker.update_state(soft)
-        return {m.name: m.result() for m in self.metrics}
-
-    def save(self, filepath, *args, **kwargs):
-        """Save the student (the ternarized model); the teacher is not saved. Load it with
-        ``ptq_keras.load_model`` and wrap it with :func:`distill` again to continue distilling."""
-        return self.student.save(filepath, *args, **kwargs)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "A ptq_keras.distill model is not serialized itself: save() writes its student (model.student)."
-        )
-
-
-def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5) -> Distiller:
+def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5):
     """Wrap the ternarized ``qmodel`` so that ``fit`` also matches the float ``teacher``'s outputs.
 
     Args:
@@ -147,43 +71,9 @@ def distill(qmodel, teacher, *, temperature: float = 1.0, alpha: float = 0.5) ->
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-    make = _keras3_distiller() if is_keras3(qmodel) else Distiller
+    if is_keras3(qmodel):
+        from .frontends.keras3.distill import Keras3Distiller as make
+    else:
+        from .frontends.tf_keras.distill import Distiller as make
     model = make(qmodel, teacher, temperature=temperature, alpha=alpha)
     return attach(model)
-
-
-def _keras3_distiller():
-    """The Keras 3 twin of :class:`Distiller`: the soft-target term is added in ``compute_loss``, which Keras 3's
-    ``train_step`` calls on every backend (TensorFlow and JAX)."""
-    import keras as keras_3
-
-    class Keras3Distiller(keras_3.Model):
-        _ptq_distiller = True
-
-        def __init__(self, student, teacher, *, temperature: float, alpha: float):
-            super().__init__(name=f"{student.name}_distilled")
-            self.student = student
-            # Not tracked: the teacher's variables get no gradient and are not saved (it runs in inference mode).
-            object.__setattr__(self, "teacher", teacher)
-            self.temperature, self.alpha = float(temperature), float(alpha)
-            self._student_probs, self._teacher_probs = _ends_in_softmax(student), _ends_in_softmax(teacher)
-
-        def call(self, inputs, training=None):
-            return self.student(inputs, training=training)
-
-        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            hard = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-            teacher_logits = ops.stop_gradient(_as_logits(self.teacher(x, training=False), self._teacher_probs))
-            soft = soft_target_loss(teacher_logits, _as_logits(y_pred, self._student_probs), self.temperature)
-            return (1.0 - self.alpha) * hard + self.alpha * soft
-
-        def save(self, filepath, *args, **kwargs):
-            """Save the student (the ternarized model); the teacher is not saved."""
-            return self.student.save(filepath, *args, **kwargs)
-
-        def get_config(self):
-            raise NotImplementedError(
-                "A ptq_keras.distill model is not serialized itself: save() writes its student (model.student)."
-            )
-
-    return Keras3Distiller

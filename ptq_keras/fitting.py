@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from . import schedules
-from .compat import is_keras3, keras
-from .configs import is_ternary_wrapper
+from .compat import is_keras3
+from .core import log, schedules
+from .frontends import is_ternary_wrapper
 
 
 def all_layers(model) -> Iterator:
@@ -31,7 +31,7 @@ def all_layers(model) -> Iterator:
         yield from all_layers(student)
         return
     for layer in getattr(model, "layers", ()):
-        if isinstance(layer, keras.Model) or (is_keras3(layer) and hasattr(layer, "layers")):
+        if getattr(layer, "layers", None) is not None and hasattr(layer, "compile"):  # a nested model
             yield from all_layers(layer)
         else:
             yield layer
@@ -91,10 +91,9 @@ def resolve_freeze(model, total_steps: int, *, verbose: bool = True) -> dict[str
     if verbose and resolved:
         steps = sorted(set(resolved.values()))
         where = steps[0] if len(steps) == 1 else f"{steps[0]}..{steps[-1]}"
-        print(
-            f"ptq_keras: the ternary support of {len(resolved)} layer(s) freezes at step {where} "
-            f"(of {total_steps} training steps; then the STE is 'masked').",
-            flush=True,
+        log.info(
+            f"the ternary support of {len(resolved)} layer(s) freezes at step {where} "
+            f"(of {total_steps} training steps; then the STE is 'masked')."
         )
     return resolved
 
@@ -108,9 +107,10 @@ def _set_schedule(model, name, quantizer, schedule) -> None:
             layer.quantize_config.options["sparsity"] = schedules.serialize(schedule)
 
 
-class ResolveFreeze(keras.callbacks.Callback):
+class ResolveFreeze:
     """Resolves fractional ``freeze_at`` options at the start of ``fit`` (or after its first epoch when Keras does
-    not know the number of steps per epoch). Added to every ``fit`` of a ternarized model by ptq_keras."""
+    not know the number of steps per epoch). Added to every ``fit`` of a ternarized model by ptq_keras (as a
+    callback of the model's Keras: :func:`callback`)."""
 
     def __init__(self, model, initial_epoch: int = 0, verbose: bool = True):
         super().__init__()
@@ -147,8 +147,8 @@ class ResolveFreeze(keras.callbacks.Callback):
             step = schedules.resolve_freeze_step(quantizer.freeze_fraction, quantizer.schedule, start, total)
             qvars["freeze_step"].assign(max(step, now))
         if self._verbose:
-            print(f"ptq_keras: {per_epoch} steps per epoch; the ternary support freezes at step "
-                  f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.", flush=True)  # fmt: skip
+            log.info(f"{per_epoch} steps per epoch; the ternary support freezes at step "
+                     f"{max(int(v['freeze_step'].numpy()) for _, _, v in todo)}.")  # fmt: skip
 
 
 def _soft_kernels(model) -> Iterator[tuple[object, object, dict]]:
@@ -182,9 +182,10 @@ def decay_pruned(model) -> int:
     return count
 
 
-class DecayPruned(keras.callbacks.Callback):
+class DecayPruned:
     """Calls :func:`decay_pruned` at the end of every training epoch (SRFP's per-epoch decay of the pruned
-    weights). Added to every ``fit`` of a ternarized model with ``soft_decay < 1`` by ptq_keras."""
+    weights). Added to every ``fit`` of a ternarized model with ``soft_decay < 1`` by ptq_keras (as a callback of
+    the model's Keras: :func:`callback`)."""
 
     def __init__(self, model):
         super().__init__()
@@ -194,6 +195,26 @@ class DecayPruned(keras.callbacks.Callback):
         decay_pruned(self._target)
 
 
+_CALLBACKS: dict = {}
+
+
+def callback(kind: type, model, *args, **kwargs):
+    """An instance of ``kind`` (:class:`ResolveFreeze`, :class:`DecayPruned`) that is a callback of ``model``'s
+    Keras (tf_keras and Keras 3 each take their own ``Callback`` subclasses)."""
+    if is_keras3(model):
+        from .compat import keras3
+
+        base = keras3().callbacks.Callback
+    else:
+        from .compat import keras
+
+        base = keras.callbacks.Callback
+    key = (kind, base)
+    if key not in _CALLBACKS:
+        _CALLBACKS[key] = type(kind.__name__, (kind, base), {"__module__": __name__, "__doc__": kind.__doc__})
+    return _CALLBACKS[key](model, *args, **kwargs)
+
+
 def with_resolver(model, fit_kwargs: dict) -> dict:
     """``fit`` keyword arguments with a :class:`ResolveFreeze` callback (when something is pending) and a
     :class:`DecayPruned` callback (when a kernel has ``soft_decay < 1``) added."""
@@ -201,10 +222,10 @@ def with_resolver(model, fit_kwargs: dict) -> dict:
     added = False
     if pending(model) and not any(isinstance(c, ResolveFreeze) for c in callbacks):
         verbose = fit_kwargs.get("verbose", "auto") != 0
-        callbacks.append(ResolveFreeze(model, fit_kwargs.get("initial_epoch", 0), verbose=verbose))
+        callbacks.append(callback(ResolveFreeze, model, fit_kwargs.get("initial_epoch", 0), verbose=verbose))
         added = True
     # After ResolveFreeze: its on_epoch_end may resolve the freeze step this callback reads.
     if any(True for _ in _soft_kernels(model)) and not any(isinstance(c, DecayPruned) for c in callbacks):
-        callbacks.append(DecayPruned(model))
+        callbacks.append(callback(DecayPruned, model))
         added = True
     return {**fit_kwargs, "callbacks": callbacks} if added else fit_kwargs

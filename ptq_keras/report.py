@@ -11,13 +11,14 @@ Float weights (biases, BatchNorm, float layers) count 32 bits in every accountin
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .compat import check_keras_model, tfmot
-from .configs import kernel_attributes
-from .ternary import as_groups
+from .compat import check_keras_model
+from .core.layers import kernel_attributes
+from .core.ternary import as_groups
 from .wrap import _ternary_wrapper, student_of, ternary_kernels
 
 ACCOUNTINGS = ("fp32", "dense_2bit", "nnz_2bit", "entropy")
@@ -145,8 +146,14 @@ def summary(model, print_fn=print) -> ModelReport:
     return report
 
 
+def _is_tfmot_wrapper(layer) -> bool:
+    """Any tfmot QuantizeWrapper (a tf_keras model annotated by tfmot itself); tfmot is loaded if one exists."""
+    tfmot = sys.modules.get("tensorflow_model_optimization")
+    return tfmot is not None and isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)
+
+
 def _layer_report(layer) -> LayerReport:
-    wrapped = isinstance(layer, tfmot.quantization.keras.QuantizeWrapper) or _ternary_wrapper(layer)
+    wrapped = _ternary_wrapper(layer) or _is_tfmot_wrapper(layer)
     inner = layer.layer if wrapped else layer
     kernels = {}  # attribute -> (exact ternary kernel, channel_dims, target sparsity)
     if _ternary_wrapper(layer):

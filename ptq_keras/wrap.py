@@ -1,134 +1,50 @@
-"""``ternarize``, ``strip`` and friends: turn a tf_keras model into a PTQ training model and back."""
+"""``ternarize``, ``strip`` and friends: turn a tf_keras or Keras 3 model into a PTQ training model and back.
+
+This is the frontend-neutral training API: it validates, plans which kernels train as ternary weights (with which
+options), and asks the model's frontend (:mod:`ptq_keras.frontends`) to wrap or unwrap its layers.
+"""
 
 from __future__ import annotations
 
 import inspect
-import numbers
 import types
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import activations as act
-from . import fitting, schedules, ste, ternary
-from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras, keras3, tf, tfmot
-from .configs import TernaryQuantizeConfig, TernaryScheme, is_batchnorm, is_ternary_wrapper, kernel_attributes
-from .quantizers import CRITERIA, DEFAULTS, REGULARIZERS, TernaryQuantizer
+from . import fitting, frontends
+from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras3
+from .core import options as core_options
+from .core import log, schedules, ternary
+from .core.layers import NAMES_TEXT, kernel_attributes
+from .frontends import is_batchnorm, is_ternary_wrapper
 
-_QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
-_CHOICES = {
-    "threshold": ternary.THRESHOLDS,
-    "granularity": ternary.GRANULARITIES,
-    "selection": ternary.GRANULARITIES,
-    "ste": ste.STE_MODES,
-    "criterion": CRITERIA,
-    "regularizer": REGULARIZERS,
-}
 PRECISIONS = ("ternary", "mixed")
 
 
 def custom_objects() -> dict:
-    """The objects needed to deserialize a ternarized model (besides tfmot's own)."""
-    return {
-        "TernaryQuantizeConfig": TernaryQuantizeConfig,
-        "TernaryQuantizer": TernaryQuantizer,
-        "ActivationQuantizer": act.ActivationQuantizer,
-    }
+    """The objects needed to deserialize a ternarized tf_keras model (besides tfmot's own)."""
+    from .frontends.tf_keras import wrap as tf_keras_wrap
+
+    return tf_keras_wrap.custom_objects()
 
 
 def custom_object_scope():
-    """Context manager for ``keras.models.load_model`` of a ternarized ``.h5`` / SavedModel."""
-    return tfmot.quantization.keras.quantize_scope(custom_objects())
+    """Context manager for ``keras.models.load_model`` of a ternarized tf_keras ``.h5`` / SavedModel."""
+    from .frontends.tf_keras import wrap as tf_keras_wrap
+
+    return tf_keras_wrap.custom_object_scope()
 
 
-def _validate_options(options: Mapping, where: str) -> dict:
-    """Check every per-layer option; return them with defaults filled in."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f"{where}: unknown option(s) {unknown}; known options: {sorted(DEFAULTS)}.")
-    merged = {**DEFAULTS, **options}
-    for name, choices in _CHOICES.items():
-        if merged[name] not in choices:
-            raise ValueError(f"{where}: {name}={merged[name]!r} is not one of {list(choices)}.")
-    try:
-        schedules.to_schedule(merged["sparsity"], 1)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
-    if not isinstance(merged["normalize"], bool):
-        raise TypeError(f"{where}: normalize must be True or False, got {merged['normalize']!r}.")
-    for name, (accepts, wanted) in _NUMBERS.items():
-        value = merged[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not accepts(value):
-            raise ValueError(f"{where}: {name} must be {wanted}, got {value!r}.")
-    if not isinstance(merged["greg_interval"], numbers.Integral) or merged["greg_interval"] < 1:
-        raise ValueError(f"{where}: greg_interval must be an integer >= 1, got {merged['greg_interval']!r}.")
-    if merged["criterion"] == "taylor" and merged["threshold"] != "sparsity":
-        raise ValueError(
-            f"{where}: criterion='taylor' ranks weights for the exact top-k; use it with threshold='sparsity', "
-            f"not {merged['threshold']!r}."
-        )
-    decay = merged["decay"]
-    if not callable(decay) and (not isinstance(decay, numbers.Real) or decay < 0):
-        raise ValueError(f"{where}: decay must be a number >= 0 (or a callable of the step), got {decay!r}.")
-    merged["freeze_at"] = _checked_freeze_at(merged["freeze_at"], where)
-    if isinstance(merged["sparsity"], schedules.PruningSchedule):
-        merged["sparsity"] = schedules.checked_frequency(merged["sparsity"], merged["ste"], where)
-    if not isinstance(merged["frequency"], numbers.Integral) or merged["frequency"] < 1:
-        raise ValueError(f"{where}: frequency must be an integer >= 1, got {merged['frequency']!r}.")
-    return merged
-
-
-# Numeric options: name -> (accepts the value, what the error message asks for).
-_NUMBERS = {
-    "clip": (lambda v: v > 0, "a positive number"),
-    "psg_strength": (lambda v: v > 0, "a positive number"),
-    "greg_ceiling": (lambda v: v > 0, "a positive number"),
-    "greg_delta": (lambda v: v >= 0, "a number >= 0"),
-    "taylor_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "soft_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: pruned weights keep their values)"),
-    "channel_sparsity": (lambda v: 0 <= v < 1, "a fraction in [0, 1) of output channels to zero whole"),
-    "min_kept": (lambda v: v >= 0, "a number >= 0 of weights kept per output channel on average (0: no cap)"),
-}
-
-
-def _checked_freeze_at(freeze_at, where: str):
-    """``None``, an int step >= 0, or a float fraction of training in (0, 1]."""
-    if freeze_at is None:
-        return None
-    if isinstance(freeze_at, bool) or not isinstance(freeze_at, numbers.Real):
-        raise TypeError(
-            f"{where}: freeze_at must be a fraction of training in (0, 1] (e.g. 0.5), a step number (int), or None, "
-            f"got {freeze_at!r}."
-        )
-    if isinstance(freeze_at, numbers.Integral):
-        if freeze_at < 0:
-            raise ValueError(f"{where}: freeze_at={freeze_at!r}: a step number must be >= 0.")
-        return int(freeze_at)
-    if not 0.0 < float(freeze_at) <= 1.0:
-        raise ValueError(
-            f"{where}: freeze_at={freeze_at!r}: a float is a fraction of the training steps of the first fit() and "
-            "must be in (0, 1]; pass an int for a step number."
-        )
-    return float(freeze_at)
-
-
-def _stored_options(options: Mapping) -> dict:
-    """Options as stored in a layer's config (schedules serialized)."""
-    stored = dict(options)
-    if isinstance(stored["sparsity"], schedules.PruningSchedule):
-        stored["sparsity"] = schedules.serialize(stored["sparsity"])
-    return stored
+_validate_options = core_options.validate
+_stored_options = core_options.stored
 
 
 def _check_graph_model(model) -> None:
     check_keras_model(model)
-    if is_keras3(model):
-        from keras.src.models.functional import Functional
-
-        graph = isinstance(model, (keras3().Sequential, Functional))
-    else:
-        graph = isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
-    if not graph:
+    if not frontends.of(model).is_graph_model(model):
         raise TypeError(
             f"Model {model.name!r} is a subclassed keras.Model; ptq_keras needs a Sequential or Functional model "
             "(it rebuilds the graph layer by layer). Rebuild it with the functional API."
@@ -137,12 +53,37 @@ def _check_graph_model(model) -> None:
         raise ValueError(f"Model {model.name!r} is not built; call model.build(input_shape) or give it an Input first.")
 
 
-def _fresh_copy(layer):
-    return layer.__class__.from_config(layer.get_config())
+@dataclass
+class _Plan:
+    """What ``ternarize`` wraps: the model (after any split of its SeparableConv2D layers), the validated options
+    (``base``, and per layer), the user's ``overrides`` (by the model's names), the layers to ternarize and
+    ``partial`` (``{name: attributes}`` for layers of which only those kernels are ternarized)."""
+
+    model: object
+    base: dict
+    per_layer: dict
+    overrides: dict
+    targets: set
+    partial: dict = field(default_factory=dict)
+
+    def options_of(self, name: str) -> dict:
+        return self.per_layer.get(name, self.base)
+
+    def rename(self, model, aliases: dict) -> None:
+        """The model became ``model``, in which each layer named in ``aliases`` is the layers it lists."""
+        def renamed(mapping):
+            return {new: value for name, value in mapping.items() for new in aliases.get(name, [name])}
+
+        self.model = model
+        self.targets = {new for name in self.targets for new in aliases.get(name, [name])}
+        for name in self.partial:  # its depthwise half (the first of the two) stays float
+            self.targets.discard(aliases[name][0])
+        self.partial = {}
+        self.per_layer, self.overrides = renamed(self.per_layer), renamed(self.overrides)
 
 
 def ternarize(
-    model: keras.Model,
+    model,
     *,
     keep_float: Iterable[str] = (),
     overrides: Mapping[str, Mapping] | None = None,
@@ -152,11 +93,12 @@ def ternarize(
     ram_budget: int | None = None,
     budget_data=None,
     **options,
-) -> keras.Model:
+) -> object:
     """Return a new model whose quantizable kernels train as sparse ternary weights.
 
     ``model`` is a tf_keras model (the result is a tf_keras model) or a Keras 3 model on the TensorFlow backend
-    (the result is a Keras 3 model whose ternarized layers are :class:`ptq_keras.keras3_layers.TernaryWrapper`,
+    (the result is a Keras 3 model whose ternarized layers are
+    :class:`ptq_keras.frontends.keras3.layers.TernaryWrapper`,
     saved and loaded in the ``.keras`` format; ``flash_budget`` / ``ram_budget`` need Keras 3's TensorFlow
     backend).
 
@@ -213,7 +155,27 @@ def ternarize(
             f"Model {model.name!r} is already ternarized. Train it as it is, or ternarize "
             "ptq_keras.strip(model) to start again from its ternary weights."
         )
-    base = _validate_options(options, "ternarize")
+    _check_arguments(activations, precision, flash_budget, ram_budget)
+    plan = _plan(model, list(keep_float), dict(overrides or {}), options)
+    if precision == "mixed":
+        _apply_mixed_precision(plan)
+    _check_targets(plan, keep_float, precision)
+    _keep_outputs_whole(plan)
+    allocation = _budgets(plan, options, flash_budget, ram_budget, budget_data)
+    _report_capped(plan.model, sorted(plan.targets), plan.options_of, plan.partial)
+    if activations == "int8":
+        plan.rename(*frontends.of(plan.model).insert(plan.model))
+    if is_keras3(plan.model) and keras3().backend.backend() != "tensorflow":
+        _check_off_tensorflow([plan.base, *plan.per_layer.values()])
+    qmodel = frontends.of(plan.model).ternarize(
+        plan.model, plan.targets, lambda name: _stored_options(plan.options_of(name)), plan.partial
+    )
+    attach(qmodel)
+    qmodel.ptq_allocation = allocation
+    return qmodel
+
+
+def _check_arguments(activations, precision, flash_budget, ram_budget) -> None:
     if activations not in act.ACTIVATIONS:
         raise ValueError(f"ternarize: activations={activations!r} is not one of {list(act.ACTIVATIONS)}.")
     if precision not in PRECISIONS:
@@ -223,12 +185,16 @@ def ternarize(
             f"ternarize: precision={precision!r} cannot be combined with flash_budget / ram_budget yet (the budget "
             "chooses sparsities for ternary kernels only); pass one of the two."
         )
+
+
+def _plan(model, keep_float: list, overrides: dict, options: dict) -> _Plan:
+    """The validated options, per layer, and the layers to ternarize (every quantizable one not in
+    ``keep_float``)."""
+    base = _validate_options(options, "ternarize")
     names = {layer.name for layer in model.layers}
-    keep_float = list(keep_float)
     for name in keep_float:
         if name not in names:
             raise ValueError(f"keep_float names layer {name!r}, which is not in the model; layers: {sorted(names)}.")
-    overrides = dict(overrides or {})
     per_layer = {}
     for name, layer_options in overrides.items():
         if name not in names:
@@ -236,129 +202,78 @@ def ternarize(
         if not isinstance(layer_options, Mapping):
             raise TypeError(f"overrides[{name!r}] must be a dict of options, got {layer_options!r}.")
         per_layer[name] = _validate_options({**options, **layer_options}, f"overrides[{name!r}]")
-
     targets = {layer.name for layer in model.layers if kernel_attributes(layer) and layer.name not in keep_float}
-    # layers of which only some kernels are ternarized: {name: those kernels' attributes}
-    partial: dict[str, tuple] = {}
-    if precision == "mixed":
-        if not is_keras3(model) and any(type(model.get_layer(n)).__name__ == "SeparableConv2D" for n in targets):
-            # tf_keras: a tfmot wrapper that ternarizes one of a layer's two kernels reloads from .h5 with its
-            # weights in another order, so each SeparableConv2D becomes its two halves (as with activations="int8")
-            model, aliases = act.split_separables(model)
-            targets = {new for name in targets for new in aliases.get(name, [name])}
-            per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
-            overrides = {new: opts for name, opts in overrides.items() for new in aliases.get(name, [name])}
-        kept, partial = _mixed_precision(model, targets)
-        targets -= kept
-    if not targets:
+    return _Plan(model, base, per_layer, overrides, targets)
+
+
+def _apply_mixed_precision(plan: _Plan) -> None:
+    """``precision="mixed"``: the depthwise kernels and the stem leave the targets (:func:`_mixed_precision`)."""
+    frontend = frontends.of(plan.model)
+    if not frontend.PARTIAL_KERNELS and any(
+        type(plan.model.get_layer(n)).__name__ == "SeparableConv2D" for n in plan.targets
+    ):
+        plan.rename(*frontend.split_separables(plan.model))  # as with activations="int8"
+    kept, plan.partial = _mixed_precision(plan.model, plan.targets)
+    plan.targets -= kept
+
+
+def _check_targets(plan: _Plan, keep_float, precision: str) -> None:
+    if not plan.targets:
         raise ValueError(
-            f"Model {model.name!r} has no layer to ternarize: ptq_keras quantizes Dense, Conv1D, Conv2D, "
-            "DepthwiseConv2D and SeparableConv2D layers"
-            + (f" (all of them are in keep_float={keep_float})" if keep_float else "")
+            f"Model {plan.model.name!r} has no layer to ternarize: ptq_keras quantizes {NAMES_TEXT} layers"
+            + (f" (all of them are in keep_float={list(keep_float)})" if keep_float else "")
             + (" (precision='mixed' keeps its depthwise kernels and stem in float)" if precision == "mixed" else "")
             + "."
         )
 
-    # Zeroing output channels of a layer that produces a model output would make those outputs (e.g. classes)
-    # constant: channel_sparsity applies there only when overrides ask for it by name.
-    output_layers = {_producer(t).name for t in model.outputs} & targets
+
+def _keep_outputs_whole(plan: _Plan) -> None:
+    """Zeroing output channels of a layer that produces a model output would make those outputs (e.g. classes)
+    constant: ``channel_sparsity`` applies there only when ``overrides`` ask for it by name."""
+    output_layers = {_producer(t).name for t in plan.model.outputs} & plan.targets
     skipped = sorted(
         n
         for n in output_layers
-        if per_layer.get(n, base)["channel_sparsity"] > 0 and "channel_sparsity" not in overrides.get(n, {})
+        if plan.options_of(n)["channel_sparsity"] > 0 and "channel_sparsity" not in plan.overrides.get(n, {})
     )
     for name in skipped:
-        per_layer[name] = {**per_layer.get(name, base), "channel_sparsity": 0.0}
+        plan.per_layer[name] = {**plan.options_of(name), "channel_sparsity": 0.0}
     if skipped:
-        print(f"ptq_keras: channel_sparsity is not applied to {skipped}: their output channels are the model's outputs "
-              "(set it in overrides for such a layer to force it).")  # fmt: skip
+        log.info(f"channel_sparsity is not applied to {skipped}: their output channels are the model's outputs (set it "
+                 "in overrides for such a layer to force it).")  # fmt: skip
 
-    allocation = None
-    if is_keras3(model) and (flash_budget is not None or ram_budget is not None):
+
+def _budgets(plan: _Plan, options: dict, flash_budget, ram_budget, budget_data):
+    """``flash_budget``: the sparsity of every layer not fixed by ``overrides`` (written into the plan), and the
+    allocation; ``ram_budget`` alone: the check that the file can run in it. ``None`` without budgets."""
+    if flash_budget is None and ram_budget is None:
+        if budget_data is not None:
+            raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
+        return None
+    if is_keras3(plan.model):
         check_tensorflow_backend("flash_budget / ram_budget (which convert the model to measure it)")
-    if flash_budget is not None:
-        if "sparsity" in options:
-            raise ValueError(
-                "ternarize: pass either sparsity= or flash_budget= (which chooses the sparsity of every layer), "
-                "not both."
-            )
-        if budget_data is None:
-            raise ValueError(
-                "ternarize: flash_budget needs budget_data= (a few hundred model inputs, e.g. x_train[:256]) to "
-                "measure how much each layer's output suffers at each sparsity."
-            )
-        from . import budget
-
-        free = {
-            name: per_layer.get(name, base) for name in sorted(targets) if "sparsity" not in overrides.get(name, {})
-        }
-        allocation = budget.allocate(model, flash_budget, budget_data, free, log=lambda line: print(
-            f"ptq_keras: {line}"), ram_budget=ram_budget)  # fmt: skip
-        for name, sparsity in allocation.sparsities.items():
-            per_layer[name] = _validate_options({**per_layer.get(name, base), "sparsity": sparsity},
-                                                f"flash_budget ({name})")  # fmt: skip
-    elif ram_budget is not None:
-        if budget_data is None:
-            raise ValueError(
-                "ternarize: ram_budget needs budget_data= (a few hundred model inputs, e.g. x_train[:256]) to "
-                "calibrate the int8 file whose TFLM arena is measured."
-            )
-        from . import budget
-
-        layers = {name: per_layer.get(name, base) for name in sorted(targets)}
-        allocation = budget.check_ram(model, ram_budget, budget_data, layers, log=lambda line: print(
-            f"ptq_keras: {line}"))  # fmt: skip
-    elif budget_data is not None:
-        raise ValueError("ternarize: budget_data is only used with flash_budget= or ram_budget=.")
-
-    _report_capped(model, sorted(targets), lambda name: per_layer.get(name, base), partial)
-
-    if activations == "int8":
-        if is_keras3(model):
-            from . import keras3_layers
-
-            model, aliases = keras3_layers.insert_activation_quantizers(model)
-        else:
-            model, aliases = act.insert(model)
-        # A SeparableConv2D becomes its depthwise and pointwise halves (an int8 tensor lies between them).
-        targets = {new for name in targets for new in aliases.get(name, [name])}
-        for name in partial:  # its depthwise half (the first of the two) stays float
-            targets.discard(aliases[name][0])
-        partial = {}
-        per_layer = {new: opts for name, opts in per_layer.items() for new in aliases.get(name, [name])}
-
-    if is_keras3(model):
-        from . import keras3_layers
-
-        if keras3().backend.backend() != "tensorflow":
-            _check_off_tensorflow([base, *per_layer.values()])
-        qmodel = keras3_layers.ternarize(model, targets, lambda name: _stored_options(per_layer.get(name, base)),
-                                         partial)  # fmt: skip
-        attach(qmodel)
-        qmodel.ptq_allocation = allocation
-        return qmodel
-
-    copies = {}
-
-    def annotate(layer):
-        fresh = _fresh_copy(layer)
-        copies[layer.name] = (layer, fresh)
-        if layer.name not in targets:
-            return fresh
-        attributes = partial.get(layer.name, kernel_attributes(layer))
-        config = TernaryQuantizeConfig(attributes, _stored_options(per_layer.get(layer.name, base)))
-        return tfmot.quantization.keras.quantize_annotate_layer(fresh, config)
-
-    with custom_object_scope():
-        annotated = keras.models.clone_model(model, clone_function=annotate)
-        for original, fresh in copies.values():
-            fresh.set_weights(original.get_weights())
-        qmodel = tfmot.quantization.keras.quantize_apply(
-            annotated, scheme=TernaryScheme(), quantized_layer_name_prefix="ptq_"
+    if flash_budget is not None and "sparsity" in options:
+        raise ValueError(
+            "ternarize: pass either sparsity= or flash_budget= (which chooses the sparsity of every layer), not both."
         )
-    attach(qmodel)
-    qmodel.ptq_allocation = allocation
-    return qmodel
+    if budget_data is None:
+        raise ValueError(
+            f"ternarize: {'flash_budget' if flash_budget is not None else 'ram_budget'} needs budget_data= (a few "
+            "hundred model inputs, e.g. x_train[:256]) to "
+            + ("measure how much each layer's output suffers at each sparsity." if flash_budget is not None
+               else "calibrate the int8 file whose TFLM arena is measured.")
+        )  # fmt: skip
+    from . import budget
+
+    if flash_budget is None:
+        layers = {name: plan.options_of(name) for name in sorted(plan.targets)}
+        return budget.check_ram(plan.model, ram_budget, budget_data, layers, log=log.info)
+    free = {n: plan.options_of(n) for n in sorted(plan.targets) if "sparsity" not in plan.overrides.get(n, {})}
+    allocation = budget.allocate(plan.model, flash_budget, budget_data, free, log=log.info, ram_budget=ram_budget)
+    for name, sparsity in allocation.sparsities.items():
+        plan.per_layer[name] = _validate_options({**plan.options_of(name), "sparsity": sparsity},
+                                                 f"flash_budget ({name})")  # fmt: skip
+    return allocation
 
 
 def _mixed_precision(model, targets: set) -> tuple[set, dict]:
@@ -383,12 +298,11 @@ def _mixed_precision(model, targets: set) -> tuple[set, dict]:
         if layer.name in kept or (layer.name in partial and a == "depthwise_kernel")
     )
     if names:
-        print(f"ptq_keras: precision='mixed' keeps {len(names)} kernel(s) in float, int8 in the exported files "
-              f"({float_weights:,} weights, {float_weights / max(total, 1):.1%} of the quantizable weights): "
-              f"{', '.join(names)}.")  # fmt: skip
+        log.info(f"precision='mixed' keeps {len(names)} kernel(s) in float, int8 in the exported files "
+                 f"({float_weights:,} weights, {float_weights / max(total, 1):.1%} of the quantizable weights): "
+                 f"{', '.join(names)}.")  # fmt: skip
     else:
-        print("ptq_keras: precision='mixed' found no depthwise kernel and no Conv1D/Conv2D stem: every kernel is "
-              "ternary.")  # fmt: skip
+        log.info("precision='mixed' found no depthwise kernel and no Conv1D/Conv2D stem: every kernel is ternary.")
     return kept, partial
 
 
@@ -407,9 +321,9 @@ def _report_capped(model, targets, options_of, partial) -> None:
             if cap < final:  # a SeparableConv2D names which of its two kernels
                 capped.append(f"{name}{'.' + attr if len(kernels) > 1 else ''} {cap:.2f}")
     if capped:
-        print(
-            f"ptq_keras: {len(capped)} kernel(s) with few weights per output channel keep min_kept weights per "
-            f"channel on average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off)."
+        log.info(
+            f"{len(capped)} kernel(s) with few weights per output channel keep min_kept weights per channel on "
+            f"average, below the target sparsity: {', '.join(capped)} (min_kept=0 turns this off)."
         )
 
 
@@ -423,7 +337,7 @@ def _check_off_tensorflow(option_sets) -> None:
                 "TensorFlow backend (KERAS_BACKEND=tensorflow)."
             )
         sparsity = options["sparsity"]
-        if isinstance(sparsity, schedules.PruningSchedule) and type(sparsity) not in (
+        if schedules.is_schedule(sparsity) and type(sparsity) not in (
             schedules.ConstantSparsity, schedules.PolynomialDecay
         ):  # fmt: skip
             raise NotImplementedError(
@@ -442,8 +356,7 @@ def attach(model):
     """Give a ternarized model (or a distill wrapper) ptq_keras' ``fit`` and ``save``: ``fit`` resolves fractional
     ``freeze_at`` options from its own number of steps; ``save`` refuses ``.keras`` with an explanation.
     :func:`ternarize`, :func:`load_model` and ``distill`` call it; call it on a model loaded another way."""
-    if not is_keras3(model):
-        _guard_keras_format(model)  # Keras 3 saves its wrapper in the .keras format
+    frontends.of(student_of(model)).guard_save(model)  # tf_keras: .keras refused; Keras 3 saves its wrapper
     original_fit = model.fit
     signature = inspect.signature(original_fit)
 
@@ -457,72 +370,22 @@ def attach(model):
 
 
 def load_model(filepath, *, compile: bool = True, **kwargs):
-    """``keras.models.load_model`` of a ternarized ``.h5`` / SavedModel inside :func:`custom_object_scope`, with
-    ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`); a ``.keras`` file loads as a Keras 3 model.
+    """Load a ternarized model with ptq_keras' ``fit`` and ``save`` attached (see :func:`attach`): a ``.keras``
+    file as a Keras 3 model, an ``.h5`` / SavedModel as a tf_keras one (inside :func:`custom_object_scope`).
     Plain models load as they are."""
-    if str(filepath).endswith(".keras"):
-        from . import keras3_layers
-
-        model = keras3_layers.load_model(filepath, compile=compile, **kwargs)
-    else:
-        with custom_object_scope():
-            model = keras.models.load_model(filepath, compile=compile, **kwargs)
+    model = frontends.load(filepath, compile=compile, **kwargs)
     if is_ternarized(model):
         attach(model)
     return model
 
 
-def _guard_keras_format(model) -> None:
-    """Make ``model.save("x.keras")`` fail with an explanation (the Keras v3 format cannot hold tfmot wrappers),
-    and save SavedModels of models with a ternarized SeparableConv2D without traces."""
-    original_save = model.save
-
-    def save(self, filepath, *args, **kwargs):
-        if str(filepath).endswith(".keras") or kwargs.get("save_format") == "keras":
-            raise ValueError(
-                f"Cannot save a ternarized model as {filepath!r}: the .keras format does not round-trip tfmot "
-                "quantization wrappers. Save as .h5 (model.save('model.h5')) or as a SavedModel directory "
-                "(model.save('model_dir')), and load it inside ptq_keras.custom_object_scope(); or save "
-                "ptq_keras.strip(model), a plain model, in any format."
-            )
-        is_h5 = str(filepath).endswith((".h5", ".hdf5")) or kwargs.get("save_format") == "h5"
-        if not is_h5 and needs_untraced:
-            # TF cannot trace a SeparableConv2D whose two kernels are replaced by the wrapper; the layer configs
-            # are enough to load it inside ptq_keras.custom_object_scope().
-            kwargs.setdefault("save_traces", False)
-        return original_save(filepath, *args, **kwargs)
-
-    needs_untraced = any(
-        _ternary_wrapper(layer) and isinstance(layer.layer, keras.layers.SeparableConv2D) for layer in model.layers
-    )
-    model.save = types.MethodType(save, model)
-
-
-def student_of(model):
-    """The ternarized model inside a :func:`ptq_keras.distill` wrapper; any other model as it is."""
-    return model.student if getattr(model, "_ptq_distiller", False) else model
-
-
-def is_ternarized(model) -> bool:
-    """True if ``model`` holds layers wrapped by :func:`ternarize` (also after save and load, and inside a
-    :func:`ptq_keras.distill` wrapper)."""
-    model = student_of(model)
-    return any(_ternary_wrapper(layer) for layer in getattr(model, "layers", ()))
-
-
+student_of = frontends.student_of
+is_ternarized = frontends.is_ternarized
+ternary_kernels = frontends.ternary_kernels
 _ternary_wrapper = is_ternary_wrapper
 
 
-def ternary_kernels(wrapper) -> list[tuple[str, np.ndarray, np.ndarray, TernaryQuantizer, dict]]:
-    """For a ternarized wrapper: ``(attribute, latent kernel, mask, quantizer, variables)`` per kernel."""
-    out = []
-    attrs = wrapper.quantize_config.attributes
-    for (attr, _), (weight, quantizer, qvars) in zip(attrs, wrapper._weight_vars):
-        out.append((attr, weight.numpy(), qvars["mask"].numpy(), quantizer, qvars))
-    return out
-
-
-def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> keras.Model:
+def strip(model, *, batchnorm_data=None, batchnorm_steps: int | None = 200) -> object:
     """Plain model (tf_keras or Keras 3, as given) of the original architecture whose ternarized kernels are exactly
     ternary.
 
@@ -538,59 +401,14 @@ def strip(model: keras.Model, *, batchnorm_data=None, batchnorm_steps: int | Non
             f"Model {model.name!r} has no ternarized layer: strip() takes the model returned by "
             "ptq_keras.ternarize (or loaded from one inside ptq_keras.custom_object_scope())."
         )
-    if is_keras3(model):
-        from . import keras3_layers
-
-        plain = keras3_layers.strip(model, lambda wrapper: {
-            attr: quantizer.project_numpy(latent, mask) for attr, latent, mask, quantizer, _ in ternary_kernels(wrapper)
-        })  # fmt: skip
-        if batchnorm_data is not None:
-            recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
-        act.link(plain)
-        return plain
-    pairs = []
-
-    def unwrap(layer):
-        inner = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
-        fresh = _fresh_copy(inner)
-        if act.is_activation_quantizer(inner):
-            # Trained ranges: a plain fake-quant the converter reads (no branch in the graph).
-            fresh.static = bool(inner.calibrated.numpy() > 0.5)
-        pairs.append((layer, fresh))
-        return fresh
-
-    with custom_object_scope():
-        plain = keras.models.clone_model(model, clone_function=unwrap)
-    for layer, fresh in pairs:
-        if not isinstance(layer, _QuantizeWrapper):
-            fresh.set_weights(layer.get_weights())
-            continue
-        replaced = {}
-        if _ternary_wrapper(layer):
-            for attr, latent, mask, quantizer, _ in ternary_kernels(layer):
-                replaced[attr] = quantizer.project_numpy(latent, mask)
-        values = []
-        for variable in fresh.weights:
-            attr = variable.name.split("/")[-1].split(":")[0]
-            if attr in replaced:
-                values.append(replaced[attr])
-            else:
-                values.append(_inner_variable(layer, attr).numpy())
-        fresh.set_weights(values)
+    plain = frontends.plain_copy(model)
     if batchnorm_data is not None:
         recalibrate_batchnorm(plain, batchnorm_data, steps=batchnorm_steps)
-    act.link(plain)
+        act.link(plain)
     return plain
 
 
-def _inner_variable(wrapper, attr: str):
-    for variable in wrapper.weights:
-        if variable.name.split("/")[-1].split(":")[0] == attr:
-            return variable
-    raise KeyError(f"Layer {wrapper.name!r} has no variable named {attr!r}.")
-
-
-def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, verbose: bool = True) -> keras.Model:
+def recalibrate_batchnorm(model, data, *, steps: int | None = 100, verbose: bool = True):
     """Re-estimate BatchNormalization moving statistics of a (stripped) model on ``data``; weights unchanged.
 
     The moving mean and variance become the average of the per-batch statistics over ``steps`` batches of ``data``
@@ -608,12 +426,12 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
     if not bns:
         return model
     if isinstance(data, np.ndarray):
-        data = tf.data.Dataset.from_tensor_slices(data).batch(128)
+        data = [data[i : i + 128] for i in range(0, len(data), 128)]
     momenta = [bn.momentum for bn in bns]
     aq_state = [(aq.ema_decay, aq.static) for aq in aqs]
     for bn in bns:
-        bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
-        bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+        bn.moving_mean.assign(np.zeros(bn.moving_mean.shape, "float32"))
+        bn.moving_variance.assign(np.zeros(bn.moving_variance.shape, "float32"))
     for aq in aqs:
         # The activation ranges depend on the BatchNorm statistics: re-estimate them in the same passes.
         aq.static = False
@@ -641,5 +459,5 @@ def recalibrate_batchnorm(model: keras.Model, data, *, steps: int | None = 100, 
         act.link(model)  # the ranges moved: the int8 kernels' parameters with them
     if verbose:
         extra = f" and {len(aqs)} activation range(s)" if aqs else ""
-        print(f"ptq_keras: re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
+        log.info(f"re-estimated {len(bns)} BatchNormalization layer(s){extra} over {seen} batches.")
     return model

@@ -1,5 +1,5 @@
 """Real exported .tflite files of every target and encoding, byte-level mutations of them, and the readers that
-must turn any damage into ``FlatbufferError`` (shared by ``tests/test_fuzz.py`` and ``tests/fuzz.py``)."""
+must turn any damage into ``FlatbufferError`` (shared by ``tests/tflite/test_fuzz.py`` and ``tests/fuzz.py``)."""
 
 from __future__ import annotations
 

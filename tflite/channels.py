@@ -34,13 +34,8 @@ _MAX_SAMPLES = 16
 
 def weight_macs(model) -> int:
     """Multiply-accumulates of every FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op of ``model``."""
-    total = 0
-    for graph in model.subgraphs:
-        for op in graph.operators or []:
-            name = flatbuffer.builtin_name(model, op.opcodeIndex)
-            if name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 1:
-                total += decode._macs(graph, op, graph.tensors[int(op.inputs[1])])
-    return total
+    ops = flatbuffer.weight_ops(model)
+    return sum(decode._macs(graph, op, graph.tensors[int(op.inputs[1])]) for _, graph, op in ops)
 
 
 def _consumers(graph, index: int) -> list:
@@ -140,8 +135,8 @@ def remove_dead_channels(model, int8: bytes, calibration: np.ndarray) -> list[di
         if flatbuffer.builtin_name(model, op.opcodeIndex) not in PRODUCERS or len(op.inputs) < 2:
             continue
         weight = graph.tensors[int(op.inputs[1])]
-        values = flatbuffer.buffer_array(model, weight)
-        if values is None or weight.type != S.TensorType.INT8:
+        values = flatbuffer.int8_constant(model, weight)
+        if values is None:
             continue
         channels = values.shape[0]
         dead = np.flatnonzero(~values.reshape(channels, -1).any(axis=1))

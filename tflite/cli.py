@@ -124,7 +124,8 @@ def _decode_bytes(value: str, ram_budget) -> int | str | None:
 def load_model(path: str, flag: str = "--model"):
     """A Keras model from ``.h5`` or a SavedModel folder (tf_keras, loaded inside
     ``ptq_keras.custom_object_scope()``), or from a ``.keras`` file (Keras 3)."""
-    import ptq_keras
+    from ptq_keras import frontends
+    from ptq_keras.frontends.detect import check_keras_model
 
     if not os.path.exists(path):
         raise app.UsageError(f"{flag} {path!r} does not exist (give a .h5 or .keras file, or a SavedModel folder).")
@@ -138,7 +139,7 @@ def load_model(path: str, flag: str = "--model"):
         )
     keras3 = path.endswith(".keras")
     try:
-        model = ptq_keras.load_model(path, compile=False)
+        model = frontends.load(path, compile=False)
     except Exception as exc:  # h5py, zipfile, protobuf and Keras raise assorted errors on damaged files
         kind = "SavedModel folder" if os.path.isdir(path) else (".keras file" if keras3 else ".h5 file")
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -147,8 +148,10 @@ def load_model(path: str, flag: str = "--model"):
             f"{flag} {path!r}: the {kind} cannot be loaded as {what} model ({type(exc).__name__}: {cause}). "
             "Is it damaged or incomplete? Save it again with model.save()."
         ) from exc
-    if not isinstance(model, ptq_keras.keras.Model) and not ptq_keras.compat.is_keras3(model):
-        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a Keras model.")
+    try:
+        check_keras_model(model)
+    except TypeError:
+        raise app.UsageError(f"{flag} {path!r} holds a {type(model).__name__}, not a Keras model.") from None
     return model
 
 
@@ -191,7 +194,6 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines would drown the progress lines
     from .export import export
     from .flatbuffer import FlatbufferError
-    from .verify import verify
 
     _say(f"loading model {FLAGS.model}")
     model = load_model(FLAGS.model)
@@ -203,32 +205,43 @@ def main(argv: list[str]) -> int:
     x = load_samples(FLAGS.data, FLAGS.num_samples + FLAGS.verify_samples, FLAGS.uint8_scale)
     calibration, check = x[: FLAGS.num_samples], x[FLAGS.num_samples :]
     try:
-        result = export(
-            model,
-            calibration,
-            FLAGS.out_dir,
-            targets=tuple(FLAGS.targets),
-            c_array=FLAGS.c_array,
-            encoding=FLAGS.encoding,
-            strip_names=FLAGS.strip_names,
-            keep_names=FLAGS.keep_names,
-            num_samples=FLAGS.num_samples,
-            name=FLAGS.name,
-            measure=FLAGS.measure,
-            progress=_say,
-            accelerator=FLAGS.accelerator,
-            system_config=FLAGS.system_config,
-            memory_mode=FLAGS.memory_mode,
-            optimise=FLAGS.optimise,
-            float_model=float_model,
-            max_decode_bytes=_decode_bytes(FLAGS.max_decode_bytes, FLAGS.ram_budget),
-            ram_budget=FLAGS.ram_budget,
-            firmware=FLAGS.firmware,
-        )
+        result = export(model, calibration, FLAGS.out_dir, float_model=float_model, **_export_options())
     except (ValueError, TypeError, FlatbufferError) as exc:
         print(f"ptq-convert: error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(result.summary(), flush=True)
+    ok = _verify_targets(model, result, check)
+    for kind, path in result.files.items():
+        _say(f"wrote {kind}: {path}")
+    return 0 if ok else 1
+
+
+def _export_options() -> dict:
+    """The keyword arguments of ``export`` that the flags give."""
+    return dict(
+        targets=tuple(FLAGS.targets),
+        c_array=FLAGS.c_array,
+        encoding=FLAGS.encoding,
+        strip_names=FLAGS.strip_names,
+        keep_names=FLAGS.keep_names,
+        num_samples=FLAGS.num_samples,
+        name=FLAGS.name,
+        measure=FLAGS.measure,
+        progress=_say,
+        accelerator=FLAGS.accelerator,
+        system_config=FLAGS.system_config,
+        memory_mode=FLAGS.memory_mode,
+        optimise=FLAGS.optimise,
+        max_decode_bytes=_decode_bytes(FLAGS.max_decode_bytes, FLAGS.ram_budget),
+        ram_budget=FLAGS.ram_budget,
+        firmware=FLAGS.firmware,
+    )
+
+
+def _verify_targets(model, result, check: np.ndarray) -> bool:
+    """The parity ladder of every exported target on the ``check`` samples (none: True)."""
+    from .verify import verify
+
     ok = True
     if FLAGS.verify_samples and len(check):
         for target in FLAGS.targets:
@@ -236,9 +249,7 @@ def main(argv: list[str]) -> int:
             report = verify(model, result.files[target], check, int8=result.int8, num_samples=len(check))
             print(report, flush=True)
             ok = ok and report.ok
-    for kind, path in result.files.items():
-        _say(f"wrote {kind}: {path}")
-    return 0 if ok else 1
+    return ok
 
 
 def run() -> None:

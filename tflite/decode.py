@@ -32,7 +32,7 @@ __all__ = [
 
 DECODE_OP = "TFLM_DECODE"
 ENCODINGS = ("auto", *encoders.ENCODERS, groups.ENCODING)
-_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+_UINT8 = flatbuffer.schema.TensorType.UINT8
 # Cost model of ``encoding="auto"`` with a latency budget: decode time per weight and int8 time per MAC,
 # from benchmarks/encodings.py on x86 (FC 1024x1024: int8 0.57 ns/MAC; LUT 1.7-1.9x, PRUNE 3-12x,
 # HUFFMAN 7-20x the int8 invoke). Only the ratios matter; a microcontroller shifts them all alike.
@@ -108,7 +108,7 @@ def compress_model(
     check_options(encoding, latency_budget)
     weights = _weights(model)
     if keep_int8:
-        sizes = [int(np.prod(model.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in weights]
+        sizes = _sizes(model, weights)
         kept = set(sorted(range(len(weights)), key=lambda i: (-sizes[i], i))[:keep_int8])
         weights = [w for i, w in enumerate(weights) if i not in kept]
     plain = []
@@ -138,7 +138,7 @@ def compress_model(
             groups.insert(model, weight.subgraph, weight.tensor, encoded, _decode_opcode(model))
         else:
             _insert_decode(model, weight, encoded)
-    _drop_unreferenced_buffers(model)
+    flatbuffer.drop_unreferenced_buffers(model)
     return plain
 
 
@@ -171,71 +171,83 @@ def describe(tflite_bytes: bytes, names: list[str] | None = None) -> list[dict]:
             if flatbuffer.builtin_name(model, op.opcodeIndex) != DECODE_OP:
                 continue
             position += 1
-            inputs = [int(i) for i in (op.inputs if op.inputs is not None else [])]
-            outputs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
-            if len(inputs) != 2 * len(outputs) or min(inputs + outputs, default=0) < 0:
-                raise flatbuffer.FlatbufferError(
-                    f"tflite_bytes: a {DECODE_OP} op in subgraph {s} has {len(inputs)} inputs for {len(outputs)} "
-                    "outputs; it needs an (encoded, ancillary) pair of constant tensors per output."
-                )
+            inputs, outputs = _decode_io(op, s)
             for k, out_index in enumerate(outputs):
                 data_index, ancillary_index = inputs[2 * k], inputs[2 * k + 1]
                 if (s, data_index) in seen:
                     continue
                 seen.add((s, data_index))
-                encoded, output = subgraph.tensors[data_index], subgraph.tensors[out_index]
-                arrays = [flatbuffer.buffer_array(model, t) for t in (encoded, subgraph.tensors[ancillary_index])]
-                if any(a is None for a in arrays):
-                    raise flatbuffer.FlatbufferError(
-                        f"tflite_bytes: {DECODE_OP} input {_name(encoded) or data_index!r} (subgraph {s}) or its "
-                        "ancillary tensor has no constant data."
-                    )
-                data, ancillary = (a.tobytes() for a in arrays)
-                shape = [int(d) for d in output.shape] if output.shape is not None else []
-                count = int(np.prod(shape)) if shape else 0
-                if count < 1:
-                    raise flatbuffer.FlatbufferError(
-                        f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} (subgraph {s}) has no "
-                        f"elements (shape {shape})."
-                    )
-                if count > 8 * len(data):  # every encoding spends at least one bit per element
-                    raise flatbuffer.FlatbufferError(
-                        f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} {shape} (subgraph {s}) has "
-                        f"more elements than its {len(data)}-byte encoded tensor can hold."
-                    )
-                try:
-                    encoder = encoders.for_ancillary(ancillary)
-                    values = encoder.decode(data, ancillary, count, _layout(output, _name(encoded)))
-                except (ValueError, IndexError, KeyError, RecursionError, OverflowError) as exc:
-                    raise flatbuffer.FlatbufferError(
-                        f"tflite_bytes: encoded tensor {_name(encoded) or data_index!r} (subgraph {s}): its data or "
-                        f"ancillary data is inconsistent ({exc})."
-                    ) from None
-                payload, scratch, encoding = (
-                    len(data) + len(ancillary),
-                    count * np.dtype(np.int8).itemsize,
-                    encoder.name,
-                )
-                end = groups.end_of(model, subgraph, out_index, consumers)
-                if end is not None:
-                    values, shape, extra, scratch = _grouped(model, subgraph, s, end, data, ancillary, values)
-                    count, payload, encoding = values.size, payload + extra, groups.ENCODING
-                name = _name(encoded)
-                if not name and names is not None and position < len(names) and k == 0:
-                    name = names[position]
-                rows.append(
-                    {
-                        "name": name,
-                        "encoding": encoding,
-                        "shape": shape,
-                        "elements": count,
-                        "payload_bytes": payload,
-                        "bits_per_weight": 8.0 * payload / count,
-                        "entropy_bound_bits": _entropy(values),
-                        "decode_scratch_bytes": scratch,
-                    }
-                )
+                row = _describe_one(model, subgraph, s, (data_index, ancillary_index, out_index), consumers)
+                if not row["name"] and names is not None and position < len(names) and k == 0:
+                    row["name"] = names[position]
+                rows.append(row)
     return rows
+
+
+def _decode_io(op, s: int) -> tuple[list[int], list[int]]:
+    """The input and output tensor indices of a ``TFLM_DECODE`` op: an (encoded, ancillary) pair per output."""
+    inputs = [int(i) for i in (op.inputs if op.inputs is not None else [])]
+    outputs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
+    if len(inputs) != 2 * len(outputs) or min(inputs + outputs, default=0) < 0:
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: a {DECODE_OP} op in subgraph {s} has {len(inputs)} inputs for {len(outputs)} "
+            "outputs; it needs an (encoded, ancillary) pair of constant tensors per output."
+        )
+    return inputs, outputs
+
+
+def _describe_one(model, subgraph, s: int, indices: tuple[int, int, int], consumers: dict) -> dict:
+    """The ``describe`` row of one (encoded, ancillary, output) triple of tensor ``indices``, named as stored."""
+    data_index, ancillary_index, out_index = indices
+    encoded, output = subgraph.tensors[data_index], subgraph.tensors[out_index]
+    arrays = [flatbuffer.buffer_array(model, t) for t in (encoded, subgraph.tensors[ancillary_index])]
+    if any(a is None for a in arrays):
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: {DECODE_OP} input {_name(encoded) or data_index!r} (subgraph {s}) or its "
+            "ancillary tensor has no constant data."
+        )
+    data, ancillary = (a.tobytes() for a in arrays)
+    shape = [int(d) for d in output.shape] if output.shape is not None else []
+    count = _decoded_count(output, out_index, shape, data, s)
+    try:
+        encoder = encoders.for_ancillary(ancillary)
+        values = encoder.decode(data, ancillary, count, _layout(output, _name(encoded)))
+    except (ValueError, IndexError, KeyError, RecursionError, OverflowError) as exc:
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: encoded tensor {_name(encoded) or data_index!r} (subgraph {s}): its data or "
+            f"ancillary data is inconsistent ({exc})."
+        ) from None
+    payload, scratch, encoding = len(data) + len(ancillary), count * np.dtype(np.int8).itemsize, encoder.name
+    end = groups.end_of(model, subgraph, out_index, consumers)
+    if end is not None:
+        values, shape, extra, scratch = _grouped(model, subgraph, s, end, data, ancillary, values)
+        count, payload, encoding = values.size, payload + extra, groups.ENCODING
+    return {
+        "name": _name(encoded),
+        "encoding": encoding,
+        "shape": shape,
+        "elements": count,
+        "payload_bytes": payload,
+        "bits_per_weight": 8.0 * payload / count,
+        "entropy_bound_bits": _entropy(values),
+        "decode_scratch_bytes": scratch,
+    }
+
+
+def _decoded_count(output, out_index: int, shape: list[int], data: bytes, s: int) -> int:
+    """The elements of a ``TFLM_DECODE`` output, checked against its encoded tensor's size."""
+    count = int(np.prod(shape)) if shape else 0
+    if count < 1:
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} (subgraph {s}) has no "
+            f"elements (shape {shape})."
+        )
+    if count > 8 * len(data):  # every encoding spends at least one bit per element
+        raise flatbuffer.FlatbufferError(
+            f"tflite_bytes: {DECODE_OP} output {_name(output) or out_index!r} {shape} (subgraph {s}) has "
+            f"more elements than its {len(data)}-byte encoded tensor can hold."
+        )
+    return count
 
 
 def _grouped(model, subgraph, s: int, end: int, data: bytes, ancillary: bytes, indices: np.ndarray):
@@ -280,19 +292,26 @@ def weight_count(model: flatbuffer.schema.ModelT) -> int:
     return len(_weights(model))
 
 
+def weight_sizes(model: flatbuffer.schema.ModelT) -> list[int]:
+    """The elements (int8 bytes) of each weight tensor ``compress_model`` would encode."""
+    return _sizes(model, _weights(model))
+
+
+def _sizes(model: flatbuffer.schema.ModelT, weights: list[_Weight]) -> list[int]:
+    return [int(np.prod(model.subgraphs[w.subgraph].tensors[w.tensor].shape)) for w in weights]
+
+
 def _weights(model: flatbuffer.schema.ModelT) -> list[_Weight]:
     """Constant INT8 weight tensors of the weight ops (each once, even when several ops read it)."""
     found: dict[tuple[int, int], _Weight] = {}
+    for s, subgraph, op in flatbuffer.weight_ops(model):
+        index = int(op.inputs[1])
+        tensor = subgraph.tensors[index]
+        if flatbuffer.int8_constant(model, tensor) is None:
+            continue
+        weight = found.setdefault((s, index), _Weight(s, index, 0))
+        weight.macs += _macs(subgraph, op, tensor)
     for s, subgraph in enumerate(model.subgraphs):
-        for op in subgraph.operators or []:
-            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
-                continue
-            index = int(op.inputs[1])
-            tensor = subgraph.tensors[index]
-            if tensor.type != flatbuffer.schema.TensorType.INT8 or flatbuffer.buffer_array(model, tensor) is None:
-                continue
-            weight = found.setdefault((s, index), _Weight(s, index, 0))
-            weight.macs += _macs(subgraph, op, tensor)
         outputs = {int(t) for t in subgraph.outputs} if subgraph.outputs is not None else set()
         for index in outputs:
             found.pop((s, index), None)  # a weight that is also a subgraph output stays int8
@@ -380,70 +399,27 @@ def _decode_opcode(model: flatbuffer.schema.ModelT) -> int:
     return len(model.operatorCodes) - 1
 
 
-def _add_constant(model: flatbuffer.schema.ModelT, subgraph, name: str | None, data: bytes) -> int:
-    buffer = flatbuffer.schema.BufferT()
-    buffer.data = np.frombuffer(data, dtype=np.uint8)
-    model.buffers.append(buffer)
-    tensor = flatbuffer.schema.TensorT()
-    tensor.shape = np.array([len(data)], dtype=np.int32)
-    tensor.type = flatbuffer.schema.TensorType.UINT8
-    tensor.buffer = len(model.buffers) - 1
-    tensor.name = name
-    subgraph.tensors.append(tensor)
-    return len(subgraph.tensors) - 1
-
-
 def _insert_decode(model: flatbuffer.schema.ModelT, weight: _Weight, encoded: Encoded) -> None:
     """Turn the weight tensor into the encoded one and put a TFLM_DECODE before each of its consumers."""
     subgraph = model.subgraphs[weight.subgraph]
     original = subgraph.tensors[weight.tensor]
     name = _name(original)
-    decoded_template = copy.deepcopy(original)
-    decoded_template.name = f"{name}_decoded" if name else None
-    decoded_template.buffer = 0
-    q = decoded_template.quantization
-    if q is not None and (q.scale is None or len(q.scale) <= 1) and q.quantizedDimension:
-        # A one-channel tensor on a non-zero axis fails LUT and PRUNE setup ("unsupported quantization axis").
-        q.quantizedDimension = 0
-    ancillary = _add_constant(model, subgraph, f"{name}_ancillary" if name else None, encoded.ancillary)
-    buffer = flatbuffer.schema.BufferT()
-    buffer.data = np.frombuffer(encoded.data, dtype=np.uint8)
-    model.buffers.append(buffer)
-    original.buffer = len(model.buffers) - 1
-    original.shape = np.array([len(encoded.data)], dtype=np.int32)
-    original.shapeSignature = None
-    original.type = flatbuffer.schema.TensorType.UINT8
-    original.quantization = None  # per-channel scales on the encoded bytes are stale (12 B per channel)
+    decoded_template = flatbuffer.decoded_copy(original, f"{name}_decoded" if name else None)
+    ancillary = flatbuffer.add_constant(model, subgraph, f"{name}_ancillary" if name else None,
+                                        np.frombuffer(encoded.ancillary, np.uint8), _UINT8)  # fmt: skip
+    flatbuffer.make_encoded(original, flatbuffer.add_buffer(model, encoded.data), len(encoded.data))
     opcode = _decode_opcode(model)
     consumers = [
         i for i, op in enumerate(subgraph.operators) if op.opcodeIndex != opcode and weight.tensor in op.inputs
     ]
-    inserts: dict[int, flatbuffer.schema.OperatorT] = {}
+    inserts: dict[int, list] = {}
     for position in consumers:
-        decoded = copy.deepcopy(decoded_template)
-        subgraph.tensors.append(decoded)
+        subgraph.tensors.append(copy.deepcopy(decoded_template))
         decoded_index = len(subgraph.tensors) - 1
-        consumer = subgraph.operators[position]
-        consumer.inputs = np.array(
-            [decoded_index if int(t) == weight.tensor else int(t) for t in consumer.inputs], dtype=np.int32
-        )
+        flatbuffer.reroute(subgraph.operators[position], weight.tensor, decoded_index)
         op = flatbuffer.schema.OperatorT()
         op.opcodeIndex = opcode
         op.inputs = np.array([weight.tensor, ancillary], dtype=np.int32)
         op.outputs = np.array([decoded_index], dtype=np.int32)
-        inserts[position] = op
-    operators = []
-    for position, op in enumerate(subgraph.operators):
-        if position in inserts:
-            operators.append(inserts[position])
-        operators.append(op)
-    subgraph.operators = operators
-
-
-def _drop_unreferenced_buffers(model: flatbuffer.schema.ModelT) -> None:
-    """Empty the buffers no tensor or metadata entry refers to any more (the replaced int8 weights)."""
-    used = {int(t.buffer) for g in model.subgraphs for t in g.tensors}
-    used |= {int(m.buffer) for m in model.metadata or []}
-    for i, buffer in enumerate(model.buffers):
-        if i not in used:
-            buffer.data = None
+        inserts[position] = [op]
+    flatbuffer.insert_before(subgraph, inserts)

@@ -809,11 +809,7 @@ def firmware(
     False: TFLM's kernels only. Outputs are the same bit for bit either way.
     The folder is built next to ``out_dir`` and renamed into place: a reader never sees it half-written.
     """
-    if core not in CORES:
-        raise ValueError(f"core {core!r} is not supported; choose from {sorted(CORES)}.")
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels {kernels!r} unknown; choose from {list(KERNELS)}.")
-    _check_symbol(symbol)
+    _check_project_options(core, kernels, symbol)
     tflite_bytes = bytes(tflite_bytes)
     own = _ptq_ops(tflite_bytes, ptq_kernels)
     header = _ops_header(tflite_bytes, symbol, own)  # the unsupported-op error before any slow step
@@ -834,39 +830,62 @@ def firmware(
         "test_inputs.h": inputs_header,
         "main.cc": _MAIN.format(symbol=symbol),
         "startup.c": _STARTUP,
-        "Makefile": _MAKEFILE.format(
-            symbol=symbol,
-            core=core,
-            kernels=kernels,
-            tflm_root=os.fspath(tflm_root) if tflm_root else "",
-            extra_sources=" ptq_kernels.cc" if own else "",
-            extra_headers=" ptq_kernels.h" if own else "",
-        ),
-        "README.md": _README.format(
-            symbol=symbol,
-            n_ops=len(ops),
-            ops=", ".join(ops),
-            size=len(tflite_bytes),
-            n_inputs=len(arrays[0]),
-            arena=arena_bytes,
-            margin=ARENA_MARGIN,
-            ptq_row=(
-                f"\n| `ptq_kernels.cc`, `ptq_kernels.h` | small int8 kernels registered instead of TFLM's for "
-                f"{', '.join(own)} (TFLM's link code for every format and type) |"
-                if own
-                else ""
-            ),
-            ptq_copy=" (and `ptq_kernels.cc`, `ptq_kernels.h`)" if own else "",
-        ),
+        "Makefile": _makefile(symbol, core, kernels, tflm_root, own),
+        "README.md": _readme(symbol, ops, len(tflite_bytes), len(arrays[0]), arena_bytes, own),
     }
     if own:
         files.update(_ptq_sources())
-    for name, (machine, (flash, flash_len, ram, ram_len)) in CORES.items():
-        files[f"link_{name}.ld"] = _LINKER.format(
-            machine=machine, core=name, flash=flash, flash_len=flash_len, ram=ram, ram_len=ram_len, stack=STACK_BYTES
-        )
+    files.update(_linker_scripts())
     _write_folder(os.fspath(out_dir), files)
     return FirmwareProject(os.fspath(out_dir), sorted(files), ops, arena_bytes, len(arrays[0]), own)
+
+
+def _check_project_options(core: str, kernels: str, symbol: str) -> None:
+    if core not in CORES:
+        raise ValueError(f"core {core!r} is not supported; choose from {sorted(CORES)}.")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r} unknown; choose from {list(KERNELS)}.")
+    _check_symbol(symbol)
+
+
+def _makefile(symbol: str, core: str, kernels: str, tflm_root, own: list) -> str:
+    return _MAKEFILE.format(
+        symbol=symbol,
+        core=core,
+        kernels=kernels,
+        tflm_root=os.fspath(tflm_root) if tflm_root else "",
+        extra_sources=" ptq_kernels.cc" if own else "",
+        extra_headers=" ptq_kernels.h" if own else "",
+    )
+
+
+def _readme(symbol: str, ops: list, size: int, n_inputs: int, arena_bytes: int, own: list) -> str:
+    return _README.format(
+        symbol=symbol,
+        n_ops=len(ops),
+        ops=", ".join(ops),
+        size=size,
+        n_inputs=n_inputs,
+        arena=arena_bytes,
+        margin=ARENA_MARGIN,
+        ptq_row=(
+            f"\n| `ptq_kernels.cc`, `ptq_kernels.h` | small int8 kernels registered instead of TFLM's for "
+            f"{', '.join(own)} (TFLM's link code for every format and type) |"
+            if own
+            else ""
+        ),
+        ptq_copy=" (and `ptq_kernels.cc`, `ptq_kernels.h`)" if own else "",
+    )
+
+
+def _linker_scripts() -> dict:
+    """``link_<core>.ld`` of every supported core."""
+    return {
+        f"link_{name}.ld": _LINKER.format(
+            machine=machine, core=name, flash=flash, flash_len=flash_len, ram=ram, ram_len=ram_len, stack=STACK_BYTES
+        )
+        for name, (machine, (flash, flash_len, ram, ram_len)) in CORES.items()
+    }
 
 
 def _ptq_sources() -> dict:

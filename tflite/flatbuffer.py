@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -22,8 +23,22 @@ __all__ = [
     "tensor_name",
     "tensor_type_name",
     "buffer_array",
+    "drop_unreferenced_buffers",
+    "on_bytes",
+    "WEIGHT_OPS",
+    "weight_ops",
+    "int8_constant",
+    "add_buffer",
+    "add_tensor",
+    "add_constant",
+    "new_op",
+    "decoded_copy",
+    "make_encoded",
+    "reroute",
+    "insert_before",
 ]
 
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")  # the ops with a constant weight (input 1)
 _TFLITE_IDENTIFIER = b"TFL3"
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -92,48 +107,7 @@ def check(model: schema.ModelT, what: str = "buffer", file_size: int | None = No
     for s, graph in enumerate(model.subgraphs):
         tensors = graph.tensors or []
         for i, t in enumerate(tensors):
-            where = f"subgraph {s} tensor {i}"
-            _text(t.name, f"{where}'s name", what)
-            _index(t.buffer, max(len(buffers), 1), f"{where}'s buffer index", what)
-            shape = [int(d) for d in t.shape] if t.shape is not None else []
-            if any(d < 0 for d in shape):
-                raise FlatbufferError(f"{what}: {where} has a negative dimension in its shape {shape}.")
-            itemsize = np.dtype(_NUMPY_TYPES[t.type]).itemsize if t.type in _NUMPY_TYPES else 1
-            if int(np.prod(shape, dtype=np.float64)) * itemsize > _MAX_TENSOR_BYTES:
-                raise FlatbufferError(f"{what}: {where}'s shape {shape} needs more than 2 GiB.")
-            data = buffers[t.buffer].data if buffers else None
-            if data is not None and len(data):
-                count = int(np.prod(shape)) if shape else 1
-                if t.type in _NUMPY_TYPES:
-                    expected = count * np.dtype(_NUMPY_TYPES[t.type]).itemsize
-                elif t.type in _PACKED_BITS:
-                    expected = -(-count * _PACKED_BITS[t.type] // 8)
-                else:
-                    expected = len(data)
-                if len(data) != expected:
-                    raise FlatbufferError(
-                        f"{what}: {where} ({tensor_type_name(t.type)} {shape}) needs {expected} bytes of data, "
-                        f"its buffer {t.buffer} holds {len(data)}."
-                    )
-            q = t.quantization
-            if q is not None and q.scale is not None and len(q.scale):
-                with np.errstate(all="ignore"):
-                    scales = np.asarray(q.scale, dtype=np.float64)
-                    good = np.isfinite(scales) & (scales > 0)
-                if not np.all(good):
-                    bad = scales[~good][0]
-                    raise FlatbufferError(f"{what}: {where} has a quantization scale {bad} (not a positive number).")
-            if q is not None and q.scale is not None and len(q.scale) > 1:
-                axis = int(q.quantizedDimension)
-                if not 0 <= axis < len(shape) or shape[axis] != len(q.scale):
-                    raise FlatbufferError(
-                        f"{what}: {where} has {len(q.scale)} per-channel scales on axis {axis}, which does not "
-                        f"match its shape {shape}."
-                    )
-                if q.zeroPoint is not None and len(q.zeroPoint) not in (0, 1, len(q.scale)):
-                    raise FlatbufferError(
-                        f"{what}: {where} has {len(q.zeroPoint)} zero points for {len(q.scale)} scales."
-                    )
+            _check_tensor(t, f"subgraph {s} tensor {i}", buffers, what)
         for k, index in enumerate(list(graph.inputs if graph.inputs is not None else [])
                                   + list(graph.outputs if graph.outputs is not None else [])):  # fmt: skip
             _index(index, len(tensors), f"subgraph {s} input/output {k}", what)
@@ -151,6 +125,53 @@ def check(model: schema.ModelT, what: str = "buffer", file_size: int | None = No
         for m in list(sig.inputs or []) + list(sig.outputs or []):
             _text(m.name, f"signature {d}'s tensor name", what)
             _index(m.tensorIndex, len(graph_tensors), f"signature {d}'s tensor index", what)
+
+
+def _check_tensor(t: schema.TensorT, where: str, buffers: list, what: str) -> None:
+    """``check`` of one tensor: its name, buffer index, shape, constant data and quantization."""
+    _text(t.name, f"{where}'s name", what)
+    _index(t.buffer, max(len(buffers), 1), f"{where}'s buffer index", what)
+    shape = [int(d) for d in t.shape] if t.shape is not None else []
+    if any(d < 0 for d in shape):
+        raise FlatbufferError(f"{what}: {where} has a negative dimension in its shape {shape}.")
+    itemsize = np.dtype(_NUMPY_TYPES[t.type]).itemsize if t.type in _NUMPY_TYPES else 1
+    if int(np.prod(shape, dtype=np.float64)) * itemsize > _MAX_TENSOR_BYTES:
+        raise FlatbufferError(f"{what}: {where}'s shape {shape} needs more than 2 GiB.")
+    data = buffers[t.buffer].data if buffers else None
+    if data is not None and len(data):
+        count = int(np.prod(shape)) if shape else 1
+        if t.type in _NUMPY_TYPES:
+            expected = count * np.dtype(_NUMPY_TYPES[t.type]).itemsize
+        elif t.type in _PACKED_BITS:
+            expected = -(-count * _PACKED_BITS[t.type] // 8)
+        else:
+            expected = len(data)
+        if len(data) != expected:
+            raise FlatbufferError(
+                f"{what}: {where} ({tensor_type_name(t.type)} {shape}) needs {expected} bytes of data, "
+                f"its buffer {t.buffer} holds {len(data)}."
+            )
+    _check_quantization(t.quantization, shape, where, what)
+
+
+def _check_quantization(q, shape: list[int], where: str, what: str) -> None:
+    """Positive finite scales; per-channel scales and zero points that match the tensor's ``shape``."""
+    if q is not None and q.scale is not None and len(q.scale):
+        with np.errstate(all="ignore"):
+            scales = np.asarray(q.scale, dtype=np.float64)
+            good = np.isfinite(scales) & (scales > 0)
+        if not np.all(good):
+            bad = scales[~good][0]
+            raise FlatbufferError(f"{what}: {where} has a quantization scale {bad} (not a positive number).")
+    if q is not None and q.scale is not None and len(q.scale) > 1:
+        axis = int(q.quantizedDimension)
+        if not 0 <= axis < len(shape) or shape[axis] != len(q.scale):
+            raise FlatbufferError(
+                f"{what}: {where} has {len(q.scale)} per-channel scales on axis {axis}, which does not "
+                f"match its shape {shape}."
+            )
+        if q.zeroPoint is not None and len(q.zeroPoint) not in (0, 1, len(q.scale)):
+            raise FlatbufferError(f"{what}: {where} has {len(q.zeroPoint)} zero points for {len(q.scale)} scales.")
 
 
 def load(tflite, what: str = "tflite") -> bytes:
@@ -254,6 +275,115 @@ def buffer_array(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray | N
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def drop_unreferenced_buffers(model: schema.ModelT) -> None:
+    """Empty, in place, the buffers no tensor or metadata entry refers to any more (replaced weights)."""
+    used = {int(t.buffer) for g in model.subgraphs for t in g.tensors}
+    used |= {int(m.buffer) for m in model.metadata or []}
+    for i, buffer in enumerate(model.buffers):
+        if i not in used:
+            buffer.data = None
+
+
+def on_bytes(edit, what: str = "tflite"):
+    """The bytes -> bytes form of an in-place stage ``edit(model, *args)``: parse, edit, serialize."""
+
+    def run(tflite: bytes, *args, **kwargs) -> bytes:
+        model = read(tflite, what)
+        edit(model, *args, **kwargs)
+        return write(model)
+
+    run.__doc__ = f"{edit.__doc__.split(chr(10))[0]} (bytes in, 16-byte aligned bytes out)"
+    return run
+
+
+def weight_ops(model: schema.ModelT):
+    """``(subgraph index, subgraph, op)`` of every FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D with a weight
+    operand (input 1), in op order."""
+    for s, graph in enumerate(model.subgraphs):
+        for op in graph.operators or []:
+            if builtin_name(model, op.opcodeIndex) in WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1:
+                yield s, graph, op
+
+
+def int8_constant(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray | None:
+    """The data of ``tensor`` when it is a constant INT8 tensor (as ``buffer_array``), else None."""
+    values = buffer_array(model, tensor)
+    return values if values is not None and tensor.type == schema.TensorType.INT8 else None
+
+
+# ----------------------------------------------------------------------------- graph edits
+def add_buffer(model: schema.ModelT, data: bytes) -> int:
+    """Append a buffer holding ``data``; its index."""
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    return len(model.buffers) - 1
+
+
+def add_tensor(graph: schema.SubGraphT, name: str | None, shape: list[int], tensor_type: int, buffer: int = 0) -> int:
+    """Append a tensor (no quantization; ``buffer`` 0: no data); its index."""
+    tensor = schema.TensorT()
+    tensor.shape = np.array(shape, dtype=np.int32)
+    tensor.type = tensor_type
+    tensor.buffer = buffer
+    tensor.name = name
+    graph.tensors.append(tensor)
+    return len(graph.tensors) - 1
+
+
+def add_constant(model: schema.ModelT, graph: schema.SubGraphT, name: str | None, array: np.ndarray,
+                 tensor_type: int) -> int:  # fmt: skip
+    """Append a constant tensor holding ``array`` (its own buffer); its index."""
+    buffer = add_buffer(model, np.ascontiguousarray(array).tobytes())
+    return add_tensor(graph, name, list(array.shape), tensor_type, buffer)
+
+
+def new_op(model: schema.ModelT, name: str, inputs: list[int], outputs: list[int], options=None) -> schema.OperatorT:
+    """An operator of builtin ``name`` (its operator code added when missing); ``options``: (type, table)."""
+    op = schema.OperatorT()
+    op.opcodeIndex = opcode_index(model, name)
+    op.inputs = np.array(inputs, dtype=np.int32)
+    op.outputs = np.array(outputs, dtype=np.int32)
+    if options is not None:
+        op.builtinOptionsType, op.builtinOptions = options
+    return op
+
+
+def decoded_copy(tensor: schema.TensorT, name: str | None) -> schema.TensorT:
+    """A copy of constant ``tensor`` without data, called ``name``: the tensor a decode op writes (a one-channel
+    quantization on a non-zero axis moved to axis 0: the TFLM decode kernels refuse it otherwise)."""
+    decoded = copy.deepcopy(tensor)
+    decoded.name = name
+    decoded.buffer = 0
+    q = decoded.quantization
+    if q is not None and (q.scale is None or len(q.scale) <= 1) and q.quantizedDimension:
+        q.quantizedDimension = 0
+    return decoded
+
+
+def make_encoded(tensor: schema.TensorT, buffer: int, nbytes: int) -> None:
+    """Turn ``tensor`` (keeping its index) into the UINT8 vector of ``nbytes`` encoded bytes in ``buffer``."""
+    tensor.buffer = buffer
+    tensor.shape = np.array([nbytes], dtype=np.int32)
+    tensor.shapeSignature = None
+    tensor.type = schema.TensorType.UINT8
+    tensor.quantization = None  # per-channel scales on the encoded bytes are stale (12 B per channel)
+
+
+def reroute(op: schema.OperatorT, old: int, new: int) -> None:
+    """Make ``op`` read tensor ``new`` wherever it read ``old``."""
+    op.inputs = np.array([new if int(t) == old else int(t) for t in op.inputs], dtype=np.int32)
+
+
+def insert_before(graph: schema.SubGraphT, inserts: dict) -> None:
+    """Put the ops ``inserts[position]`` (a list) before the op at each ``position`` of ``graph``."""
+    operators = []
+    for position, op in enumerate(graph.operators):
+        operators += inserts.get(position, [])
+        operators.append(op)
+    graph.operators = operators
+
+
 def _broadcast(a: list[int], b: list[int]) -> list[int] | None:
     out = []
     for x, y in zip([1] * (len(b) - len(a)) + a, [1] * (len(a) - len(b)) + b):
@@ -276,7 +406,7 @@ def _check_op_shapes(model: schema.ModelT, graph, s: int, what: str) -> None:
         ins = [int(i) for i in (op.inputs if op.inputs is not None else [])]
         outs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
         where = f"{what}: subgraph {s} operator {o} ({name})"
-        if name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+        if name in WEIGHT_OPS:
             if len(ins) < 2 or len(outs) != 1 or min(ins[:2]) < 0:
                 raise FlatbufferError(f"{where} needs an input, a weight and one output.")
             x, w, y = shape(ins[0]), shape(ins[1]), shape(outs[0])

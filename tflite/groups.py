@@ -108,33 +108,6 @@ def decode(data: bytes, ancillary: bytes, table: np.ndarray, count: int) -> np.n
 
 
 # ----------------------------------------------------------------------------- graph
-def _constant(model, graph, name: str | None, array: np.ndarray, tensor_type: int) -> int:
-    buffer = S.BufferT()
-    buffer.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8)
-    model.buffers.append(buffer)
-    return _tensor(graph, name, list(array.shape), tensor_type, len(model.buffers) - 1)
-
-
-def _tensor(graph, name: str | None, shape: list[int], tensor_type: int, buffer: int = 0) -> int:
-    tensor = S.TensorT()
-    tensor.shape = np.array(shape, dtype=np.int32)
-    tensor.type = tensor_type
-    tensor.buffer = buffer
-    tensor.name = name
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
-
-
-def _op(model, name: str, inputs: list[int], outputs: list[int], options=None) -> S.OperatorT:
-    op = S.OperatorT()
-    op.opcodeIndex = flatbuffer.opcode_index(model, name)
-    op.inputs = np.array(inputs, dtype=np.int32)
-    op.outputs = np.array(outputs, dtype=np.int32)
-    if options is not None:
-        op.builtinOptionsType, op.builtinOptions = options
-    return op
-
-
 def insert(model, subgraph_index: int, weight_index: int, grouped: GroupEncoded, decode_opcode: int) -> None:
     """Replace constant weight ``weight_index`` by the grouped constants and put the op chain (module docstring)
     before each of its consumers; the consumers read the chain's last tensor (the weight's shape and quantization)."""
@@ -142,78 +115,80 @@ def insert(model, subgraph_index: int, weight_index: int, grouped: GroupEncoded,
     original = graph.tensors[weight_index]
     name = flatbuffer.tensor_name(original)
     shape = [int(d) for d in original.shape]
-
-    def label(suffix: str) -> str | None:
-        return f"{name}_{suffix}" if name else None
-
-    data_buffer = S.BufferT()
-    data_buffer.data = np.frombuffer(grouped.encoded.data, dtype=np.uint8)
-    model.buffers.append(data_buffer)
-    data_buffer_index = len(model.buffers) - 1
-    ancillary = _constant(model, graph, label("ancillary"), np.frombuffer(grouped.encoded.ancillary, np.uint8),
-                          S.TensorType.UINT8)  # fmt: skip
-    table = _constant(model, graph, label("groups"), grouped.table, S.TensorType.INT8)
-    target_shape = _constant(model, graph, None, np.array(shape, np.int32), S.TensorType.INT32)
-    if grouped.padded:
-        flat_shape = _constant(model, graph, None, np.array([GROUP * grouped.groups], np.int32),
-                               S.TensorType.INT32)  # fmt: skip
-        begin = _constant(model, graph, None, np.array([0], np.int32), S.TensorType.INT32)
-        size = _constant(model, graph, None, np.array([grouped.count], np.int32), S.TensorType.INT32)
-    decoded_template = copy.deepcopy(original)
-    decoded_template.buffer = 0
-    decoded_template.name = label("decoded")
-    q = decoded_template.quantization
-    if q is not None and (q.scale is None or len(q.scale) <= 1) and q.quantizedDimension:
-        q.quantizedDimension = 0
+    data_buffer = flatbuffer.add_buffer(model, grouped.encoded.data)
+    constants = _chain_constants(model, graph, grouped, weight_index, shape)
+    decoded_template = flatbuffer.decoded_copy(original, f"{name}_decoded" if name else None)
     # The original tensor becomes the encoded index stream (keeps its index: nothing else refers to the weight).
-    original.buffer = data_buffer_index
-    original.shape = np.array([len(grouped.encoded.data)], dtype=np.int32)
-    original.shapeSignature = None
-    original.type = S.TensorType.UINT8
-    original.quantization = None
-
+    flatbuffer.make_encoded(original, data_buffer, len(grouped.encoded.data))
     consumers = [
         i for i, op in enumerate(graph.operators) if weight_index in op.inputs and op.opcodeIndex != decode_opcode
     ]
     inserts: dict[int, list] = {}
-    m = grouped.groups
     for position in consumers:
-        indices = _tensor(graph, None, [m], S.TensorType.INT8)
-        positions = _tensor(graph, None, [m], S.TensorType.INT32)
-        gathered = _tensor(graph, None, [m, GROUP], S.TensorType.INT8)
-        graph.tensors.append(copy.deepcopy(decoded_template))
-        decoded = len(graph.tensors) - 1
-        decode_op = S.OperatorT()
-        decode_op.opcodeIndex = decode_opcode
-        decode_op.inputs = np.array([weight_index, ancillary], dtype=np.int32)
-        decode_op.outputs = np.array([indices], dtype=np.int32)
-        cast_options = S.CastOptionsT()
-        cast_options.inDataType, cast_options.outDataType = S.TensorType.INT8, S.TensorType.INT32
-        gather_options = S.GatherOptionsT()
-        gather_options.axis, gather_options.batchDims = 0, 0
-        chain_ops = [
-            decode_op,
-            _op(model, "CAST", [indices], [positions], (S.BuiltinOptions.CastOptions, cast_options)),
-            _op(model, "GATHER", [table, positions], [gathered], (S.BuiltinOptions.GatherOptions, gather_options)),
-        ]
-        last = gathered
-        if grouped.padded:
-            flat = _tensor(graph, None, [GROUP * m], S.TensorType.INT8)
-            sliced = _tensor(graph, None, [grouped.count], S.TensorType.INT8)
-            chain_ops += [
-                _op(model, "RESHAPE", [gathered, flat_shape], [flat], _reshape_options([GROUP * m])),
-                _op(model, "SLICE", [flat, begin, size], [sliced], (S.BuiltinOptions.SliceOptions, S.SliceOptionsT())),
-            ]
-            last = sliced
-        chain_ops.append(_op(model, "RESHAPE", [last, target_shape], [decoded], _reshape_options(shape)))
-        consumer = graph.operators[position]
-        consumer.inputs = np.array([decoded if int(t) == weight_index else int(t) for t in consumer.inputs], np.int32)
+        chain_ops, decoded = _chain_ops(model, graph, grouped, constants, decoded_template, decode_opcode)
+        flatbuffer.reroute(graph.operators[position], weight_index, decoded)
         inserts[position] = chain_ops
-    operators = []
-    for position, op in enumerate(graph.operators):
-        operators += inserts.get(position, [])
-        operators.append(op)
-    graph.operators = operators
+    flatbuffer.insert_before(graph, inserts)
+
+
+def _chain_constants(model, graph, grouped: GroupEncoded, weight_index: int, shape: list[int]) -> dict:
+    """The constant tensors every chain of one weight reads: the ``encoded`` stream (the weight's index), its
+    ``ancillary`` data, the group ``table``, the weight's ``shape`` and, padded, the ``flat_shape`` of the groups and
+    the ``begin`` / ``size`` of the SLICE."""
+    name = flatbuffer.tensor_name(graph.tensors[weight_index])
+    int32, add = S.TensorType.INT32, flatbuffer.add_constant
+    constants = {
+        "encoded": weight_index,
+        "ancillary": add(model, graph, f"{name}_ancillary" if name else None,
+                         np.frombuffer(grouped.encoded.ancillary, np.uint8), S.TensorType.UINT8),
+        "table": add(model, graph, f"{name}_groups" if name else None, grouped.table, S.TensorType.INT8),
+        "shape": add(model, graph, None, np.array(shape, np.int32), int32),
+    }  # fmt: skip
+    if grouped.padded:
+        constants["flat_shape"] = add(model, graph, None, np.array([GROUP * grouped.groups], np.int32), int32)
+        constants["begin"] = add(model, graph, None, np.array([0], np.int32), int32)
+        constants["size"] = add(model, graph, None, np.array([grouped.count], np.int32), int32)
+    return constants
+
+
+def _chain_ops(model, graph, grouped: GroupEncoded, constants: dict, decoded_template, decode_opcode: int):
+    """``(ops, decoded tensor index)``: one DECODE -> CAST -> GATHER [-> RESHAPE -> SLICE] -> RESHAPE chain."""
+    m, add = grouped.groups, flatbuffer.add_tensor
+    indices = add(graph, None, [m], S.TensorType.INT8)
+    positions = add(graph, None, [m], S.TensorType.INT32)
+    gathered = add(graph, None, [m, GROUP], S.TensorType.INT8)
+    graph.tensors.append(copy.deepcopy(decoded_template))
+    decoded = len(graph.tensors) - 1
+    decode_op = S.OperatorT()
+    decode_op.opcodeIndex = decode_opcode
+    decode_op.inputs = np.array([constants["encoded"], constants["ancillary"]], dtype=np.int32)
+    decode_op.outputs = np.array([indices], dtype=np.int32)
+    cast_options = S.CastOptionsT()
+    cast_options.inDataType, cast_options.outDataType = S.TensorType.INT8, S.TensorType.INT32
+    gather_options = S.GatherOptionsT()
+    gather_options.axis, gather_options.batchDims = 0, 0
+    ops = [
+        decode_op,
+        _op(model, "CAST", [indices], [positions], (S.BuiltinOptions.CastOptions, cast_options)),
+        _op(model, "GATHER", [constants["table"], positions], [gathered],
+            (S.BuiltinOptions.GatherOptions, gather_options)),
+    ]  # fmt: skip
+    last = gathered
+    if grouped.padded:
+        flat = add(graph, None, [GROUP * m], S.TensorType.INT8)
+        sliced = add(graph, None, [grouped.count], S.TensorType.INT8)
+        ops += [
+            _op(model, "RESHAPE", [gathered, constants["flat_shape"]], [flat], _reshape_options([GROUP * m])),
+            _op(model, "SLICE", [flat, constants["begin"], constants["size"]], [sliced],
+                (S.BuiltinOptions.SliceOptions, S.SliceOptionsT())),
+        ]  # fmt: skip
+        last = sliced
+    shape = [int(d) for d in decoded_template.shape]
+    ops.append(_op(model, "RESHAPE", [last, constants["shape"]], [decoded], _reshape_options(shape)))
+    return ops, decoded
+
+
+_op = flatbuffer.new_op
 
 
 def _reshape_options(shape: list[int]):

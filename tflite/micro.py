@@ -8,6 +8,7 @@ few hundred bytes of bookkeeping, so the figure is a safe upper bound for firmwa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -124,11 +125,18 @@ def _report_total(report: str) -> int:
 def arena_fits(tflite: bytes, arena_size: int, alt_decompression_memory_size: int = 0) -> bool:
     """Whether TFLM allocates and invokes ``tflite`` with ``arena_size`` bytes (probed in a child process,
     since a too-small arena can crash the interpreter)."""
+    with _model_file(tflite) as path:
+        return _fits(path, arena_size, alt_decompression_memory_size)
+
+
+@contextlib.contextmanager
+def _model_file(tflite: bytes):
+    """The path of ``tflite`` written to a temporary folder (removed afterwards), for the probing child processes."""
     with tempfile.TemporaryDirectory(prefix="ptq_arena_") as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
             f.write(tflite)
-        return _fits(path, arena_size, alt_decompression_memory_size)
+        yield path
 
 
 def _fits(path: str, arena_size: int, alt_decompression_memory_size: int) -> bool:
@@ -144,10 +152,7 @@ def measure_arena(tflite: bytes, alt_decompression_memory_size: int = 0) -> int:
     ``alt_decompression_memory_size`` > 0 the TFLM_DECODE outputs go to that separate memory instead.
     """
     lower = _report_total(allocation_report(tflite, alt_decompression_memory_size))
-    with tempfile.TemporaryDirectory(prefix="ptq_arena_") as tmp:
-        path = os.path.join(tmp, "model.tflite")
-        with open(path, "wb") as f:
-            f.write(tflite)
+    with _model_file(tflite) as path:
 
         def fits(size: int) -> bool:
             return _fits(path, size, alt_decompression_memory_size)

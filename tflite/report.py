@@ -40,7 +40,7 @@ from .verify import invoke_ratio, runtimes_for
 __all__ = ["TargetReport", "ExportReport", "TensorTable", "build", "inspect", "weight_payload"]
 
 S = flatbuffer.schema
-_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+_WEIGHT_OPS = flatbuffer.WEIGHT_OPS
 
 
 _name = flatbuffer.tensor_name  # "" when names were stripped
@@ -169,64 +169,83 @@ class ExportReport:
             f"{'target':<7} {'bytes':>10} {'x fp32 file':>11} {'x fp32 par':>10} {'bits/w':>7} {'arena B':>9} "
             f"{'decoded B':>9}  {'invoke vs int8':<28} weights",
         ]
+        lines += [_table_row(t) for t in self.targets.values()]
         for t in self.targets.values():
-            arena = "-" if t.arena_bytes is None else f"{t.arena_bytes:,}"
-            decoded = "-" if t.decoded_weight_bytes is None else f"{t.decoded_weight_bytes:,}"
-            speed = ", ".join(f"{k} {v:.2f}x" for k, v in t.invoke_ratio.items()) or "-"
-            lines.append(
-                f"{t.target:<7} {t.file_bytes:>10,} {t.ratio_fp32_tflite:>10.2f}x {t.ratio_fp32_params:>9.2f}x "
-                f"{t.bits_per_weight:>7.2f} {arena:>9} {decoded:>9}  {speed:<28} {'+'.join(t.weight_types)}"
-            )
-        for t in self.targets.values():
-            if t.parts:
-                lines.append(f"  {t.target}: bytes: {_parts_text(t.parts)}")
-            if t.arena_bytes_alt_decompression is not None:
-                lines.append(
-                    f"  {t.target}: arena {t.arena_bytes_alt_decompression:,} B when the decoded weights go to a "
-                    f"separate {t.alt_decompression_bytes:,} B (alt_decompression_memory_size)"
-                )
-            for row in t.encodings:
-                lines.append(
-                    f"  {t.target}: {row['name'] or '(unnamed)'} {row['encoding']} {row['bits_per_weight']:.2f} "
-                    f"bits/w (entropy bound {row['entropy_bound_bits']:.2f}), decode scratch "
-                    f"{row['decode_scratch_bytes']:,} B"
-                )
-            if t.split:
-                largest = max(row["largest_part_bytes"] for row in t.split)
-                before = "" if t.arena_bytes_unsplit is None else f"; arena {t.arena_bytes_unsplit:,} B unsplit"
-                after = "" if t.arena_bytes is None else f" -> {t.arena_bytes:,} B"
-                lines.append(
-                    f"  {t.target}: max_decode_bytes={t.max_decode_bytes:,}: {len(t.split)} layer(s) split into "
-                    f"{sum(row['parts'] for row in t.split)} parts (largest {largest:,} B){before}{after}"
-                )
-            if t.dead_channels:
-                removed = sum(r["removed"] for r in t.dead_channels)
-                dead = sum(r["dead"] for r in t.dead_channels)
-                lines.append(
-                    f"  {t.target}: {dead} dead output channel(s) in {len(t.dead_channels)} layer(s), {removed} "
-                    f"removed (the rest kept as zeros): MACs {t.macs_unreduced:,} -> {t.macs:,} "
-                    f"({t.macs / max(t.macs_unreduced, 1):.2f}x)"
-                )
-            if t.ram_budget is not None:
-                bound = "no split" if t.max_decode_bytes is None else f"max_decode_bytes={t.max_decode_bytes:,}"
-                lines.append(
-                    f"  {t.target}: ram_budget={t.ram_budget:,} B met with {bound}, {t.keep_int8} weight tensor(s) "
-                    f"kept int8: arena {t.ram_fit[-1][2]:,} B ({len(t.ram_fit)} candidate(s) measured)"
-                )
-            if t.ethos_u is not None:
-                lines.append(f"  {t.target}: {_vela_line(t.ethos_u)}")
-                plain = self.ethos_u_plain_int8
-                if plain is not None:
-                    ratio = t.ethos_u["encoded_weight_bytes"] / max(plain["encoded_weight_bytes"], 1)
-                    speed = plain["inference_time_s"] / max(t.ethos_u["inference_time_s"], 1e-12)
-                    lines.append(
-                        f"  {t.target}: plain int8 model of the same architecture: {_vela_line(plain)}; ternary "
-                        f"encoded weights {ratio:.3f}x, {speed:.2f}x faster"
-                    )
+            lines += _detail_lines(t, self.ethos_u_plain_int8)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _table_row(t: TargetReport) -> str:
+    arena = "-" if t.arena_bytes is None else f"{t.arena_bytes:,}"
+    decoded = "-" if t.decoded_weight_bytes is None else f"{t.decoded_weight_bytes:,}"
+    speed = ", ".join(f"{k} {v:.2f}x" for k, v in t.invoke_ratio.items()) or "-"
+    return (
+        f"{t.target:<7} {t.file_bytes:>10,} {t.ratio_fp32_tflite:>10.2f}x {t.ratio_fp32_params:>9.2f}x "
+        f"{t.bits_per_weight:>7.2f} {arena:>9} {decoded:>9}  {speed:<28} {'+'.join(t.weight_types)}"
+    )
+
+
+def _detail_lines(t: TargetReport, plain_int8: dict | None) -> list[str]:
+    """The lines below the table of one target: where its bytes go, then what applies of the rest."""
+    lines = [f"  {t.target}: bytes: {_parts_text(t.parts)}"] if t.parts else []
+    if t.arena_bytes_alt_decompression is not None:
+        lines.append(
+            f"  {t.target}: arena {t.arena_bytes_alt_decompression:,} B when the decoded weights go to a "
+            f"separate {t.alt_decompression_bytes:,} B (alt_decompression_memory_size)"
+        )
+    for row in t.encodings:
+        lines.append(
+            f"  {t.target}: {row['name'] or '(unnamed)'} {row['encoding']} {row['bits_per_weight']:.2f} "
+            f"bits/w (entropy bound {row['entropy_bound_bits']:.2f}), decode scratch "
+            f"{row['decode_scratch_bytes']:,} B"
+        )
+    return lines + _micro_lines(t) + _ethos_u_lines(t, plain_int8)
+
+
+def _micro_lines(t: TargetReport) -> list[str]:
+    """Split layers, dead channels and the RAM budget (target ``micro``)."""
+    lines = []
+    if t.split:
+        largest = max(row["largest_part_bytes"] for row in t.split)
+        before = "" if t.arena_bytes_unsplit is None else f"; arena {t.arena_bytes_unsplit:,} B unsplit"
+        after = "" if t.arena_bytes is None else f" -> {t.arena_bytes:,} B"
+        lines.append(
+            f"  {t.target}: max_decode_bytes={t.max_decode_bytes:,}: {len(t.split)} layer(s) split into "
+            f"{sum(row['parts'] for row in t.split)} parts (largest {largest:,} B){before}{after}"
+        )
+    if t.dead_channels:
+        removed = sum(r["removed"] for r in t.dead_channels)
+        dead = sum(r["dead"] for r in t.dead_channels)
+        lines.append(
+            f"  {t.target}: {dead} dead output channel(s) in {len(t.dead_channels)} layer(s), {removed} "
+            f"removed (the rest kept as zeros): MACs {t.macs_unreduced:,} -> {t.macs:,} "
+            f"({t.macs / max(t.macs_unreduced, 1):.2f}x)"
+        )
+    if t.ram_budget is not None:
+        bound = "no split" if t.max_decode_bytes is None else f"max_decode_bytes={t.max_decode_bytes:,}"
+        lines.append(
+            f"  {t.target}: ram_budget={t.ram_budget:,} B met with {bound}, {t.keep_int8} weight tensor(s) "
+            f"kept int8: arena {t.ram_fit[-1][2]:,} B ({len(t.ram_fit)} candidate(s) measured)"
+        )
+    return lines
+
+
+def _ethos_u_lines(t: TargetReport, plain: dict | None) -> list[str]:
+    """Vela's figures and, given them, the comparison with the plain int8 model (target ``ethos-u``)."""
+    if t.ethos_u is None:
+        return []
+    lines = [f"  {t.target}: {_vela_line(t.ethos_u)}"]
+    if plain is not None:
+        ratio = t.ethos_u["encoded_weight_bytes"] / max(plain["encoded_weight_bytes"], 1)
+        speed = plain["inference_time_s"] / max(t.ethos_u["inference_time_s"], 1e-12)
+        lines.append(
+            f"  {t.target}: plain int8 model of the same architecture: {_vela_line(plain)}; ternary "
+            f"encoded weights {ratio:.3f}x, {speed:.2f}x faster"
+        )
+    return lines
 
 
 def _vela_line(figures: dict) -> str:
@@ -249,7 +268,6 @@ def build(
     of the ``ethos-u`` target (key ``ethos-u``) and of the float model's plain int8 file (key ``plain_int8``);
     ``encoded_names``: the ``micro`` file's ``decode.encoded_names`` before its names were dropped."""
     vela = vela or {}
-
     params = int(plain.count_params())
     reference = buffers.get("int8", int8_reference)
     targets = {}
@@ -258,43 +276,16 @@ def build(
         payload = weight_payload(buf)
         if payload["int8_zero_fraction"] is not None:
             sparsity = payload["int8_zero_fraction"]
-        runtimes = list(runtimes_for(buf))
-        rep = TargetReport(
-            target=target,
-            file_bytes=len(buf),
-            ratio_fp32_tflite=len(fp32_tflite) / len(buf),
-            ratio_fp32_params=4 * params / len(buf),
-            weights=payload["weights"],
-            weight_payload_bytes=payload["weight_payload_bytes"],
-            bits_per_weight=payload["bits_per_weight"],
-            weight_types=payload["weight_types"],
-            runtimes=runtimes,
-        )
-        if "tflm" in runtimes:
-            rep.decoded_weight_bytes = payload["decoded_weight_bytes"]
-        rep.parts = {k: v for k, v in slim.breakdown(buf).items() if k != "file_bytes"}
+        rep = _target_report(target, buf, payload, len(fp32_tflite), params)
         figures = vela.get(target) if target == "ethos-u" else None
         if figures is not None:
-            rep.ethos_u = figures.to_dict()
-            rep.weights = figures.weights
-            rep.weight_payload_bytes = figures.encoded_weight_bytes
-            rep.bits_per_weight = figures.bits_per_weight
-            rep.weight_types = ["ethos-u"]
+            _add_vela_figures(rep, figures)
         if target == "micro":
             from . import decode
 
             rep.encodings = decode.describe(buf, encoded_names)
         if measure:
-            if "tflm" in runtimes:
-                rep.arena_bytes = micro.measure_arena(buf)
-                if rep.encodings:
-                    alt = sum(_round16(row["decode_scratch_bytes"]) for row in rep.encodings)
-                    rep.arena_bytes_alt_decompression = micro.measure_arena(buf, alt)
-                    rep.alt_decompression_bytes = alt
-            if reference is not None:
-                for runtime in runtimes:
-                    if runtime in runtimes_for(reference):
-                        rep.invoke_ratio[runtime] = invoke_ratio(buf, reference, runtime)
+            _measure(rep, buf, reference)
         targets[target] = rep
     return ExportReport(
         model=str(plain.name),
@@ -306,6 +297,50 @@ def build(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         ethos_u_plain_int8=vela["plain_int8"].to_dict() if "plain_int8" in vela else None,
     )
+
+
+def _target_report(target: str, buf: bytes, payload: dict, fp32_bytes: int, params: int) -> TargetReport:
+    """The sizes of one target's file (``payload``: its ``weight_payload``)."""
+    runtimes = list(runtimes_for(buf))
+    rep = TargetReport(
+        target=target,
+        file_bytes=len(buf),
+        ratio_fp32_tflite=fp32_bytes / len(buf),
+        ratio_fp32_params=4 * params / len(buf),
+        weights=payload["weights"],
+        weight_payload_bytes=payload["weight_payload_bytes"],
+        bits_per_weight=payload["bits_per_weight"],
+        weight_types=payload["weight_types"],
+        runtimes=runtimes,
+    )
+    if "tflm" in runtimes:
+        rep.decoded_weight_bytes = payload["decoded_weight_bytes"]
+    rep.parts = {k: v for k, v in slim.breakdown(buf).items() if k != "file_bytes"}
+    return rep
+
+
+def _add_vela_figures(rep: TargetReport, figures) -> None:
+    """Target ``ethos-u``: Vela's figures, and its encoded weights as the weights of the report."""
+    rep.ethos_u = figures.to_dict()
+    rep.weights = figures.weights
+    rep.weight_payload_bytes = figures.encoded_weight_bytes
+    rep.bits_per_weight = figures.bits_per_weight
+    rep.weight_types = ["ethos-u"]
+
+
+def _measure(rep: TargetReport, buf: bytes, reference: bytes | None) -> None:
+    """The TFLM arenas (with and without a separate decompression memory) and the invoke ratios against the
+    int8 ``reference`` on every runtime both files run on."""
+    if "tflm" in rep.runtimes:
+        rep.arena_bytes = micro.measure_arena(buf)
+        if rep.encodings:
+            alt = sum(_round16(row["decode_scratch_bytes"]) for row in rep.encodings)
+            rep.arena_bytes_alt_decompression = micro.measure_arena(buf, alt)
+            rep.alt_decompression_bytes = alt
+    if reference is not None:
+        for runtime in rep.runtimes:
+            if runtime in runtimes_for(reference):
+                rep.invoke_ratio[runtime] = invoke_ratio(buf, reference, runtime)
 
 
 # ----------------------------------------------------------------------------- inspect

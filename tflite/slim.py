@@ -13,6 +13,8 @@ the tests:
   data, strings) and of each identical quantization or option table, constant data 16-byte aligned as TFLM
   requires (no re-layout pass).
 
+:func:`trim_model` (target ``micro``) also drops the quantization parameters no TFLM kernel reads.
+
 :func:`breakdown` tells where a file's bytes go (weights, biases, scales, zero points, names, metadata, structure).
 """
 
@@ -23,10 +25,10 @@ import numpy as np
 
 from . import flatbuffer
 
-__all__ = ["slim_model", "write", "slim", "breakdown", "PARTS"]
+__all__ = ["slim_model", "trim_model", "trim_for_tflm", "write", "slim", "breakdown", "PARTS"]
 
 S = flatbuffer.schema
-_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+_WEIGHT_OPS = flatbuffer.WEIGHT_OPS
 _ALIGN = 16  # TFLM's alignment for constant tensor data
 PARTS = ("weights", "biases", "scales", "zero_points", "names", "metadata", "structure")
 
@@ -221,6 +223,23 @@ def slim(tflite: bytes, keep_names: bool = False) -> bytes:
     return write(model)
 
 
+def trim_model(model) -> None:
+    """Drop quantization parameters no TFLM kernel reads (``micro`` target, TFLM only): the int32 biases' scales
+    and zero points (TFLM derives the requantization from the input, weight and output scales) and the
+    per-channel zero points of weights when all are 0 (a single 0 remains). ~20 bytes per output channel."""
+    for _, graph, op in flatbuffer.weight_ops(model):
+        q = graph.tensors[int(op.inputs[1])].quantization
+        if q is not None and q.zeroPoint is not None and len(q.zeroPoint) > 1 and not np.any(q.zeroPoint):
+            q.zeroPoint = np.zeros(1, dtype=np.int64)
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            bias = graph.tensors[int(op.inputs[2])]
+            if bias.type == S.TensorType.INT32:
+                bias.quantization = None
+
+
+trim_for_tflm = flatbuffer.on_bytes(trim_model)
+
+
 # ----------------------------------------------------------------------------- where the bytes go
 def breakdown(tflite: bytes) -> dict:
     """Bytes of the file by part: ``weights`` (weight-op weights as stored: int8/packed data, or the encoded data
@@ -241,30 +260,7 @@ def breakdown(tflite: bytes) -> dict:
     def name_vector(table, field_offset: int) -> None:  # a string: its length, its bytes and a terminating 0
         _count_vector(table, field_offset, 1, "names", parts, counted, extra=1)
 
-    buffers_of = {"weights": set(), "biases": set()}
-    for graph in model.subgraphs:
-        producers = {int(o): op for op in graph.operators or [] for o in op.outputs}
-        for op in graph.operators or []:
-            if flatbuffer.builtin_name(model, op.opcodeIndex) == "ethos-u":  # Vela's command stream and weights
-                buffers_of["weights"] |= {int(graph.tensors[int(i)].buffer) for i in op.inputs
-                                          if int(i) >= 0 and _has_data(model, graph.tensors[int(i)])}  # fmt: skip
-                continue
-            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
-                continue
-            pending, seen = [int(op.inputs[1])], set()
-            while pending:  # the weight, or the constants of the ops that compute it (DECODE, a grouped chain)
-                i = pending.pop()
-                if i in seen:
-                    continue
-                seen.add(i)
-                if _has_data(model, graph.tensors[i]):
-                    buffers_of["weights"].add(int(graph.tensors[i].buffer))
-                elif i in producers:
-                    pending += [int(j) for j in producers[i].inputs if int(j) >= 0]
-            if len(op.inputs) > 2 and int(op.inputs[2]) >= 0 and _has_data(model, graph.tensors[int(op.inputs[2])]):
-                buffers_of["biases"].add(int(graph.tensors[int(op.inputs[2])].buffer))
-    buffers_of["metadata"] = {int(m.buffer) for m in model.metadata or []}
-    for part, indices in buffers_of.items():
+    for part, indices in _buffers_by_part(model).items():
         for b in sorted(indices):
             if b < root.BuffersLength():
                 vector(root.Buffers(b), 4, 1, part)  # Buffer.data
@@ -290,6 +286,42 @@ def breakdown(tflite: bytes) -> dict:
     name_vector(root, 10)  # description
     parts["structure"] = len(buf) - sum(parts.values())
     return {"file_bytes": len(buf), **parts}
+
+
+def _buffers_by_part(model) -> dict:
+    """The buffer indices of the ``weights`` (as stored: the weight, or the constants of the ops that compute it;
+    in an Ethos-U file the constants of the NPU op), the ``biases`` and the ``metadata``."""
+    buffers_of = {"weights": set(), "biases": set()}
+    for graph in model.subgraphs:
+        producers = {int(o): op for op in graph.operators or [] for o in op.outputs}
+        for op in graph.operators or []:
+            if flatbuffer.builtin_name(model, op.opcodeIndex) == "ethos-u":  # Vela's command stream and weights
+                buffers_of["weights"] |= {int(graph.tensors[int(i)].buffer) for i in op.inputs
+                                          if int(i) >= 0 and _has_data(model, graph.tensors[int(i)])}  # fmt: skip
+                continue
+            if flatbuffer.builtin_name(model, op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
+                continue
+            buffers_of["weights"] |= _weight_buffers(model, graph, int(op.inputs[1]), producers)
+            if len(op.inputs) > 2 and int(op.inputs[2]) >= 0 and _has_data(model, graph.tensors[int(op.inputs[2])]):
+                buffers_of["biases"].add(int(graph.tensors[int(op.inputs[2])].buffer))
+    buffers_of["metadata"] = {int(m.buffer) for m in model.metadata or []}
+    return buffers_of
+
+
+def _weight_buffers(model, graph, index: int, producers: dict) -> set[int]:
+    """The buffers of weight tensor ``index``: its own, or those of the constants of the ops that compute it (a
+    DECODE, a grouped chain)."""
+    found, pending, seen = set(), [index], set()
+    while pending:
+        i = pending.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        if _has_data(model, graph.tensors[i]):
+            found.add(int(graph.tensors[i].buffer))
+        elif i in producers:
+            pending += [int(j) for j in producers[i].inputs if int(j) >= 0]
+    return found
 
 
 def _count_vector(table, field_offset: int, item: int, part: str, parts: dict, counted: set, extra: int = 0) -> None:

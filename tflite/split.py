@@ -22,7 +22,7 @@ from . import flatbuffer
 __all__ = ["SPLIT_OPS", "MAX_CONCAT_INPUTS", "split_model", "parts_of"]
 
 S = flatbuffer.schema
-SPLIT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+SPLIT_OPS = flatbuffer.WEIGHT_OPS
 MAX_CONCAT_INPUTS = 10  # TFLM's CONCATENATION kernel (kMaxInputNum)
 
 
@@ -38,18 +38,21 @@ def parts_of(channels: int, bytes_per_channel: int, max_bytes: int) -> list[tupl
 def _constant(model, graph, template, array: np.ndarray, name_suffix: str, reuse: int | None = None) -> int:
     """A copy of constant tensor ``template`` holding ``array`` (its own buffer); with ``reuse``, that tensor
     index becomes it (so the original weight and bias are not left behind unused)."""
-    buffer = S.BufferT()
-    buffer.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8)
-    model.buffers.append(buffer)
-    if reuse is not None:
-        tensor = graph.tensors[reuse]
-        tensor.buffer = len(model.buffers) - 1
-        tensor.shape = np.array(array.shape, dtype=np.int32)
-        tensor.shapeSignature = None
-        return reuse
-    tensor = copy.deepcopy(template)
-    tensor.buffer = len(model.buffers) - 1
+    buffer = flatbuffer.add_buffer(model, np.ascontiguousarray(array).tobytes())
+    if reuse is None:
+        return _copy(graph, template, list(array.shape), name_suffix, buffer)
+    tensor = graph.tensors[reuse]
+    tensor.buffer = buffer
     tensor.shape = np.array(array.shape, dtype=np.int32)
+    tensor.shapeSignature = None
+    return reuse
+
+
+def _copy(graph, template, shape: list[int], name_suffix: str, buffer: int) -> int:
+    """A copy of tensor ``template`` with ``shape`` and ``buffer``, named its name + ``name_suffix``; its index."""
+    tensor = copy.deepcopy(template)
+    tensor.buffer = buffer
+    tensor.shape = np.array(shape, dtype=np.int32)
     tensor.shapeSignature = None
     name = flatbuffer.tensor_name(template)
     tensor.name = f"{name}{name_suffix}" if name else None
@@ -68,14 +71,7 @@ def _slice_quantization(q, first: int, stop: int, channels: int):
 
 
 def _activation(graph, template, shape: list[int], name_suffix: str) -> int:
-    tensor = copy.deepcopy(template)
-    tensor.buffer = 0
-    tensor.shape = np.array(shape, dtype=np.int32)
-    tensor.shapeSignature = None
-    name = flatbuffer.tensor_name(template)
-    tensor.name = f"{name}{name_suffix}" if name else None
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
+    return _copy(graph, template, shape, name_suffix, buffer=0)
 
 
 def _concat(model, graph, inputs: list[int], output: int, axis: int, template) -> list:
@@ -101,15 +97,10 @@ def _concat(model, graph, inputs: list[int], output: int, axis: int, template) -
 
 
 def _concat_op(model, inputs: list[int], output: int, axis: int):
-    op = S.OperatorT()
-    op.opcodeIndex = flatbuffer.opcode_index(model, "CONCATENATION")
-    op.inputs = np.array(inputs, dtype=np.int32)
-    op.outputs = np.array([output], dtype=np.int32)
     options = S.ConcatenationOptionsT()
     options.axis = axis
     options.fusedActivationFunction = S.ActivationFunctionType.NONE
-    op.builtinOptionsType, op.builtinOptions = S.BuiltinOptions.ConcatenationOptions, options
-    return op
+    return flatbuffer.new_op(model, "CONCATENATION", inputs, [output], (S.BuiltinOptions.ConcatenationOptions, options))
 
 
 def _split_v(model, graph, source: int, sizes: list[int], axis: int) -> tuple[object, list[int]]:
@@ -122,14 +113,10 @@ def _split_v(model, graph, source: int, sizes: list[int], axis: int) -> tuple[ob
         shape = [int(d) for d in template.shape]
         shape[axis] = size
         outputs.append(_activation(graph, template, shape, f"_part{k}"))
-    op = S.OperatorT()
-    op.opcodeIndex = flatbuffer.opcode_index(model, "SPLIT_V")
-    op.inputs = np.array([source, size_tensor, axis_tensor], dtype=np.int32)
-    op.outputs = np.array(outputs, dtype=np.int32)
     options = S.SplitVOptionsT()
     options.numSplits = len(sizes)
-    op.builtinOptionsType, op.builtinOptions = S.BuiltinOptions.SplitVOptions, options
-    return op, outputs
+    options = (S.BuiltinOptions.SplitVOptions, options)
+    return flatbuffer.new_op(model, "SPLIT_V", [source, size_tensor, axis_tensor], outputs, options), outputs
 
 
 def _int32_template():
@@ -158,81 +145,82 @@ def split_model(model, max_bytes: int) -> list[dict]:
                 new_ops += replacement
                 rows.append(row)
         graph.operators = new_ops
-    _drop_unreferenced(model)
+    flatbuffer.drop_unreferenced_buffers(model)
     return rows
 
 
 def _split_op(model, graph, op, kind: str, max_bytes: int):
+    """``(row, ops)``: the parts and CONCATENATION ops that replace ``op``, or ``(None, None)`` where it stays whole
+    (a weight of at most ``max_bytes``, shared by several ops, or without constant int8 data or bias)."""
     weight_index = int(op.inputs[1])
-    weight = graph.tensors[weight_index]
-    values = flatbuffer.buffer_array(model, weight)
-    if values is None or weight.type != S.TensorType.INT8 or values.size <= max_bytes:
+    values = flatbuffer.int8_constant(model, graph.tensors[weight_index])
+    if values is None or values.size <= max_bytes:
         return None, None
-    users = sum(weight_index in o.inputs for o in graph.operators)
-    if users != 1:  # a weight shared by several ops stays whole
+    if sum(weight_index in o.inputs for o in graph.operators) != 1:  # a weight shared by several ops stays whole
         return None, None
     depthwise = kind == "DEPTHWISE_CONV_2D"
-    axis = values.ndim - 1 if depthwise else 0  # output-channel axis of the weight
-    channels = values.shape[axis]
-    output_index = int(op.outputs[0])
-    output = graph.tensors[output_index]
-    out_axis = len(output.shape) - 1
-    multiplier = 1
-    if depthwise:
-        multiplier = int(op.builtinOptions.depthMultiplier) if op.builtinOptions is not None else 1
-        multiplier = max(multiplier, 1)
-        # whole input channels per part: a part holds a multiple of ``multiplier`` output channels
-        per_input = values.size // channels * multiplier
-        ranges = [(a * multiplier, b * multiplier) for a, b in parts_of(channels // multiplier, per_input, max_bytes)]
-    else:
-        ranges = parts_of(channels, values.size // channels, max_bytes)
-    if len(ranges) < 2:
-        return None, None
+    weight = _Cut(model, graph, weight_index, axis=values.ndim - 1 if depthwise else 0)  # the output-channel axis
+    channels = values.shape[weight.axis]
+    multiplier = _depth_multiplier(op) if depthwise else 1
+    # whole input channels per part: a part holds a multiple of ``multiplier`` output channels
+    per_part = values.size // channels * multiplier
+    ranges = [(a * multiplier, b * multiplier) for a, b in parts_of(channels // multiplier, per_part, max_bytes)]
     bias_index = int(op.inputs[2]) if len(op.inputs) > 2 else -1
-    bias = graph.tensors[bias_index] if bias_index >= 0 else None
-    bias_values = flatbuffer.buffer_array(model, bias) if bias is not None else None
-    weight_quantization = copy.deepcopy(weight.quantization)  # part 0 reuses (and rewrites) the tensors
-    bias_quantization = copy.deepcopy(bias.quantization) if bias is not None else None
-    weight, bias = copy.deepcopy(weight), copy.deepcopy(bias)
-    ops, parts = [], []
-    inputs_for_parts = [int(op.inputs[0])] * len(ranges)
+    bias = _Cut(model, graph, bias_index, axis=0) if bias_index >= 0 else None
+    if len(ranges) < 2 or bias is not None and bias.values is None:
+        return None, None
+    ops, sources = [], [int(op.inputs[0])] * len(ranges)
     if depthwise:
-        sizes = [(b - a) // multiplier for a, b in ranges]
         source = int(op.inputs[0])
-        split, inputs_for_parts = _split_v(model, graph, source, sizes, len(graph.tensors[source].shape) - 1)
-        ops.append(split)
+        split_op, sources = _split_v(model, graph, source, [(b - a) // multiplier for a, b in ranges],
+                                     len(graph.tensors[source].shape) - 1)  # fmt: skip
+        ops.append(split_op)
+    output_index = int(op.outputs[0])
+    parts = []
     for k, (first, stop) in enumerate(ranges):
-        part_values = np.take(values, range(first, stop), axis=axis)
-        weight_q = _slice_quantization(weight_quantization, first, stop, channels)
-        w = _constant(model, graph, weight, part_values, f"_part{k}", reuse=weight_index if k == 0 else None)
-        graph.tensors[w].quantization = weight_q
-        inputs = [inputs_for_parts[k], w]
+        inputs = [sources[k], weight.part(k, first, stop, channels)]
         if bias is not None:
-            if bias_values is None:
-                return None, None
-            bias_q = _slice_quantization(bias_quantization, first, stop, channels)
-            b = _constant(
-                model, graph, bias, bias_values[first:stop], f"_part{k}", reuse=bias_index if k == 0 else None
-            )
-            graph.tensors[b].quantization = bias_q
-            inputs.append(b)
-        shape = [int(d) for d in output.shape]
-        shape[out_axis] = stop - first
-        out = _activation(graph, output, shape, f"_part{k}")
-        part = copy.deepcopy(op)
-        part.inputs = np.array(inputs + [int(i) for i in op.inputs[3:]], dtype=np.int32)
-        part.outputs = np.array([out], dtype=np.int32)
-        ops.append(part)
-        parts.append(out)
-    ops += _concat(model, graph, parts, output_index, out_axis, output)
-    name = flatbuffer.tensor_name(weight) or f"#{weight_index}"
+            inputs.append(bias.part(k, first, stop, channels))
+        ops.append(_part_op(graph, op, inputs, first, stop, f"_part{k}"))
+        parts.append(int(ops[-1].outputs[0]))
+    ops += _concat(model, graph, parts, output_index, len(graph.tensors[output_index].shape) - 1,
+                   graph.tensors[output_index])  # fmt: skip
+    name = flatbuffer.tensor_name(weight.template) or f"#{weight_index}"
     return {"name": name, "op": kind, "weight_bytes": int(values.size), "parts": len(ranges),
             "largest_part_bytes": int(max(b - a for a, b in ranges) * values.size // channels)}, ops  # fmt: skip
 
 
-def _drop_unreferenced(model) -> None:
-    used = {int(t.buffer) for g in model.subgraphs for t in g.tensors}
-    used |= {int(m.buffer) for m in model.metadata or []}
-    for i, buffer in enumerate(model.buffers):
-        if i not in used:
-            buffer.data = None
+def _depth_multiplier(op) -> int:
+    multiplier = int(op.builtinOptions.depthMultiplier) if op.builtinOptions is not None else 1
+    return max(multiplier, 1)
+
+
+class _Cut:
+    """A constant operand (weight or bias) of a split op, cut along its output-channel ``axis`` part by part; part 0
+    reuses (and rewrites) the original tensor, so a copy of it and of its quantization is kept."""
+
+    def __init__(self, model, graph, index: int, axis: int):
+        self.model, self.graph, self.index, self.axis = model, graph, index, axis
+        tensor = graph.tensors[index]
+        self.values = flatbuffer.buffer_array(model, tensor)
+        self.quantization = copy.deepcopy(tensor.quantization)
+        self.template = copy.deepcopy(tensor)
+
+    def part(self, k: int, first: int, stop: int, channels: int) -> int:
+        """The tensor of output channels ``first`` to ``stop`` of part ``k``."""
+        values = np.take(self.values, range(first, stop), axis=self.axis)
+        reuse = self.index if k == 0 else None
+        index = _constant(self.model, self.graph, self.template, values, f"_part{k}", reuse=reuse)
+        self.graph.tensors[index].quantization = _slice_quantization(self.quantization, first, stop, channels)
+        return index
+
+
+def _part_op(graph, op, inputs: list[int], first: int, stop: int, suffix: str):
+    """A copy of ``op`` on ``inputs`` writing output channels ``first`` to ``stop`` to a new tensor."""
+    output = graph.tensors[int(op.outputs[0])]
+    shape = [int(d) for d in output.shape]
+    shape[-1] = stop - first
+    part = copy.deepcopy(op)
+    part.inputs = np.array(inputs + [int(i) for i in op.inputs[3:]], dtype=np.int32)
+    part.outputs = np.array([_activation(graph, output, shape, suffix)], dtype=np.int32)
+    return part

@@ -286,10 +286,7 @@ def verify(
     ``model`` may be None to skip the Keras rung when ``int8`` is given.
     """
 
-    if not 0.0 <= float(min_top1) <= 1.0:
-        raise ValueError(f"min_top1 must be in [0, 1], got {min_top1!r}.")
-    if max_lsb is not None and float(max_lsb) < 0:
-        raise ValueError(f"max_lsb must be >= 0, got {max_lsb!r}.")
+    _check_limits(min_top1, max_lsb)
     buf = flatbuffer.load(tflite)
     target = detect_target(buf)
     if target == "float":
@@ -314,17 +311,37 @@ def verify(
         scale, zero = int8_litert.output_params()
         keras_lsb = keras_out / scale + zero
         report.steps.append(_compare(keras_lsb, int8_litert(x), ("keras", "int8"), "litert_ref", None, min_top1))
-
     if target in ("int8", "ethos-u"):
-        tolerance = DEFAULT_MAX_LSB["int8"] if max_lsb is None else float(max_lsb)
-        tflm = _Runner(int8_buf, "tflm")(x)
-        report.steps.append(_compare(int8_litert(x), tflm, ("litert", "tflm"), "litert_ref/tflm", tolerance))
-        if target == "ethos-u":
-            report.notes.append(
-                "the ethos-u op runs only on the NPU: the int8 file Vela compiled was checked on LiteRT and TFLM, "
-                "and the compiled file keeps its input/output quantization (Vela compiles it without loss)"
-            )
-        return report
+        _int8_rungs(report, int8_buf, int8_litert, x, max_lsb)
+    else:
+        _packed_rungs(report, buf, int8_buf, int8_litert, x, max_lsb)
+    return report
+
+
+def _check_limits(min_top1: float, max_lsb: float | None) -> None:
+    if not 0.0 <= float(min_top1) <= 1.0:
+        raise ValueError(f"min_top1 must be in [0, 1], got {min_top1!r}.")
+    if max_lsb is not None and float(max_lsb) < 0:
+        raise ValueError(f"max_lsb must be >= 0, got {max_lsb!r}.")
+
+
+def _int8_rungs(report: ParityReport, int8_buf: bytes, int8_litert: _Runner, x, max_lsb: float | None) -> None:
+    """Targets ``int8`` and ``ethos-u``: the int8 file on TFLM vs LiteRT's reference kernels."""
+    tolerance = DEFAULT_MAX_LSB["int8"] if max_lsb is None else float(max_lsb)
+    tflm = _Runner(int8_buf, "tflm")(x)
+    report.steps.append(_compare(int8_litert(x), tflm, ("litert", "tflm"), "litert_ref/tflm", tolerance))
+    if report.target == "ethos-u":
+        report.notes.append(
+            "the ethos-u op runs only on the NPU: the int8 file Vela compiled was checked on LiteRT and TFLM, "
+            "and the compiled file keeps its input/output quantization (Vela compiles it without loss)"
+        )
+
+
+def _packed_rungs(report: ParityReport, buf: bytes, int8_buf: bytes, int8_litert: _Runner, x,
+                  max_lsb: float | None) -> None:  # fmt: skip
+    """The packed targets: the int8 file vs the packed one on each runtime that runs it; ``litert`` / ``int4``
+    also the file's int8 twin vs the file."""
+    target = report.target
     tolerance = 0.0 if target == "micro" else DEFAULT_MAX_LSB["packed"] if max_lsb is None else float(max_lsb)
     outputs = {}
     for runtime in runtimes_for(buf):
@@ -336,4 +353,3 @@ def verify(
         for runtime, out in outputs.items():
             exact = 0.0 if runtime != "litert" else DEFAULT_MAX_LSB["twin_xnnpack"]
             report.steps.append(_compare(_Runner(twin, runtime)(x), out, ("twin", target), runtime, exact))
-    return report

@@ -1,0 +1,1 @@
+"""The Keras 3 frontend (TensorFlow or JAX backend): :mod:`ptq_keras.frontends.keras3.layers`."""

@@ -1,0 +1,103 @@
+"""The logic of ``benchmarks/accuracy_size.py`` that decides what its table claims: which PTQ rows a baseline
+beats, the Pareto front, when a cached run is stale, and its flag errors (no training here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PATH = os.path.join(_ROOT, "benchmarks", "accuracy_size.py")
+_spec = importlib.util.spec_from_file_location("accuracy_size", _PATH)
+accuracy_size = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(accuracy_size)
+
+
+@pytest.fixture(autouse=True)
+def fresh_flags():
+    FLAGS.unparse_flags()
+    yield
+    FLAGS.unparse_flags()
+
+
+def _point(kind, label, nbytes, accuracy, sd, target="micro"):
+    return {"model": "m", "key": label, "label": label, "kind": kind, "target": target, "seeds": 3,
+            "bytes": float(nbytes), "accuracy": accuracy, "sd": sd, "keras_accuracy": accuracy, "keras_sd": sd,
+            "encodings": ["huffman"], "bits_per_weight": 1.5, "arena_bytes": 1000, "per_seed": []}  # fmt: skip
+
+
+def test_a_baseline_beats_a_ptq_row_only_when_no_larger_and_ahead_by_more_than_one_sd():
+    ptq = _point("ptq", "PTQ 0.7", 17_000, 87.0, 0.3)
+    smaller_better = _point("prune", "pruning 0.9", 16_000, 88.0, 0.4)  # ahead by 1.0 > 0.4
+    within_sd = _point("twn", "TWN", 16_500, 87.3, 0.2)  # ahead by 0.3 <= 0.3
+    larger = _point("int8", "int8", 40_000, 89.5, 0.1, target="int8")
+    other_ptq = _point("ptq", "PTQ 0.9", 10_000, 95.0, 0.1)  # PTQ rows never beat PTQ rows
+    beaten = accuracy_size.dominated([ptq, smaller_better, within_sd, larger, other_ptq])
+    assert [(p["label"], b["label"]) for p, b in beaten] == [("PTQ 0.7", "pruning 0.9")]
+    # one seed (no sd): any lead counts
+    alone = _point("twn", "TWN", 16_000, 87.1, math.nan)
+    assert accuracy_size.dominated([_point("ptq", "PTQ", 17_000, 87.0, math.nan), alone])
+
+
+def test_the_markdown_names_the_beaten_row_with_its_numbers():
+    points = [_point("float", "float32", 80_000, 89.0, 0.1, "fp32"), _point("ptq", "PTQ 0.7", 17_000, 87.0, 0.3),
+              _point("prune", "pruning 0.9", 16_000, 88.0, 0.4)]  # fmt: skip
+    meta = dict(date="d", machine="m", command="c", quick=False, float_epochs=6, finetune_epochs=4,
+                train_examples=60_000, test_examples=10_000, results_name="accuracy_size_ds_cnn")  # fmt: skip
+    text = accuracy_size._markdown({"ds_cnn": points}, meta)
+    assert "PTQ 0.7 (micro, 17,000 B, 87.00 ± 0.30%) is beaten by pruning 0.9 (micro, 16,000 B, 88.00 ± 0.40%)" in text
+    assert "No baseline file" not in text
+    assert "Plot: `accuracy_size_ds_cnn.png`" in text
+    points[2]["accuracy"] = 87.2
+    assert "No baseline file is both no larger" in accuracy_size._markdown({"ds_cnn": points}, meta)
+
+
+def test_pareto_front_keeps_points_nothing_beats_in_both_size_and_accuracy():
+    points = [(10, 80.0), (20, 85.0), (15, 79.0), (30, 84.0), (40, 90.0), (20, 83.0)]
+    assert accuracy_size.pareto(points) == [0, 1, 4]
+
+
+@pytest.mark.parametrize(
+    "cached, ste, min_kept, fresh",
+    [
+        ({"ste": "psg", "min_kept": 4}, "psg", 4, True),
+        ({"ste": "psg"}, "psg", 4, False),  # trained before min_kept existed (0): stale
+        ({"ste": "psg"}, "psg", None, True),  # TWN: min_kept does not apply
+        ({"ste": "identity", "min_kept": 4}, "psg", 4, False),
+        ({"ste": "psg", "min_kept": 0}, "psg", 4, False),
+    ],
+)
+def test_a_cached_run_is_stale_once_a_library_default_changed(cached, ste, min_kept, fresh):
+    assert accuracy_size._same_recipe(cached, ste, min_kept) is fresh
+
+
+def test_flag_errors_name_the_problem(tmp_path):
+    with pytest.raises(app.UsageError, match=r"--rows: unknown \['ptq0.75'\]; known: \['float', 'qat'"):
+        accuracy_size.main(FLAGS(["prog", "--rows=ptq0.75", f"--work_dir={tmp_path}"]))
+    FLAGS.unparse_flags()
+    with pytest.raises(app.UsageError, match="--models: unknown model 'vgg'"):
+        accuracy_size.main(FLAGS(["prog", "--models=vgg", f"--work_dir={tmp_path}"]))
+    FLAGS.unparse_flags()
+    with pytest.raises(app.UsageError, match="--results_name: 'a/b' is not a file name"):
+        accuracy_size.main(FLAGS(["prog", "--results_name=a/b", f"--work_dir={tmp_path}"]))
+    FLAGS.unparse_flags()
+    with pytest.raises(app.UsageError, match=r"--cached_only: no cached float model of \['small_cnn'\]"):
+        accuracy_size.main(FLAGS(["prog", "--models=small_cnn", "--cached_only", f"--work_dir={tmp_path}",
+                                  f"--results_dir={tmp_path / 'results'}"]))  # fmt: skip
+    assert not os.path.exists(tmp_path / "results" / "accuracy_size.md")
+
+
+def test_results_files_record_the_command_without_this_machine_s_paths(monkeypatch, tmp_path):
+    from examples import common
+
+    root = _ROOT
+    monkeypatch.chdir(tmp_path)  # a worktree elsewhere, run with paths into this checkout
+    argv = [f"--work_dir={root}/out/bench/ablation", f"--results_dir={tmp_path}/results", "--seeds=3"]
+    assert common.command_line("benchmarks/ablation.py", argv) == (
+        "python benchmarks/ablation.py --work_dir=out/bench/ablation --results_dir=results --seeds=3"
+    )

@@ -1,0 +1,29 @@
+"""Models saved by earlier versions still load: a ternarized tf_keras ``.h5`` and a Keras 3 ``.keras`` file (conv,
+depthwise, separable and dense layers; a PolynomialDecay schedule, Taylor scores, a per-layer override), written
+by ptq_keras 0.1.0 before its modules moved into ``core`` and ``frontends``, with their outputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import ptq_keras
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "saved_v0.1")
+
+
+@pytest.mark.parametrize("flavor, ext", [("tf_keras", "h5"), ("keras3", "keras")])
+def test_models_saved_before_the_move_load_compute_the_same_and_train_on(flavor, ext):
+    x = np.load(os.path.join(DATA, "inputs.npy"))
+    model = ptq_keras.load_model(os.path.join(DATA, f"ternarized_{flavor}.{ext}"))
+    assert ptq_keras.is_ternarized(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.load(os.path.join(DATA, f"outputs_{flavor}.npy")),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    options = {r.name: r for r in ptq_keras.summary(model, print_fn=None).layers}
+    assert options["logits"].ternary and options["conv"].ternary
+    plain = ptq_keras.strip(model)
+    kernel = plain.get_layer("logits").kernel.numpy()
+    assert len(np.unique(np.abs(kernel[kernel != 0]))) == 1  # granularity="tensor" from the override
+    model.fit(x, np.zeros(len(x), "int64"), epochs=1, batch_size=8, verbose=0)  # the optimizer state came along
