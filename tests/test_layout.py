@@ -93,3 +93,20 @@ def test_library_messages_go_through_the_ptq_keras_logger_and_can_be_silenced(ca
         assert capsys.readouterr().out == ""
     finally:
         logger.setLevel(level)
+
+
+def test_every_package_is_installed():
+    """``setup.cfg`` lists each package (a wheel has only those): every folder of ``ptq_keras/`` and ``tflite/``
+    with an ``__init__.py``."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    listed = {name.strip() for name in config["options"]["packages"].split(",")}
+    found = set()
+    for top, package in (("ptq_keras", "ptq_keras"), ("tflite", "ptq_keras.tflite")):
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__init__.py" in files:
+                relative = os.path.relpath(folder, os.path.join(ROOT, top))
+                found.add(package if relative == "." else package + "." + relative.replace(os.sep, "."))
+    assert listed == found
