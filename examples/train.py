@@ -29,7 +29,6 @@ from examples.recipe import ENCODINGS, METHODS, TARGETS, Config, run, validate
 from ptq_keras import models
 from ptq_keras.core.options import DEFAULTS
 
-
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "small_cnn", sorted(models.MODELS), "Zoo model to build (ignored with --init_from).")
 flags.DEFINE_enum("method", "ptq", METHODS, "Compression method.")

@@ -26,7 +26,6 @@ from .frontends.activations import (  # noqa: F401
     tflite_requantize,
 )
 
-
 __all__ = ["ActivationQuantizer", "insert", "quantizers", "split_separables"]  # noqa: F822 - see __getattr__
 
 

@@ -16,8 +16,8 @@ import numpy as np
 from . import activations as act
 from . import fitting, frontends
 from .compat import check_keras_model, check_tensorflow_backend, is_keras3, keras3
-from .core import options as core_options
 from .core import log, schedules, ternary
+from .core import options as core_options
 from .core.layers import NAMES_TEXT, kernel_attributes
 from .frontends import is_batchnorm, is_ternary_wrapper
 

@@ -77,9 +77,8 @@ print(sorted(m for m in ("tf_keras", "tensorflow_model_optimization") if m in sy
 def test_library_messages_go_through_the_ptq_keras_logger_and_can_be_silenced(capsys):
     import logging
 
-    from ptq_keras import keras
-
     import ptq_keras
+    from ptq_keras import keras
 
     model = keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Conv2D(2, 3, name="stem"),
                               keras.layers.Flatten(), keras.layers.Dense(2, name="head")])  # fmt: skip

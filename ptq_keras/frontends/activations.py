@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 
-from .detect import is_keras3, keras3
 from ..core.int8 import (  # noqa: F401 - re-exported: the int8 arithmetic the quantizers use
     fake_quant,
     int8_params,
@@ -39,6 +38,7 @@ from ..core.int8 import (  # noqa: F401 - re-exported: the int8 arithmetic the q
     tflite_mean,
     tflite_requantize,
 )
+from .detect import is_keras3, keras3
 
 __all__ = ["QuantizerOptions", "is_activation_quantizer", "link", "quantizers", "split_separable"]
 

@@ -11,10 +11,10 @@ Keras 3 is imported here only; ``ptq_keras`` imports this module when it first m
 
 from __future__ import annotations
 
-from .. import activations as act
-from ..detect import keras3
 from ...core import layers
 from ...core.quantizer import KernelQuantizers
+from .. import activations as act
+from ..detect import keras3
 
 k3 = keras3()
 

@@ -4,9 +4,9 @@ frontend-neutral (:mod:`ptq_keras.activations`, :mod:`ptq_keras.core.int8`)."""
 
 from __future__ import annotations
 
+from ...core.int8 import fake_quant, range_update
 from .. import fresh_copy
 from ..activations import QuantizerOptions, _needs_quantizer, copy_weights, split_separable
-from ...core.int8 import fake_quant, range_update
 from . import keras, tf
 
 L = keras.layers
