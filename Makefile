@@ -82,7 +82,7 @@ fuzz: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) tools/function_length.py ptq_keras tflite
+	$(PY) tools/function_length.py ptq_keras
 
 clean:
 	rm -rf $(VENV) out runs *.egg-info

@@ -35,7 +35,7 @@ def test_no_function_is_over_sixty_lines_of_code(tmp_path):
     spec = importlib.util.spec_from_file_location("function_length", os.path.join(ROOT, "tools", "function_length.py"))
     checker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checker)
-    assert checker.long_functions([os.path.join(ROOT, "ptq_keras"), os.path.join(ROOT, "tflite")]) == []
+    assert checker.long_functions([os.path.join(ROOT, "ptq_keras")]) == []
     (tmp_path / "long.py").write_text("def f():\n    '''doc\n\n    more doc'''\n" + "    x = 1\n" * 60)
     assert [line.split(" ", 1)[1] for line in checker.long_functions([tmp_path])] == ["f (61 lines)"]  # doc not counted
     (tmp_path / "long.py").write_text("def f():\n    '''doc'''\n" + "    x = 1\n" * 59)
@@ -95,17 +95,15 @@ def test_library_messages_go_through_the_ptq_keras_logger_and_can_be_silenced(ca
 
 
 def test_every_package_is_installed():
-    """``setup.cfg`` lists each package (a wheel has only those): every folder of ``ptq_keras/`` and ``tflite/``
-    with an ``__init__.py``."""
+    """``setup.cfg`` lists each package (a wheel has only those): every folder of ``ptq_keras/`` with an
+    ``__init__.py``."""
     import configparser
 
     config = configparser.ConfigParser()
     config.read(os.path.join(ROOT, "setup.cfg"))
     listed = {name.strip() for name in config["options"]["packages"].split(",")}
     found = set()
-    for top, package in (("ptq_keras", "ptq_keras"), ("tflite", "ptq_keras.tflite")):
-        for folder, _, files in os.walk(os.path.join(ROOT, top)):
-            if "__init__.py" in files:
-                relative = os.path.relpath(folder, os.path.join(ROOT, top))
-                found.add(package if relative == "." else package + "." + relative.replace(os.sep, "."))
+    for folder, _, files in os.walk(os.path.join(ROOT, "ptq_keras")):
+        if "__init__.py" in files:
+            found.add(os.path.relpath(folder, ROOT).replace(os.sep, "."))
     assert listed == found
