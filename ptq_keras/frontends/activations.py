@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from ..core import layers
 from ..core.int8 import (  # noqa: F401 - re-exported: the int8 arithmetic the quantizers use
     fake_quant,
     int8_params,
@@ -52,7 +53,7 @@ _PASSTHROUGH = frozenset(
      "ActivationQuantizer"}
 )  # fmt: skip
 _GLOBAL_AVERAGE = frozenset({"GlobalAveragePooling1D", "GlobalAveragePooling2D"})
-_KERNEL_LAYERS = frozenset({"Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"})
+_KERNEL_LAYERS = frozenset(layers.NAMES)  # the quantizable layers (core.layers)
 
 
 def _is(layer, names) -> bool:

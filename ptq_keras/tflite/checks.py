@@ -173,7 +173,7 @@ def check_layers(model, target: str, encoding: str = "lut") -> list[str]:
     if not needs_ternary(target, encoding):
         return []
     from ptq_keras.activations import is_activation_quantizer
-    from ptq_keras.core.layers import kernel_attributes
+    from ptq_keras.core.layers import NAMES_TEXT, kernel_attributes
     from ptq_keras.frontends import is_batchnorm
 
     problems, ternary_layers = {}, 0
@@ -183,7 +183,7 @@ def check_layers(model, target: str, encoding: str = "lut") -> list[str]:
             if layer.weights and not (is_batchnorm(layer) or is_activation_quantizer(layer)):
                 raise ExportError(
                     f"layer {layer.name!r} ({type(layer).__name__}) has weights that target {target!r} cannot pack "
-                    "(packed targets store Dense, Conv1D, Conv2D, DepthwiseConv2D and SeparableConv2D kernels); "
+                    f"(packed targets store {NAMES_TEXT} kernels); "
                     "export target 'int8' instead, or replace the layer."
                 )
             continue
