@@ -80,7 +80,7 @@ fuzz: setup
 
 # ruff, the import contracts of pyproject.toml (import-linter) and the function length rule
 lint: setup
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check --no-cache .
 	$(VENV)/bin/lint-imports
 	$(PY) tools/function_length.py ptq_keras
 

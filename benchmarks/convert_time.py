@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from export_size import build  # noqa: E402
+
 from ptq_keras.tflite import decode, flatbuffer  # noqa: E402
 
 convert = importlib.import_module("ptq_keras.tflite.convert")  # the package re-exports a function `convert`

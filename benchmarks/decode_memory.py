@@ -19,10 +19,10 @@ import platform
 import time
 
 import numpy as np
-from ptq_keras.tflite import decode, flatbuffer, micro, split
 from tflite_micro import runtime
 
 from ptq_keras.compat import keras
+from ptq_keras.tflite import decode, flatbuffer, micro, split
 
 BOUNDS = (None, 65536, 16384, 4096)
 _trim = importlib.import_module("ptq_keras.tflite.convert").trim_for_tflm

@@ -25,11 +25,11 @@ import tempfile
 import time
 
 import numpy as np
-from ptq_keras.tflite import decode, flatbuffer
 from tflite_micro import __version__ as tflm_version
 from tflite_micro import runtime
 
 from ptq_keras.compat import keras, tf
+from ptq_keras.tflite import decode, flatbuffer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.common import cpu_name  # noqa: E402

@@ -27,10 +27,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ptq_keras.tflite import ethosu  # noqa: E402
-from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 from examples import common, recipe  # noqa: E402
+from ptq_keras.tflite import ethosu  # noqa: E402
+from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small_cnn", "ds_cnn"], "Models of ptq_keras.models.")

@@ -19,11 +19,11 @@ import tempfile
 import time
 
 import numpy as np
-from ptq_keras.tflite import flatbuffer
 from tflite_micro import __version__ as tflm_version
 
 import ptq_keras
 from ptq_keras.compat import keras, tf
+from ptq_keras.tflite import flatbuffer
 
 # The package re-exports the functions convert and verify under the names of their modules.
 ptq_convert = importlib.import_module("ptq_keras.tflite.convert")

@@ -33,6 +33,7 @@ import sys
 import time
 
 import numpy as np
+
 from ptq_keras.tflite import firmware, firmware_build, flatbuffer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 from examples import common  # noqa: E402
+from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small_cnn", "ds_cnn"], "Models (ptq_keras.models).")

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 from examples import common  # noqa: E402
+from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("budget", 40_000, "Flash budget of the micro file, bytes.", lower_bound=1)

@@ -122,9 +122,8 @@ def main(argv):
     }
 
     if FLAGS.export:
-        from ptq_keras.tflite import ethosu
-
         from ptq_keras import tflite as ptq_tflite
+        from ptq_keras.tflite import ethosu
 
         targets = list(FLAGS.targets)
         if "ethos-u" in targets and not ethosu.available():

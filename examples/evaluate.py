@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 import numpy as np
 from absl import app, flags
-from ptq_keras.tflite.flatbuffer import atomic_write
 
 from examples import common
+from ptq_keras.tflite.flatbuffer import atomic_write
 
 RUNTIMES = ("auto", "tflm", "litert")
 

@@ -16,8 +16,6 @@ import shutil
 import time
 
 import numpy as np
-from ptq_keras.tflite.convert import ENCODINGS, needs_ternary
-from ptq_keras.tflite.flatbuffer import atomic_write
 
 import ptq_keras
 from examples import common
@@ -25,6 +23,8 @@ from ptq_keras import keras, models
 from ptq_keras.compat import tf, tfmot
 from ptq_keras.core import options as ternarize_options
 from ptq_keras.core.options import DEFAULTS
+from ptq_keras.tflite.convert import ENCODINGS, needs_ternary
+from ptq_keras.tflite.flatbuffer import atomic_write
 
 METHODS = ("float", "ptq", "twn", "int8_ptq", "tfmot_qat", "tfmot_prune")
 TERNARY_METHODS = ("ptq", "twn")

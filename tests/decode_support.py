@@ -4,8 +4,9 @@ step by step (independent of the library's vectorized decoders), and tiny int8 m
 from __future__ import annotations
 
 import numpy as np
-from ptq_keras.tflite import encoders, flatbuffer
 from tflite_micro import runtime
+
+from ptq_keras.tflite import encoders, flatbuffer
 
 S = flatbuffer.schema
 

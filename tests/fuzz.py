@@ -75,6 +75,7 @@ def main() -> int:
 
     import fuzz_support
     import numpy as np
+
     from ptq_keras.tflite import flatbuffer
 
     sources = fuzz_support.exported_files()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import tflite_models as tm
-from ptq_keras.tflite import decode, flatbuffer
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, flatbuffer
 
 # (model, dense granularity, target, encoding): every target, every micro encoding, conv + depthwise + dense.
 SOURCES = (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ptq_keras.tflite import decode
 
 import ptq_keras
 from ptq_keras import budget, keras
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode
 
 L = keras.layers
 

@@ -14,10 +14,10 @@ import re
 
 import numpy as np
 import pytest
-from ptq_keras.tflite import flatbuffer
 
 import ptq_keras
 from ptq_keras import tflite
+from ptq_keras.tflite import flatbuffer
 
 FLAVORS = ("tf_keras", "keras3")
 
@@ -247,10 +247,9 @@ def test_export_micro_is_bit_exact_with_int8_on_tflm(trained, data, tmp_path):
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_precision_mixed_keeps_depthwise_and_stem_int8_and_the_rest_ternary(flavor, data, tmp_path):
-    from ptq_keras.tflite import decode
-
     from ptq_keras.core.layers import kernel_attributes
     from ptq_keras.frontends import is_ternary_wrapper
+    from ptq_keras.tflite import decode
 
     model = build(flavor)
     qmodel = ptq_keras.ternarize(model, sparsity=0.7, precision="mixed")
@@ -553,6 +552,7 @@ def test_ptq_convert_reads_a_keras3_file_and_meets_its_ram_budget(trained, data,
     if flavor != "keras3":
         pytest.skip("the .keras format holds Keras 3 models")
     from absl.testing import flagsaver
+
     from ptq_keras.tflite import cli
 
     path = str(tmp_path / "q.keras")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import decode, flatbuffer
-from ptq_keras.tflite.convert import trim_for_tflm
 
 import ptq_keras
 from ptq_keras import keras
 from ptq_keras import tflite as ptq_tflite
 from ptq_keras.core import ternary
+from ptq_keras.tflite import decode, flatbuffer
+from ptq_keras.tflite.convert import trim_for_tflm
 
 L = keras.layers
 

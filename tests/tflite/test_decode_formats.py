@@ -10,6 +10,7 @@ import pytest
 from decode_support import ref_huffman, ref_lut, ref_prune, runtime_decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from ptq_keras.tflite import encoders
 from ptq_keras.tflite.encoders import ChannelLayout, HuffmanEncoder, LutEncoder, PruneEncoder
 

@@ -14,9 +14,9 @@ import tflite_models as tm
 from decode_support import identity_fc_model, run_tflm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ptq_keras.tflite import decode, flatbuffer, groups, report
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, flatbuffer, groups, report
 
 verify_mod = importlib.import_module("ptq_keras.tflite.verify")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from decode_support import identity_fc_model, make_ternary, random_inputs, run_tflm, to_int8
-from ptq_keras.tflite import decode, flatbuffer
 
 from ptq_keras.compat import keras, tfmot
+from ptq_keras.tflite import decode, flatbuffer
 
 ENCODINGS = ["lut", "huffman", "prune", "auto"]
 

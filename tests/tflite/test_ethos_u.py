@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from ptq_keras.tflite import ethosu, report
 
 import ptq_keras
 from ptq_keras import keras, models
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import ethosu, report
 
 convert_mod = importlib.import_module("ptq_keras.tflite.convert")
 verify_mod = importlib.import_module("ptq_keras.tflite.verify")

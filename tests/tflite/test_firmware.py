@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import firmware, firmware_build, flatbuffer, micro
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import firmware, firmware_build, flatbuffer, micro
 
 INT8_OPS = {"CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "FULLY_CONNECTED"}
 

@@ -7,9 +7,9 @@ import fuzz_support
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ptq_keras.tflite import decode, flatbuffer
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, flatbuffer
 
 _FILES: list = []
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tflite_models as tm
 from decode_support import run_tflm
-from ptq_keras.tflite import decode, flatbuffer, slim
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, flatbuffer, slim
 
 convert_mod = importlib.import_module("ptq_keras.tflite.convert")
 S = flatbuffer.schema

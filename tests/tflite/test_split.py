@@ -8,10 +8,10 @@ import importlib
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import decode, flatbuffer, micro, split
 
 from ptq_keras import keras
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, flatbuffer, micro, split
 
 verify_mod = importlib.import_module("ptq_keras.tflite.verify")
 L = keras.layers

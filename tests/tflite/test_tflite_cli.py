@@ -12,6 +12,7 @@ import pytest
 import tflite_models as tm
 from absl import app
 from absl.testing import flagsaver
+
 from ptq_keras.tflite import cli
 
 

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import decode
 
 from ptq_keras import keras
 from ptq_keras import tflite as ptq_tflite
 from ptq_keras.compat import tf
+from ptq_keras.tflite import decode
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import encoders, flatbuffer
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import encoders, flatbuffer
 
 convert_mod = importlib.import_module("ptq_keras.tflite.convert")
 

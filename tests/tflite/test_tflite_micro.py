@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import tflite_models as tm
-from ptq_keras.tflite import decode, micro
 
 from ptq_keras import tflite as ptq_tflite
+from ptq_keras.tflite import decode, micro
 
 
 @pytest.fixture(scope="module")
