@@ -188,10 +188,12 @@ def _initial_model(cfg: Config, input_shape: tuple, num_classes: int) -> keras.M
     return model
 
 
-def _sparsity_schedule(cfg: Config, steps_per_epoch: int, frequency: int):
+def _sparsity_schedule(cfg: Config, steps_per_epoch: int, frequency: int, schedules=ptq_keras):
+    """The run's sparsity: a float, or with ``--ramp_epochs`` a ``PolynomialDecay`` of ``schedules`` (ptq_keras's for
+    the ternary methods, ``tfmot.sparsity.keras``'s for tfmot pruning: each accepts only its own classes)."""
     if cfg.ramp_epochs == 0:
         return cfg.sparsity
-    return ptq_keras.PolynomialDecay(
+    return schedules.PolynomialDecay(
         initial_sparsity=0.0,
         final_sparsity=cfg.sparsity,
         begin_step=0,
@@ -274,7 +276,7 @@ def training_model(cfg: Config, model: keras.Model, steps_per_epoch: int) -> ker
         return _tfmot_qat(model)
     if cfg.method == "tfmot_prune":
         frequency = max(1, min(100, cfg.ramp_epochs * steps_per_epoch // 20))
-        schedule = _sparsity_schedule(cfg, steps_per_epoch, frequency)
+        schedule = _sparsity_schedule(cfg, steps_per_epoch, frequency, schedules=tfmot.sparsity.keras)
         if not isinstance(schedule, tfmot.sparsity.keras.PruningSchedule):
             schedule = tfmot.sparsity.keras.ConstantSparsity(schedule, begin_step=0, frequency=frequency)
         return tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)

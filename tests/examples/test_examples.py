@@ -260,3 +260,18 @@ def test_train_distill_and_int8_activations(tmp_path, mock_data):
     with pytest.raises(app.UsageError, match="--distill needs"):
         FLAGS.unparse_flags()
         call_main(train, *QUICK, "--method=ptq", "--distill", f"--out_dir={tmp_path / 'x'}")
+
+
+@pytest.mark.parametrize("method", ["ptq", "tfmot_prune"])
+def test_ramped_sparsity_builds_each_methods_own_schedule(method):
+    """``--ramp_epochs`` gives each method a schedule of its own library (tfmot rejects ptq_keras's and back)."""
+    cfg = recipe.Config(method=method, sparsity=0.6, ramp_epochs=1, epochs=2)
+    model = models.mlp(input_shape=(6, 6, 2), num_classes=3, units=(8,))
+    wrapped = recipe.training_model(cfg, model, steps_per_epoch=10)
+    if method == "ptq":
+        assert any(row.ternary for row in ptq_keras.summary(wrapped, print_fn=None).layers)
+    else:
+        layer = next(layer for layer in wrapped.layers if hasattr(layer, "pruning_schedule"))
+        schedule = layer.pruning_schedule
+        assert isinstance(schedule, recipe.tfmot.sparsity.keras.PolynomialDecay)
+        assert (schedule.initial_sparsity, schedule.final_sparsity, schedule.end_step) == (0.0, 0.6, 10)
