@@ -7,15 +7,32 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench bench-all fuzz lint setup data clean firmware
+.PHONY: demo test test-slow test-matrix bench bench-all fuzz lint setup data clean firmware docs constraints
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# setup.cfg declares version ranges (what `pip install .` accepts); constraints.txt pins the exact versions
+# development and CI use (`make constraints` writes it from the venv).
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=64" wheel
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^ptq.keras'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+
+# One venv per supported TensorFlow minor version (tools/matrix/*.txt) in .venv-matrix/, each running a
+# representative subset of the tests; prints the matrix and writes docs/results/matrix.md (about 10 min per entry
+# on 2 cores, most of it the first install).
+test-matrix:
+	$(PYTHON) tools/test_matrix.py
+
+# The documentation site (MkDocs, Material, mkdocstrings) into out/site; --strict fails on any warning, broken links
+# and references included.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 data: $(FMNIST)
 
@@ -33,7 +50,7 @@ test: setup data
 test-slow: setup data
 	$(PY) -m pytest -q -m slow tests
 
-# The accuracy-vs-size table and plot over 3 seeds on small_cnn and ds_cnn (several hours on 2 cores: see README;
+# The accuracy-vs-size table and plot over 3 seeds on small_cnn and ds_cnn (several hours on 2 cores: see docs/results.md;
 # interrupted runs continue where they stopped) and the training step-time ratio.
 bench: setup data
 	$(PY) benchmarks/accuracy_size.py

@@ -27,6 +27,10 @@ and rewrites the table from every cached run asked for. Writes ``benchmarks/resu
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import datetime
 import json
 import os

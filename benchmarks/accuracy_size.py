@@ -21,6 +21,10 @@ interrupted benchmark continues where it stopped. Writes ``benchmarks/results/ac
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import dataclasses
 import datetime
 import json

@@ -15,6 +15,10 @@ Writes ``benchmarks/results/activations.md`` (``--quick``: into ``--work_dir``).
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import datetime
 import os
 import platform

@@ -10,6 +10,10 @@ Usage: python benchmarks/decode_memory.py [--output benchmarks/results/decode_me
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import argparse
 import datetime
 import importlib

@@ -15,6 +15,10 @@ Prints markdown and writes it to --output.
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import argparse
 import datetime
 import importlib

@@ -17,6 +17,10 @@ Training runs are cached in ``--work_dir``; a rerun only compiles. Writes ``benc
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import datetime
 import json
 import os

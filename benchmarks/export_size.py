@@ -10,6 +10,10 @@ Usage: python benchmarks/export_size.py [--output benchmarks/results/export_size
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import argparse
 import datetime
 import importlib

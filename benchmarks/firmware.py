@@ -23,6 +23,10 @@ Usage: python benchmarks/firmware.py [--inputs 100] [--only int8,lut] [--output 
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import argparse
 import datetime
 import hashlib

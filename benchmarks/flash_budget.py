@@ -13,6 +13,10 @@ Runs are cached in ``--work_dir``; writes ``benchmarks/results/flash_budget.md``
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import datetime
 import json
 import os

@@ -10,6 +10,10 @@ benchmarks/int8_inference_time.py``; writes ``benchmarks/results/int8_inference_
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import os
 import platform
 import statistics

@@ -10,6 +10,10 @@ groups of four weights) of the same shapes are in ``benchmarks/results/encodings
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import datetime
 import os
 import platform

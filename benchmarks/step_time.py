@@ -8,6 +8,10 @@ from other processes hits both alike, and the report gives the median time per s
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import os
 import platform
 import statistics

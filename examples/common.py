@@ -7,8 +7,9 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from ptq_keras import data
+from ptq_keras import data, quiet
 
+quiet.define_flag()
 flags.DEFINE_string("dataset", "fashion_mnist", "tensorflow-datasets name of an image classification dataset.")
 flags.DEFINE_string(
     "data_dir",

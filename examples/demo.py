@@ -7,17 +7,24 @@ and ``demo_results.json``.
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import json
 import os
 import platform
 import time
+import warnings
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 import ptq_keras
 from ptq_keras import keras
 
 FLAGS = flags.FLAGS
+quiet.define_flag()
 flags.DEFINE_integer("float_epochs", 6, "Epochs of float training.")
 flags.DEFINE_integer("ptq_epochs", 4, "Epochs of PTQ fine-tuning from the float model.")
 flags.DEFINE_float(
@@ -65,6 +72,11 @@ def _train(model, learning_rate, epochs, x, y, x_test, y_test) -> tuple[float, f
 def main(argv):
     del argv
     from ptq_keras import data, models
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # tfds' and SavedModel's INFO lines
+    # The demo writes .h5 on purpose (what ptq-convert and the firmware tests read); tf_keras calls it legacy.
+    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file", category=UserWarning)
 
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.out_dir, exist_ok=True)

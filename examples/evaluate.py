@@ -10,6 +10,10 @@ Images are fed as float in [0, 1]; an integer .tflite input is quantized with it
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import importlib
 import json
 import os

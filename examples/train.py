@@ -15,6 +15,10 @@ quantization-aware training); ``tfmot_prune`` (tfmot magnitude pruning, int8 at 
 
 from __future__ import annotations
 
+from ptq_keras import quiet
+
+quiet.for_script(__name__)  # TensorFlow's start-up lines off standard error unless --verbose (before it loads)
+
 import dataclasses
 import os
 import sys

@@ -16,6 +16,10 @@ if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from .core import versions as _versions  # noqa: E402
+
+_versions.check()  # a warning per package outside the supported versions, with the fix (metadata only)
+
 from .core.schedules import ConstantSparsity, PolynomialDecay  # noqa: E402
 from .distill import distill  # noqa: E402 - the function, not its module (both are named distill)
 

@@ -57,6 +57,12 @@ flags.DEFINE_string(
     "that much at a time (bounds the arena); 'auto': half the int8 file's arena, at least 16384; 'none': no split.",
     flag_values=FLAGS,
 )
+flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Keep TensorFlow's start-up log and notices on standard error (PTQ_VERBOSE=1 does the same).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer(
     "ram_budget",
     None,
@@ -253,7 +259,11 @@ def _verify_targets(model, result, check: np.ndarray) -> bool:
 
 
 def run() -> None:
-    """Console entry point ``ptq-convert``."""
+    """Console entry point ``ptq-convert``: TensorFlow's start-up lines filtered from standard error unless
+    ``--verbose`` (:mod:`ptq_keras.quiet`)."""
+    from .. import quiet
+
+    quiet.install()
     flags.FLAGS.append_flag_values(FLAGS)
     for flag in FLAGS.flags_by_module_dict().get(__name__, []):
         flags.FLAGS.register_flag_by_module(sys.argv[0], flag)  # listed by --help

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,7 +121,9 @@ def _converting(model):
     from ptq_keras.compat import is_keras3
 
     quiet = contextlib.redirect_stdout(io.StringIO()) if is_keras3(model) else contextlib.nullcontext()
-    with exporting(), quiet:
+    with exporting(), quiet, warnings.catch_warnings():
+        # The int8 input and output take their quantization from calibration, not from quantized_input_stats.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected", category=UserWarning)
         yield
 
 

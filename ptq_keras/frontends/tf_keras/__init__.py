@@ -12,6 +12,11 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ...core.versions import tf_keras_mismatch  # noqa: E402
+
+if tf_keras_mismatch():
+    raise ImportError(tf_keras_mismatch())
+
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
