@@ -344,6 +344,11 @@ def _markdown(by_model: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _elapsed(started: float) -> str:
+    minutes = (time.time() - started) / 60
+    return f"{minutes:.0f} min so far" if minutes < 120 else f"{minutes / 60:.1f} h so far"
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -372,6 +377,7 @@ def main(argv) -> None:
     x_train, _ = common.load_split("fashion_mnist", "train", None, limit)
     x_test, y_test = common.load_split("fashion_mnist", "test", None, limit)
     started = time.time()
+    done, total = 0, len(FLAGS.models) * FLAGS.seeds * len(specs)  # fine-tuned rows (cached ones count too)
     by_model = {}
     for model in FLAGS.models:
         runs: dict = {}
@@ -390,7 +396,8 @@ def main(argv) -> None:
             for spec in specs:
                 if FLAGS.cached_only and not _is_cached(model, seed, spec, os.path.join(seed_dir, spec[0])):
                     continue
-                common.log(f"{model} seed {seed}: {spec[1]}")
+                done += 1
+                common.log(f"{model} seed {seed}: {spec[1]} [row {done} of {total}, {_elapsed(started)}]")
                 res = _finetune_run(model, seed, spec, base["model"], os.path.join(seed_dir, spec[0]), x_test, y_test)
                 runs.setdefault(spec[:3], []).append(res)
         if runs:

@@ -29,9 +29,15 @@ _SOURCES = (
     "cudart_stub", "cuda_platform", "cuda_diagnostics", "cuda_executor", "cuda_driver", "cuda_dnn", "cuda_fft",
     "cuda_blas", "cpu_feature_guard", "port", "dso_loader", "computation_placer", "gpu_device", "gpu_timer",
 )  # fmt: skip
+# The two prefixes of TensorFlow's C++ log lines: absl's (``I0000 00:00:1796638433.758898   12514 file.cc:31] ``)
+# and TensorFlow's own, before absl's logging starts (``2026-12-07 10:40:46.590984: E external/.../file.cc:51] ``).
+_PREFIX = r"^(?:[IWEF]\d{4} [\d:.]+\s+\d+ |\d{4}-\d\d-\d\d [\d:.]+: [IWEF] (?:\S*/)?)"
 NOISE = [
     re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
-    re.compile(r"^[IWEF]\d{4} [\d:. ]+\s*\d+ (" + "|".join(_SOURCES) + r")\.cc:\d+\] "),
+    re.compile(_PREFIX + r"(" + "|".join(_SOURCES) + r")\.cc:\d+\] "),
+    # the converter's notices at every conversion (TensorFlow 2.19)
+    re.compile(_PREFIX + r"tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored (output_format|drop_control_dependency)\.$"),
+    re.compile(_PREFIX + r"mlir_graph_optimization_pass\.cc:\d+\] MLIR V1 optimization pass is not enabled"),
     re.compile(r"^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags"),
     re.compile(r"^.*TF-TRT Warning: Could not find TensorRT"),
     re.compile(r"^fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, output_inference_type: \w+"),

@@ -31,6 +31,14 @@ NOISE_LINES = [
     "E0000 00:00:1733.3   77 cuda_dnn.cc:8579] Unable to register cuDNN factory: Attempting to register factory for "
     "plugin cuDNN when one has already been registered",
     "W0000 00:00:1733.4   77 py_utils.cc:45] TF-TRT Warning: Could not find TensorRT",
+    "2026-12-07 10:52:22.252999: E external/local_xla/xla/stream_executor/cuda/cuda_fft.cc:467] Unable to register "
+    "cuFFT factory: Attempting to register factory for plugin cuFFT when one has already been registered",
+    "2026-12-07 10:52:24.992879: E external/local_xla/xla/stream_executor/cuda/cuda_platform.cc:51] failed call to "
+    "cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+    "W0000 00:00:1796640750.720411   24519 tf_tfl_flatbuffer_helpers.cc:365] Ignored output_format.",
+    "W0000 00:00:1796640750.723292   24519 tf_tfl_flatbuffer_helpers.cc:368] Ignored drop_control_dependency.",
+    "I0000 00:00:1796640750.741708   24519 mlir_graph_optimization_pass.cc:425] MLIR V1 optimization pass is not "
+    "enabled",
     "fully_quantize: 0, inference_type: 6, input_inference_type: INT8, output_inference_type: INT8",
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
 ]
@@ -38,10 +46,13 @@ KEPT_LINES = [
     "/x/convert.py:846: UserWarning: something a user should see",
     "Traceback (most recent call last):",
     "E0000 00:00:1733.5   77 op_kernel.cc:1857] OP_REQUIRES failed at conv_ops.cc: INVALID_ARGUMENT: bad shape",
+    "2026-12-07 10:52:22.1: E tensorflow/core/framework/op_kernel.cc:1857] OP_REQUIRES failed: bad shape",
+    "W0000 00:00:1796640750.7   24519 tf_tfl_flatbuffer_helpers.cc:365] Ignored output_format, and something else",
     "ValueError: fully_quantize is not a noise line when it is part of an error",
 ]
 # A line from TensorFlow's C++ logging (glog format) or absl's pre-initialization notice.
-CPP_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+\.cc:\d+\]|WARNING: All log messages before absl)", re.M)
+CPP_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+\.cc:\d+\]|\d{4}-\d\d-\d\d [\d:.]+: [IWEF] \S+\.cc:\d+\]"
+                      r"|WARNING: All log messages before absl)", re.M)
 
 
 @pytest.mark.parametrize("line", NOISE_LINES)

@@ -123,8 +123,14 @@ class _Runner:
         return np.array(self._litert.get_tensor(self.output["index"]))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        from tqdm.auto import tqdm
+
         shape = tuple(int(d) for d in self.input["shape"])
-        out = [self.invoke_one(self._quantize(sample[None]).reshape(shape)) for sample in np.asarray(x, np.float32)]
+        samples = np.asarray(x, np.float32)
+        # A progress bar on a terminal for long runs (a test set); none when standard error is not a terminal.
+        bar = tqdm(samples, desc=f"{self.runtime} inference", unit="sample", leave=False, disable=None,
+                   delay=2.0, mininterval=0.5)  # fmt: skip
+        out = [self.invoke_one(self._quantize(sample[None]).reshape(shape)) for sample in bar]
         return np.concatenate(out)
 
     def timed_invoke(self) -> float:

@@ -228,11 +228,12 @@ def test_tensor_table_matches_golden():
 
 def _comparable(table: dict, same_converter: bool) -> dict:
     """All of ``table`` under the TensorFlow that wrote the golden file; under another version the converter names
-    tensors differently, so names and the bytes they take (names, structure, file size) are left out."""
+    tensors differently and writes other metadata, so names and those bytes (names, metadata, structure, file size)
+    are left out."""
     if same_converter:
         return table
     tensors = [{k: v for k, v in t.items() if k != "name"} for t in table["tensors"]]
-    parts = {k: v for k, v in table["parts"].items() if k not in ("names", "structure", "file_bytes")}
+    parts = {k: v for k, v in table["parts"].items() if k not in ("names", "metadata", "structure", "file_bytes")}
     return {"ops": table["ops"], "tensors": tensors, "parts": parts}
 
 
