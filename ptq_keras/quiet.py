@@ -89,7 +89,7 @@ def install(verbose: bool | None = None) -> bool:
     when standard error has no file descriptor."""
     if verbose is None:
         verbose = verbose_requested()
-    if verbose or _state:
+    if verbose or _state or os.name == "nt":  # (select() on a pipe is POSIX: on Windows nothing is filtered)
         return False
     try:
         sys.stderr.flush()
