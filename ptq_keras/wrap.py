@@ -123,7 +123,8 @@ def ternarize(
         int8 (target ``micro`` leaves them plain int8); every other kernel is ternary (a tf_keras SeparableConv2D
         becomes its two halves, ``<name>_depthwise`` and ``<name>_pointwise``). Such kernels have few
         weights per output channel (9 for a 3x3 depthwise filter) and are a small share of a depthwise-separable
-        model's weights, but ternarizing them costs the most accuracy (README: depthwise models).
+        model's weights, but ternarizing them costs the most accuracy (docs/results.md: the defaults and the
+        related methods, over seeds).
       activations: ``None`` (activations stay float in training; the int8 export calibrates them) or ``"int8"``
         (8-bit activation fake-quantization where the int8 converter quantizes, with ranges learned in training
         and used by the export; see :mod:`ptq_keras.activations`).
