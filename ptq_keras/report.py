@@ -26,6 +26,8 @@ ACCOUNTINGS = ("fp32", "dense_2bit", "nnz_2bit", "entropy")
 
 @dataclass
 class LayerReport:
+    """One layer's row of :func:`summary`: its kernels' kind, sparsity, scales and size in each accounting."""
+
     name: str
     type: str
     params: int
@@ -42,6 +44,10 @@ class LayerReport:
 
 @dataclass
 class ModelReport:
+    """What :func:`summary` returns: a row per layer with weights, the totals and ratios per accounting
+    (``ACCOUNTINGS``: fp32, dense 2-bit, non-zeros 2-bit, entropy bound) and the estimated parts of a TFLite file;
+    ``to_text()`` is the table."""
+
     layers: list[LayerReport]
     totals_bytes: dict  # accounting -> bytes
     ratios: dict  # accounting -> fp32 bytes / bytes
