@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from absl import flags, logging
 
 from ptq_keras import data, quiet
+from ptq_keras.core.log import script_logger
 
 quiet.define_flag()
 flags.DEFINE_string("dataset", "fashion_mnist", "tensorflow-datasets name of an image classification dataset.")
@@ -47,8 +46,12 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+_PROGRESS = script_logger("examples")
+
+
 def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """A progress line ``[HH:MM:SS] message`` through the ``ptq_keras.examples`` logger (standard output)."""
+    _PROGRESS.info(message)
 
 
 def load_split(dataset: str, split: str, data_dir: str | None, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from absl import logging as absl_logging
 
 import ptq_keras
 from ptq_keras import keras
+from ptq_keras.core.log import script_logger
 
 FLAGS = flags.FLAGS
 quiet.define_flag()
@@ -48,8 +49,12 @@ flags.DEFINE_float("decay", 1e-3, "Strength of the discrepancy term of PTQ.")
 flags.DEFINE_bool("export", True, "Export .tflite files and verify them on the interpreters.")
 
 
+_PROGRESS = script_logger("demo", tag="demo")
+
+
 def _log(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """A progress line ``[demo HH:MM:SS] message`` through the ``ptq_keras.demo`` logger (standard output)."""
+    _PROGRESS.info(message)
 
 
 def _compile(model, learning_rate):

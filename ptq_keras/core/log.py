@@ -28,3 +28,16 @@ if not logger.handlers:
 
 def info(message: str) -> None:
     logger.info(message)
+
+
+def script_logger(name: str, tag: str = "") -> logging.Logger:
+    """The progress logger of a script: ``logging.getLogger("ptq_keras.<name>")``, lines ``[<tag> HH:MM:SS] <message>``
+    on standard output. A child of the package's logger, so ``logging.getLogger("ptq_keras").setLevel(...)``
+    silences the scripts' progress and the library's alike."""
+    child = logging.getLogger(f"ptq_keras.{name}")
+    if not child.handlers:
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter(f"[{tag + ' ' if tag else ''}%(asctime)s] %(message)s", "%H:%M:%S"))
+        child.addHandler(handler)
+        child.propagate = False  # its own format, not the package's "ptq_keras: " lines
+    return child

@@ -275,3 +275,23 @@ def test_ramped_sparsity_builds_each_methods_own_schedule(method):
         schedule = layer.pruning_schedule
         assert isinstance(schedule, recipe.tfmot.sparsity.keras.PolynomialDecay)
         assert (schedule.initial_sparsity, schedule.final_sparsity, schedule.end_step) == (0.0, 0.6, 10)
+
+
+def test_script_progress_goes_through_the_package_logger(capsys):
+    """The scripts' progress lines are ``[HH:MM:SS] message`` on standard output through ``ptq_keras.examples``,
+    and the package logger's level silences them with the library's lines."""
+    import logging
+    import re
+
+    from examples import common
+
+    common.log("epoch 1 of 4")
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] epoch 1 of 4\n", capsys.readouterr().out)
+    package = logging.getLogger("ptq_keras")
+    level = package.level
+    package.setLevel(logging.WARNING)
+    try:
+        common.log("hidden")
+    finally:
+        package.setLevel(level)
+    assert capsys.readouterr().out == ""
