@@ -401,4 +401,9 @@ def inspect(tflite) -> TensorTable:
                     "role": role,
                 }
             )
-    return TensorTable(label, len(buf), rows, ops, slim.breakdown(buf))
+    try:
+        parts = slim.breakdown(buf)
+    except (TypeError, IndexError, AttributeError) as exc:  # an operator without inputs or outputs, a bad index
+        message = f"{label}: damaged file, operators that do not fit its tensors ({exc})"
+        raise flatbuffer.FlatbufferError(message) from exc
+    return TensorTable(label, len(buf), rows, ops, parts)

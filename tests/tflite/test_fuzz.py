@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fuzz_support
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ptq_keras import tflite as ptq_tflite
@@ -33,6 +33,7 @@ edit = st.tuples(st.integers(0, 3), st.integers(0, 2**20), st.integers(-(2**31),
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(source=st.integers(0, len(fuzz_support.SOURCES) - 1), edits=st.lists(edit, min_size=1, max_size=5))
+@example(source=0, edits=[(1, 11266, 1)])  # an operator that lost its outputs vector (the size breakdown)
 def test_damaged_files_parse_or_raise_flatbuffer_error(source, edits):
     _, buf = _FILES[source]
     damaged = fuzz_support.mutate(buf, edits)
