@@ -16,12 +16,7 @@ SUPPORTED = {
     "tensorflow-model-optimization": ((0, 8), (0, 9)),
     "numpy": ((1, 26), (3, 0)),
 }
-PIP_RANGES = {
-    "tensorflow": '"tensorflow>=2.19,<2.22"',
-    "tf-keras": '"tf-keras>=2.19,<2.22"',
-    "tensorflow-model-optimization": '"tensorflow-model-optimization>=0.8,<0.9"',
-    "numpy": '"numpy>=1.26,<3"',
-}
+
 
 
 class VersionWarning(UserWarning):
@@ -51,7 +46,7 @@ def unsupported() -> list[str]:
         if parsed is not None and not low <= parsed < high:
             problems.append(
                 f"{name} {version} is outside the versions ptq_keras supports ({_range(low, high)}); "
-                f"fix: pip install {PIP_RANGES[name]}"
+                f'fix: pip install "{name}>={low[0]}.{low[1]},<{high[0]}.{high[1]}"'
             )
     return problems
 

@@ -14,8 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ...core.versions import tf_keras_mismatch  # noqa: E402
 
-if tf_keras_mismatch():
-    raise ImportError(tf_keras_mismatch())
+_mismatch = tf_keras_mismatch()
+if _mismatch:
+    raise ImportError(_mismatch)
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
