@@ -13,6 +13,7 @@ file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the base
     .venv/bin/python benchmarks/accuracy_size.py                                 # three models, seeds 0 1 2
     .venv/bin/python benchmarks/accuracy_size.py --models=small_cnn --seeds=1
     .venv/bin/python benchmarks/accuracy_size.py --quick                         # smoke run, minutes
+    .venv/bin/python benchmarks/accuracy_size.py --models=ds_cnn --only_seeds=2 --results_name=ds_cnn_seed2
 
 Every finished run is cached (``--work_dir/<model>/seed<N>/<row>/``); a rerun trains only what is missing, so an
 interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md``, ``.json`` and ``.png``
@@ -45,6 +46,8 @@ from ptq_keras.tflite.flatbuffer import atomic_write  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small_cnn", "ds_cnn", "ds_resnet"], "Models of ptq_keras.models.")
 flags.DEFINE_integer("seeds", 3, "Number of seeds (0 .. N-1).", lower_bound=1)
+flags.DEFINE_list("only_seeds", None, "Only these of the seeds 0 .. N-1 (one model's seeds split between processes, "
+                  "e.g. one per core, each with its own --results_name; then --cached_only renders them all).")
 flags.DEFINE_bool("quick", False, "Smoke run: 2048 examples per split, one epoch each; numbers are not meaningful.")
 flags.DEFINE_integer("float_epochs", 6, "Epochs of the float model every row starts from.", lower_bound=1)
 flags.DEFINE_integer("finetune_epochs", 4, "Epochs every compressed row fine-tunes.", lower_bound=1)
@@ -349,6 +352,20 @@ def _elapsed(started: float) -> str:
     return f"{minutes:.0f} min so far" if minutes < 120 else f"{minutes / 60:.1f} h so far"
 
 
+def seed_list(seeds: int, only) -> list[int]:
+    """The seeds to run: ``0 .. seeds-1``, or those of ``only`` (``--only_seeds``), in order."""
+    if not only:
+        return list(range(seeds))
+    try:
+        chosen = sorted({int(s) for s in only})
+    except ValueError:
+        raise app.UsageError(f"--only_seeds: {only} are not all integers (e.g. --only_seeds=0,2).") from None
+    outside = [s for s in chosen if not 0 <= s < seeds]
+    if outside:
+        raise app.UsageError(f"--only_seeds: {outside} outside 0 .. {seeds - 1}; raise --seeds or drop them.")
+    return chosen
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -363,6 +380,7 @@ def main(argv) -> None:
             raise app.UsageError(f"--models: unknown model {model!r}; choose from {sorted(models.MODELS)}.")
     if not FLAGS.results_name or os.sep in FLAGS.results_name:
         raise app.UsageError(f"--results_name: {FLAGS.results_name!r} is not a file name (e.g. accuracy_size_ds_cnn).")
+    seeds = seed_list(FLAGS.seeds, FLAGS.only_seeds)
     specs = _row_specs()
     keys = ["float"] + [s[0] for s in specs]
     if FLAGS.rows:
@@ -377,11 +395,11 @@ def main(argv) -> None:
     x_train, _ = common.load_split("fashion_mnist", "train", None, limit)
     x_test, y_test = common.load_split("fashion_mnist", "test", None, limit)
     started = time.time()
-    done, total = 0, len(FLAGS.models) * FLAGS.seeds * len(specs)  # fine-tuned rows (cached ones count too)
+    done, total = 0, len(FLAGS.models) * len(seeds) * len(specs)  # fine-tuned rows (cached ones count too)
     by_model = {}
     for model in FLAGS.models:
         runs: dict = {}
-        for seed in range(FLAGS.seeds):
+        for seed in seeds:
             seed_dir = os.path.join(work, model, f"seed{seed}")
             if FLAGS.cached_only and not os.path.exists(os.path.join(seed_dir, "float", "bench.json")):
                 common.log(f"{model} seed {seed}: no cached float model; skipped (--cached_only)")

@@ -92,6 +92,15 @@ def test_flag_errors_name_the_problem(tmp_path):
     assert not os.path.exists(tmp_path / "results" / "accuracy_size.md")
 
 
+def test_only_seeds_picks_a_subset_and_rejects_seeds_outside_the_range():
+    assert accuracy_size.seed_list(3, None) == [0, 1, 2]
+    assert accuracy_size.seed_list(3, ["2", "0", "2"]) == [0, 2]
+    with pytest.raises(app.UsageError, match=r"--only_seeds: \[3\] outside 0 .. 2; raise --seeds"):
+        accuracy_size.seed_list(3, ["1", "3"])
+    with pytest.raises(app.UsageError, match="--only_seeds: .* not all integers"):
+        accuracy_size.seed_list(3, ["one"])
+
+
 def test_results_files_record_the_command_without_this_machine_s_paths(monkeypatch, tmp_path):
     from examples import common
 
