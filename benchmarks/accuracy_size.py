@@ -62,6 +62,8 @@ flags.DEFINE_list("identity_sparsities", [],
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
 flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
                   "how many seeds it has).")
+flags.DEFINE_bool("update_readme", False, "Also write the headline table (the part of the results between the README's "
+                  "headline markers) into README.md.")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
 flags.DEFINE_string("results_dir", "benchmarks/results", "Where accuracy_size.md and .png go (--quick: --work_dir).")
 flags.DEFINE_string("results_name", "accuracy_size", "File name of the results: <results_name>.md, .json and .png.")
@@ -337,6 +339,7 @@ def _markdown(by_model: dict, meta: dict) -> str:
         else:
             lines.append("No baseline file is both no larger than a PTQ file and more accurate beyond one sd.")
         lines.append("")
+    lines += ["## The README's table", "", *headline(by_model, meta.get("parameters", {})), ""]
     lines += [
         "- bits/weight: weight payload bits of the file per weight (scales, biases and the flatbuffer structure "
         "are in the file bytes, not here). TFLM arena: seed 0's file (decoded TFLM_DECODE weights live in it).",
@@ -345,6 +348,61 @@ def _markdown(by_model: dict, meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# The README's table: (key, file target, label) per row, PTQ rows in bold.
+HEADLINE_ROWS = (
+    ("float", "fp32", "float32 .tflite"),
+    ("int8", "int8", "int8, post-training"),
+    ("prune0.7", "micro", "tfmot pruning 0.7, entropy-coded `micro`"),
+    ("ptq0.5", "micro", "PTQ 0.5, `micro`"),
+    ("ptq0.7", "micro", "PTQ 0.7, `micro`"),
+    ("ptq0.7_mixed", "micro", "PTQ 0.7, `precision=\"mixed\"`, `micro`"),
+    ("ptq0.85_mixed", "micro", "PTQ 0.85, `precision=\"mixed\"`, `micro`"),
+    ("ptq0.9", "micro", "PTQ 0.9, `micro`"),
+)
+README_MARKERS = ("<!-- headline table: benchmarks/accuracy_size.py --cached_only --update_readme -->",
+                  "<!-- end of headline table -->")  # fmt: skip
+
+
+def headline(by_model: dict, parameters: dict) -> list[str]:
+    """The README's table from the results (``{model: points}``): the rows of :data:`HEADLINE_ROWS` each model
+    has, with its bytes, ratio to fp32, TFLM accuracy (mean +- sd) and difference to float."""
+    lines = ["| model | file | bytes | smaller than fp32 | TFLM accuracy % | vs float |", "|---|---|---|---|---|---|"]
+    for model, points in by_model.items():
+        by_key = {(p["key"], p["target"]): p for p in points}
+        fp32 = next((p for p in points if p["kind"] == "float"), None)
+        if fp32 is None:
+            continue
+        name = f"`{model}` ({parameters[model] / 1000:.0f}k parameters)" if model in parameters else f"`{model}`"
+        for key, target, label in HEADLINE_ROWS:
+            p = by_key.get((key, target))
+            if p is None:
+                continue
+            accuracy = _fmt(p["accuracy"], p["sd"]).replace("±", "+-")
+            ratio, delta = fp32["bytes"] / p["bytes"], p["accuracy"] - fp32["accuracy"]
+            cells = [label, f"{p['bytes']:,.0f}", f"{ratio:.1f}x", accuracy, f"{delta:+.2f}"]
+            if p["kind"] == "ptq":
+                cells = [f"**{c}**" for c in cells]
+            lines.append(f"| {name} | ".replace("|  |", "| |") + " | ".join(cells) + " |")
+            name = ""
+    return lines
+
+
+def replace_headline(readme: str, table: list[str]) -> str:
+    """``readme`` with the lines between :data:`README_MARKERS` replaced by ``table``."""
+    start, end = README_MARKERS
+    if start not in readme or end not in readme:
+        raise ValueError(f"README.md has no headline markers ({start!r} ... {end!r}): put them around its table.")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + start + "\n\n" + "\n".join(table) + "\n\n" + end + tail
+
+
+def _parameters(names) -> dict:
+    from ptq_keras import models
+
+    return {name: int(models.MODELS[name]().count_params()) for name in names}
 
 
 def _elapsed(started: float) -> str:
@@ -381,6 +439,13 @@ def main(argv) -> None:
     if not FLAGS.results_name or os.sep in FLAGS.results_name:
         raise app.UsageError(f"--results_name: {FLAGS.results_name!r} is not a file name (e.g. accuracy_size_ds_cnn).")
     seeds = seed_list(FLAGS.seeds, FLAGS.only_seeds)
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    if FLAGS.update_readme:
+        with open(readme, encoding="utf-8") as f:
+            try:
+                replace_headline(f.read(), [])
+            except ValueError as e:
+                raise app.UsageError(f"--update_readme: {e}") from None
     specs = _row_specs()
     keys = ["float"] + [s[0] for s in specs]
     if FLAGS.rows:
@@ -437,10 +502,16 @@ def main(argv) -> None:
         "results_name": FLAGS.results_name,
     }
     name = FLAGS.results_name
+    meta["parameters"] = _parameters(by_model)
     md_path = os.path.join(results_dir, f"{name}.md")
     atomic_write(md_path, _markdown(by_model, meta).encode())
     atomic_write(os.path.join(results_dir, f"{name}.json"),
                  json.dumps({"meta": meta, "points": by_model}, indent=1).encode())  # fmt: skip
+    if FLAGS.update_readme:
+        with open(readme, encoding="utf-8") as f:
+            text = replace_headline(f.read(), headline(by_model, meta["parameters"]))
+        atomic_write(readme, text.encode())
+        common.log(f"updated the headline table of {readme}")
     _plot(by_model, os.path.join(results_dir, f"{name}.png"), f"Fashion-MNIST, {meta['date']}")
     common.log(f"wrote {md_path}, {name}.json and {name}.png")
     print(open(md_path).read())

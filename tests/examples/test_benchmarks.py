@@ -4,6 +4,7 @@ beats, the Pareto front, when a cached run is stale, and its flag errors (no tra
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -110,3 +111,31 @@ def test_results_files_record_the_command_without_this_machine_s_paths(monkeypat
     assert common.command_line("benchmarks/ablation.py", argv) == (
         "python benchmarks/ablation.py --work_dir=out/bench/ablation --results_dir=results --seeds=3"
     )
+
+
+def test_the_readme_table_is_the_headline_of_the_committed_results():
+    with open(os.path.join(_ROOT, "benchmarks", "results", "accuracy_size.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = accuracy_size.headline(results["points"], results["meta"].get("parameters", {}))
+    assert accuracy_size.replace_headline(readme, table) == readme, (
+        "README.md's table differs from benchmarks/results/accuracy_size.json: rerun "
+        "benchmarks/accuracy_size.py --cached_only --update_readme"
+    )
+
+
+def test_headline_bolds_ptq_rows_skips_missing_ones_and_needs_the_markers():
+    points = [_point("float", "float32", 80_000, 89.0, 0.1, "fp32"), _point("ptq", "PTQ 0.7", 16_000, 88.5, 0.3),
+              _point("prune", "pruning", 20_000, 88.0, 0.4)]  # fmt: skip
+    for p, key in zip(points, ["float", "ptq0.7", "prune0.9"]):
+        p["key"] = key  # prune0.9 is not a headline row
+    table = accuracy_size.headline({"ds_cnn": points}, {"ds_cnn": 22_218})
+    assert table[2:] == [
+        "| `ds_cnn` (22k parameters) | float32 .tflite | 80,000 | 1.0x | 89.00 +- 0.10 | +0.00 |",
+        "| | **PTQ 0.7, `micro`** | **16,000** | **5.0x** | **88.50 +- 0.30** | **-0.50** |",
+    ]
+    start, end = accuracy_size.README_MARKERS
+    assert accuracy_size.replace_headline(f"a\n{start}\nold\n{end}\nb", ["new"]) == f"a\n{start}\n\nnew\n\n{end}\nb"
+    with pytest.raises(ValueError, match="README.md has no headline markers"):
+        accuracy_size.replace_headline("no table here", table)
