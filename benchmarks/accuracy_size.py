@@ -14,6 +14,7 @@ file with ``encoding="auto"`` (PRUNE or Huffman coded int8 weights), so the base
     .venv/bin/python benchmarks/accuracy_size.py --models=small_cnn --seeds=1
     .venv/bin/python benchmarks/accuracy_size.py --quick                         # smoke run, minutes
     .venv/bin/python benchmarks/accuracy_size.py --models=ds_cnn --only_seeds=2 --results_name=ds_cnn_seed2
+    .venv/bin/python benchmarks/accuracy_size.py --jobs=2                        # one process per core
 
 Every finished run is cached (``--work_dir/<model>/seed<N>/<row>/``); a rerun trains only what is missing, so an
 interrupted benchmark continues where it stopped. Writes ``benchmarks/results/accuracy_size.md``, ``.json`` and ``.png``
@@ -62,6 +63,9 @@ flags.DEFINE_list("identity_sparsities", [],
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
 flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
                   "how many seeds it has).")
+flags.DEFINE_integer("jobs", 1, "Train in this many processes, each pinned to one CPU core with one TensorFlow "
+                     "thread, one (model, seed) at a time, the slowest first; then render the cache as --cached_only "
+                     "does (each process logs to <work_dir>/<model>/seed<N>/log.txt).", lower_bound=1)
 flags.DEFINE_bool("update_readme", False, "Also write the headline table (the part of the results between the README's "
                   "headline markers) into README.md.")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
@@ -405,6 +409,66 @@ def _parameters(names) -> dict:
     return {name: int(models.MODELS[name]().count_params()) for name in names}
 
 
+# Relative time of one row on a CPU core (depthwise convolutions train slowly there): the slowest pieces go first.
+_ROW_COST = {"ds_cnn": 3.0, "ds_resnet": 2.0}
+# The flags a --jobs process gets from its parent (the others it is given per piece).
+_FORWARDED = ("float_epochs", "finetune_epochs", "ptq_sparsities", "prune_sparsities", "mixed_sparsities",
+              "variant_sparsity", "identity_sparsities", "rows", "quick", "work_dir")  # fmt: skip
+
+
+def pieces(models: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(model, seed) pieces of a ``--jobs`` run, the slowest model first, seeds in order within a model."""
+    ranked = sorted(models, key=lambda m: -_ROW_COST.get(m, 1.0))
+    return [(m, s) for m in ranked for s in seeds]
+
+
+def _piece_command(model: str, seed: int, parts_dir: str) -> list[str]:
+    forwarded = [FLAGS[name].serialize() for name in _FORWARDED if FLAGS[name].present]
+    verbose = ["--verbose"] if quiet.verbose_requested(sys.argv) else []
+    return [sys.executable, os.path.abspath(__file__), *forwarded, *verbose, f"--models={model}",
+            f"--seeds={FLAGS.seeds}", f"--only_seeds={seed}", f"--results_name={model}_seed{seed}",
+            f"--results_dir={parts_dir}"]  # fmt: skip
+
+
+def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int) -> None:
+    """Train every piece in its own process, ``jobs`` at a time, each pinned to one core (round robin over the
+    cores this process may use) with one TensorFlow thread. Raises if a piece fails (its log names why)."""
+    import concurrent.futures
+    import subprocess
+    import threading
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    free = list(range(jobs))
+    lock = threading.Lock()
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
+
+    def one(piece):
+        model, seed = piece
+        with lock:
+            slot = free.pop(0)
+        log_path = os.path.join(work, model, f"seed{seed}", "log.txt")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        common.log(f"{model} seed {seed}: started in process slot {slot} (log: {log_path})")
+        try:
+            with open(log_path, "a") as log:
+                child = subprocess.Popen(_piece_command(model, seed, os.path.join(work, "parts")), stdout=log,
+                                         stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                if cores:  # before TensorFlow starts its threads, which inherit it
+                    os.sched_setaffinity(child.pid, {cores[slot % len(cores)]})
+                rc = child.wait()
+        finally:
+            with lock:
+                free.append(slot)
+        common.log(f"{model} seed {seed}: " + ("done" if rc == 0 else f"FAILED (exit {rc}; see {log_path})"))
+        return piece, rc
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        failed = [piece for piece, rc in pool.map(one, todo) if rc != 0]
+    if failed:
+        raise RuntimeError(f"--jobs: {len(failed)} piece(s) failed: {failed}; their logs are in {work}/<model>/"
+                           "seed<N>/log.txt; a rerun trains only what is not cached.")  # fmt: skip
+
+
 def _elapsed(started: float) -> str:
     minutes = (time.time() - started) / 60
     return f"{minutes:.0f} min so far" if minutes < 120 else f"{minutes / 60:.1f} h so far"
@@ -438,6 +502,7 @@ def main(argv) -> None:
             raise app.UsageError(f"--models: unknown model {model!r}; choose from {sorted(models.MODELS)}.")
     if not FLAGS.results_name or os.sep in FLAGS.results_name:
         raise app.UsageError(f"--results_name: {FLAGS.results_name!r} is not a file name (e.g. accuracy_size_ds_cnn).")
+    started = time.time()
     seeds = seed_list(FLAGS.seeds, FLAGS.only_seeds)
     readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
     if FLAGS.update_readme:
@@ -454,12 +519,14 @@ def main(argv) -> None:
             raise app.UsageError(f"--rows: unknown {unknown}; known: {keys}")
         specs = [s for s in specs if s[0] in FLAGS.rows]
     work = FLAGS.work_dir + ("_quick" if FLAGS.quick else "")
+    if FLAGS.jobs > 1 and not FLAGS.cached_only:
+        run_pieces(pieces(FLAGS.models, seeds), work, FLAGS.jobs)
+        FLAGS.cached_only = True  # the table, from what the processes cached
     results_dir = work if FLAGS.quick else FLAGS.results_dir  # smoke results stay out of the record
     os.makedirs(results_dir, exist_ok=True)
     limit = 2048 if FLAGS.quick else None
     x_train, _ = common.load_split("fashion_mnist", "train", None, limit)
     x_test, y_test = common.load_split("fashion_mnist", "test", None, limit)
-    started = time.time()
     done, total = 0, len(FLAGS.models) * len(seeds) * len(specs)  # fine-tuned rows (cached ones count too)
     by_model = {}
     for model in FLAGS.models:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 from absl import app, flags
@@ -139,3 +140,25 @@ def test_headline_bolds_ptq_rows_skips_missing_ones_and_needs_the_markers():
     assert accuracy_size.replace_headline(f"a\n{start}\nold\n{end}\nb", ["new"]) == f"a\n{start}\n\nnew\n\n{end}\nb"
     with pytest.raises(ValueError, match="README.md has no headline markers"):
         accuracy_size.replace_headline("no table here", table)
+
+
+def test_jobs_pieces_put_the_slowest_model_first_and_forward_only_the_flags_given(tmp_path):
+    expected = [("ds_cnn", 0), ("ds_cnn", 2), ("ds_resnet", 0), ("ds_resnet", 2), ("small_cnn", 0), ("small_cnn", 2)]
+    assert accuracy_size.pieces(["small_cnn", "ds_resnet", "ds_cnn"], [0, 2]) == expected
+    FLAGS(["prog", "--jobs=2", "--finetune_epochs=2", "--ptq_sparsities=0.5,0.9", "--update_readme",
+           f"--work_dir={tmp_path}"])  # fmt: skip
+    command = accuracy_size._piece_command("ds_cnn", 1, str(tmp_path / "parts"))
+    assert command[2:] == ["--finetune_epochs=2", "--ptq_sparsities=0.5,0.9", f"--work_dir={tmp_path}",
+                           "--models=ds_cnn", "--seeds=3", "--only_seeds=1", "--results_name=ds_cnn_seed1",
+                           f"--results_dir={tmp_path / 'parts'}"]  # fmt: skip
+
+
+def test_jobs_run_each_piece_pinned_to_one_core_and_report_failures(monkeypatch, tmp_path):
+    script = ("import os, sys; print(os.environ['TF_NUM_INTRAOP_THREADS'], len(os.sched_getaffinity(0)), "
+              "flush=True); sys.exit(3 if sys.argv[1] == 'bad' else 0)")  # fmt: skip
+    monkeypatch.setattr(accuracy_size, "_piece_command", lambda m, s, d: [sys.executable, "-c", script, m])
+    accuracy_size.run_pieces([("good", 0), ("good", 1), ("good", 2)], str(tmp_path), 2)
+    for seed in range(3):
+        assert (tmp_path / "good" / f"seed{seed}" / "log.txt").read_text().split() == ["1", "1"]
+    with pytest.raises(RuntimeError, match=r"--jobs: 1 piece\(s\) failed: \[\('bad', 0\)\]"):
+        accuracy_size.run_pieces([("good", 0), ("bad", 0)], str(tmp_path), 2)
