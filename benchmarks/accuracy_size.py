@@ -229,8 +229,26 @@ def _points(model: str, runs: dict) -> list[dict]:
                 "bits_per_weight": float(np.mean([f["bits_per_weight"] for f in files])),
                 "arena_bytes": files[0]["arena_bytes"],
                 "per_seed": [100 * f["accuracy"] for f in files],
+                "seed_ids": [r.get("seed") for r in results],
             })  # fmt: skip
     return points
+
+
+def paired(point: dict, reference: dict) -> tuple[float, float]:
+    """Mean and sd over the seeds both have of ``point``'s accuracy minus ``reference``'s on the same seed (nan
+    when they share no seed or the points predate per-seed ids)."""
+    ref = dict(zip(reference.get("seed_ids", []), reference["per_seed"]))
+    diffs = [a - ref[s] for s, a in zip(point.get("seed_ids", []), point["per_seed"]) if s is not None and s in ref]
+    return _mean_sd(diffs) if diffs else (float("nan"), float("nan"))
+
+
+def vs_float(point: dict, reference: dict) -> str:
+    """The "vs float" cell: the paired difference (mean +- sd over seeds), or the difference of the means for
+    results without per-seed ids."""
+    mean, sd = paired(point, reference)
+    if np.isnan(mean):
+        return f"{point['accuracy'] - reference['accuracy']:+.2f}"
+    return f"{mean:+.2f}" + ("" if np.isnan(sd) else f" ± {sd:.2f}")
 
 
 def dominated(points: list[dict]) -> list[tuple[dict, dict]]:
@@ -315,8 +333,8 @@ def _markdown(by_model: dict, meta: dict) -> str:
         "",
     ]
     for model, points in by_model.items():
-        float_acc = next(p["accuracy"] for p in points if p["kind"] == "float")
-        fp32 = next(p["bytes"] for p in points if p["kind"] == "float")
+        reference = next(p for p in points if p["kind"] == "float")
+        fp32 = reference["bytes"]
         lines += [
             f"## {model}",
             "",
@@ -328,7 +346,7 @@ def _markdown(by_model: dict, meta: dict) -> str:
             target = p["target"] + (f" ({', '.join(p['encodings'])})" if p["encodings"] else "")
             lines.append(
                 f"| {p['label']} | {target} | {p['seeds']} | {p['bytes']:,.0f} | {fp32 / p['bytes']:.1f}x "
-                f"| {p['bits_per_weight']:.2f} | {_fmt(p['accuracy'], p['sd'])} | {p['accuracy'] - float_acc:+.2f} "
+                f"| {p['bits_per_weight']:.2f} | {_fmt(p['accuracy'], p['sd'])} | {vs_float(p, reference)} "
                 f"| {_fmt(p['keras_accuracy'], p['keras_sd'])} | {p['arena_bytes'] or '-'} |"
             )
         beaten = dominated(points)
@@ -345,6 +363,8 @@ def _markdown(by_model: dict, meta: dict) -> str:
         lines.append("")
     lines += ["## The README's table", "", *headline(by_model, meta.get("parameters", {})), ""]
     lines += [
+        "- vs float: per seed, the file's TFLM accuracy minus the float model's of the same seed; mean ± sd over "
+        "the seeds (the spread of a paired difference, smaller than the rows' own).",
         "- bits/weight: weight payload bits of the file per weight (scales, biases and the flatbuffer structure "
         "are in the file bytes, not here). TFLM arena: seed 0's file (decoded TFLM_DECODE weights live in it).",
         f"- Plot: `{meta['results_name']}.png` (TFLM accuracy against file bytes, error bars one sd, Pareto front of "
@@ -384,8 +404,8 @@ def headline(by_model: dict, parameters: dict) -> list[str]:
             if p is None:
                 continue
             accuracy = _fmt(p["accuracy"], p["sd"]).replace("±", "+-")
-            ratio, delta = fp32["bytes"] / p["bytes"], p["accuracy"] - fp32["accuracy"]
-            cells = [label, f"{p['bytes']:,.0f}", f"{ratio:.1f}x", accuracy, f"{delta:+.2f}"]
+            delta = vs_float(p, fp32).replace("±", "+-")
+            cells = [label, f"{p['bytes']:,.0f}", f"{fp32['bytes'] / p['bytes']:.1f}x", accuracy, delta]
             if p["kind"] == "ptq":
                 cells = [f"**{c}**" for c in cells]
             lines.append(f"| {name} | ".replace("|  |", "| |") + " | ".join(cells) + " |")
@@ -539,9 +559,11 @@ def main(argv) -> None:
             common.log(f"{model} seed {seed}: float model")
             base = _float_run(model, seed, os.path.join(seed_dir, "float"), x_test, y_test)
             float_files = base["files"]
-            runs.setdefault(("float", "float32", "float"), []).append({**base, "files": {"fp32": float_files["fp32"]}})
+            runs.setdefault(("float", "float32", "float"), []).append(
+                {**base, "seed": seed, "files": {"fp32": float_files["fp32"]}}
+            )
             runs.setdefault(("int8", "int8 post-training", "int8"), []).append(
-                {**base, "files": {"int8": float_files["int8"]}}
+                {**base, "seed": seed, "files": {"int8": float_files["int8"]}}
             )
             for spec in specs:
                 if FLAGS.cached_only and not _is_cached(model, seed, spec, os.path.join(seed_dir, spec[0])):
@@ -549,7 +571,7 @@ def main(argv) -> None:
                 done += 1
                 common.log(f"{model} seed {seed}: {spec[1]} [row {done} of {total}, {_elapsed(started)}]")
                 res = _finetune_run(model, seed, spec, base["model"], os.path.join(seed_dir, spec[0]), x_test, y_test)
-                runs.setdefault(spec[:3], []).append(res)
+                runs.setdefault(spec[:3], []).append({**res, "seed": seed})
         if runs:
             by_model[model] = _points(model, runs)
     if not by_model:  # only --cached_only gets here

@@ -162,3 +162,17 @@ def test_jobs_run_each_piece_pinned_to_one_core_and_report_failures(monkeypatch,
         assert (tmp_path / "good" / f"seed{seed}" / "log.txt").read_text().split() == ["1", "1"]
     with pytest.raises(RuntimeError, match=r"--jobs: 1 piece\(s\) failed: \[\('bad', 0\)\]"):
         accuracy_size.run_pieces([("good", 0), ("bad", 0)], str(tmp_path), 2)
+
+
+def test_vs_float_is_the_paired_difference_over_the_seeds_both_rows_have():
+    ref = _point("float", "float32", 80_000, 89.0, 1.0, "fp32")
+    ref.update(per_seed=[88.0, 90.0, 89.0], seed_ids=[0, 1, 2])
+    row = _point("ptq", "PTQ 0.7", 17_000, 88.5, 1.0)
+    row.update(per_seed=[87.5, 89.0], seed_ids=[0, 2])  # seed 1 not run: compared on seeds 0 and 2
+    mean, sd = accuracy_size.paired(row, ref)
+    assert mean == pytest.approx(-0.25) and sd == pytest.approx(math.sqrt(0.125))
+    assert accuracy_size.vs_float(row, ref) == "-0.25 ± 0.35"
+    row.update(per_seed=[87.5], seed_ids=[1])
+    assert accuracy_size.vs_float(row, ref) == "-2.50"  # one seed: no spread
+    del row["seed_ids"]  # results from before per-seed ids: the difference of the means
+    assert accuracy_size.vs_float(row, ref) == "-0.50"
