@@ -338,6 +338,8 @@ def _markdown(by_model: dict, meta: dict) -> str:
         lines += [
             f"## {model}",
             "",
+            f"<!-- --8<-- [start:{model}] -->",
+            "",
             "| row | file | seeds | file bytes | x smaller than fp32 | bits/weight | TFLM accuracy % | vs float "
             "| Keras accuracy % | TFLM arena bytes |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -360,11 +362,13 @@ def _markdown(by_model: dict, meta: dict) -> str:
             ]
         else:
             lines.append("No baseline file is both no larger than a PTQ file and more accurate beyond one sd.")
-        lines.append("")
+        lines += [f"<!-- --8<-- [end:{model}] -->", ""]
     lines += ["## The README's table", "", *headline(by_model, meta.get("parameters", {})), ""]
     lines += [
         "- vs float: per seed, the file's TFLM accuracy minus the float model's of the same seed; mean ± sd over "
-        "the seeds (the spread of a paired difference, smaller than the rows' own).",
+        "the seeds (the spread of a paired difference, smaller than the rows' own)."
+        if any(p.get("seed_ids") for points in by_model.values() for p in points)
+        else "- vs float: the mean TFLM accuracy minus the float model's (results without per-seed ids).",
         "- bits/weight: weight payload bits of the file per weight (scales, biases and the flatbuffer structure "
         "are in the file bytes, not here). TFLM arena: seed 0's file (decoded TFLM_DECODE weights live in it).",
         f"- Plot: `{meta['results_name']}.png` (TFLM accuracy against file bytes, error bars one sd, Pareto front of "
