@@ -278,24 +278,53 @@ _COLORS = {"float": "black", "int8": "tab:blue", "qat": "tab:cyan", "prune": "ta
            "ptq": "tab:red"}  # fmt: skip
 
 
+def label_offsets(ax, xy: list[tuple[float, float]], labels: list[str], height: float = 9.0) -> list[tuple]:
+    """Offsets in points, ``(0, -k * height)``, that keep the labels of ``xy`` (data coordinates of ``ax``) from
+    overlapping: from the top point down, a label that would cover one already placed moves down a line at a time
+    (character width estimated at 3.4 points, for the plot's 6-point font)."""
+    to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()
+    anchors = [tuple(to_points.transform(p) * 72) for p in xy]  # points from the figure's corner
+    placed, offsets = [], [(0.0, 0.0)] * len(xy)
+    for i in sorted(range(len(xy)), key=lambda i: -anchors[i][1]):
+        x, y = anchors[i]
+        width = 3.4 * len(labels[i])
+        for step in range(12):
+            top = y - step * height
+            if not any(x < px + pw and px < x + width and abs(top - py) < height for px, py, pw in placed):
+                break
+        placed.append((x, top, width))
+        offsets[i] = (0.0, top - y)
+    return offsets
+
+
 def _plot(by_model: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(by_model), figsize=(7.5 * len(by_model), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(by_model), figsize=(6.5 * len(by_model), 5.5), squeeze=False)
     for ax, (model, points) in zip(axes[0], by_model.items()):
         xy = [(p["bytes"] / 1024, p["accuracy"]) for p in points]
         for p, (kb, acc) in zip(points, xy):
             marker = "s" if p["target"] == "micro" else "o"
             ax.errorbar(kb, acc, yerr=0 if np.isnan(p["sd"]) else p["sd"], fmt=marker, color=_COLORS[p["kind"]],
                         capsize=3, zorder=3)  # fmt: skip
-            ax.annotate(f"{p['label']} ({p['target']})", (kb, acc), textcoords="offset points", xytext=(4, 3),
-                        fontsize=6)  # fmt: skip
         front = pareto(xy)
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="gray", lw=1)
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.autoscale_view()
+        low, high = ax.get_xlim()
+        if high / low < 10:  # less than a decade: label the minor ticks too
+            ax.xaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        labels = [f"{p['label']} ({p['target']})" for p in points]
+        for (kb, acc), text, (dx, dy) in zip(xy, labels, label_offsets(ax, xy, labels)):
+            arrow = {"arrowstyle": "-", "lw": 0.4, "color": "gray"} if dy < 0 else None
+            ax.annotate(text, (kb, acc), textcoords="offset points", xytext=(4 + dx, 3 + dy), fontsize=6,
+                        arrowprops=arrow)  # fmt: skip
         ax.set_xlabel("file bytes (KiB, log scale)")
         ax.set_ylabel("test accuracy on TFLM (%), mean +- sd over seeds")
         ax.set_title(f"{model}", fontsize=10)
@@ -303,9 +332,9 @@ def _plot(by_model: dict, path: str, title: str) -> None:
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in _COLORS.items()]
     handles += [plt.Line2D([], [], marker="s", ls="", color="gray", label="micro file (TFLM_DECODE)"),
                 plt.Line2D([], [], ls="--", color="gray", label="Pareto front (means)")]  # fmt: skip
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # the legend below the panels
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -176,3 +176,18 @@ def test_vs_float_is_the_paired_difference_over_the_seeds_both_rows_have():
     assert accuracy_size.vs_float(row, ref) == "-2.50"  # one seed: no spread
     del row["seed_ids"]  # results from before per-seed ids: the difference of the means
     assert accuracy_size.vs_float(row, ref) == "-0.50"
+
+
+def test_plot_labels_of_nearby_points_move_apart_and_lone_ones_stay():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xy = [(10.0, 80.0), (10.1, 80.05), (30.0, 70.0)]  # two points closer than a line of text, one far away
+    ax.plot(*zip(*xy), "o")
+    offsets = accuracy_size.label_offsets(ax, xy, ["PTQ 0.7 (micro)", "PTQ 0.7 + distill (micro)", "TWN (micro)"])
+    plt.close(fig)
+    assert offsets[0] == (0.0, 0.0) and offsets[2] == (0.0, 0.0)
+    assert offsets[1][1] <= -9.0  # below the first label, a line down at least
