@@ -282,6 +282,7 @@ def label_offsets(ax, xy: list[tuple[float, float]], labels: list[str], height: 
     """Offsets in points, ``(0, -k * height)``, that keep the labels of ``xy`` (data coordinates of ``ax``) from
     overlapping: from the top point down, a label that would cover one already placed moves down a line at a time
     (character width estimated at 3.4 points, for the plot's 6-point font)."""
+    ax.autoscale_view()  # the limits the plot will have (they update lazily)
     to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()
     anchors = [tuple(to_points.transform(p) * 72) for p in xy]  # points from the figure's corner
     placed, offsets = [], [(0.0, 0.0)] * len(xy)
