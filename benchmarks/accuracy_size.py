@@ -393,7 +393,8 @@ def _markdown(by_model: dict, meta: dict) -> str:
         else:
             lines.append("No baseline file is both no larger than a PTQ file and more accurate beyond one sd.")
         lines += [f"<!-- --8<-- [end:{model}] -->", ""]
-    lines += ["## The README's table", "", *headline(by_model, meta.get("parameters", {})), ""]
+    lines += ["## The README's table", "", "<!-- --8<-- [start:headline] -->", "",
+              *headline(by_model, meta.get("parameters", {})), "", "<!-- --8<-- [end:headline] -->", ""]  # fmt: skip
     lines += [
         "- vs float: per seed, the file's TFLM accuracy minus the float model's of the same seed; mean ± sd over "
         "the seeds (the spread of a paired difference, smaller than the rows' own)."
