@@ -43,8 +43,10 @@ $(FMNIST):
 demo: setup data
 	$(PY) examples/demo.py
 
+# One pytest process per core (at most 4; pytest-xdist), each test file in one process so that its module
+# fixtures are built once.
 test: setup data
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile tests
 
 # The end-to-end tests marked slow (a few minutes each); CI runs them after `make test`.
 test-slow: setup data
