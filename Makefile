@@ -52,10 +52,11 @@ test: setup data
 test-slow: setup data
 	$(PY) -m pytest -q -m slow tests
 
-# The accuracy-vs-size table and plot over 3 seeds on small_cnn and ds_cnn (several hours on 2 cores: see docs/results.md;
-# interrupted runs continue where they stopped) and the training step-time ratio.
+# The accuracy-vs-size table and plot over 3 seeds on small_cnn, ds_cnn and ds_resnet, a process per core (at most 4;
+# several hours on 2 cores: see docs/results.md; interrupted runs continue where they stopped) and the training
+# step-time ratio.
 bench: setup data
-	$(PY) benchmarks/accuracy_size.py
+	$(PY) benchmarks/accuracy_size.py --jobs=$$(n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 	$(PY) benchmarks/step_time.py
 
 # Everything in benchmarks/results/: also the ablation of the options over seeds (ablation.md), the related
