@@ -37,6 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")  # --update_readme
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -248,7 +249,7 @@ def vs_float(point: dict, reference: dict) -> str:
     mean, sd = paired(point, reference)
     if np.isnan(mean):
         return f"{point['accuracy'] - reference['accuracy']:+.2f}"
-    return f"{mean:+.2f}" + ("" if np.isnan(sd) else f" ± {sd:.2f}")
+    return _fmt(mean, sd, signed=True)
 
 
 def dominated(points: list[dict]) -> list[tuple[dict, dict]]:
@@ -342,8 +343,8 @@ def _plot(by_model: dict, path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt(mean: float, sd: float) -> str:
-    return f"{mean:.2f}" + ("" if np.isnan(sd) else f" ± {sd:.2f}")
+def _fmt(mean: float, sd: float, signed: bool = False) -> str:
+    return f"{mean:{'+' if signed else ''}.2f}" + ("" if np.isnan(sd) else f" ± {sd:.2f}")
 
 
 def _markdown(by_model: dict, meta: dict) -> str:
@@ -559,9 +560,8 @@ def main(argv) -> None:
         raise app.UsageError(f"--results_name: {FLAGS.results_name!r} is not a file name (e.g. accuracy_size_ds_cnn).")
     started = time.time()
     seeds = seed_list(FLAGS.seeds, FLAGS.only_seeds)
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
     if FLAGS.update_readme:
-        with open(readme, encoding="utf-8") as f:
+        with open(README, encoding="utf-8") as f:
             try:
                 replace_headline(f.read(), [])
             except ValueError as e:
@@ -632,10 +632,10 @@ def main(argv) -> None:
     atomic_write(os.path.join(results_dir, f"{name}.json"),
                  json.dumps({"meta": meta, "points": by_model}, indent=1).encode())  # fmt: skip
     if FLAGS.update_readme:
-        with open(readme, encoding="utf-8") as f:
+        with open(README, encoding="utf-8") as f:
             text = replace_headline(f.read(), headline(by_model, meta["parameters"]))
-        atomic_write(readme, text.encode())
-        common.log(f"updated the headline table of {readme}")
+        atomic_write(README, text.encode())
+        common.log(f"updated the headline table of {README}")
     _plot(by_model, os.path.join(results_dir, f"{name}.png"), f"Fashion-MNIST, {meta['date']}")
     common.log(f"wrote {md_path}, {name}.json and {name}.png")
     print(open(md_path).read())

@@ -191,3 +191,26 @@ def test_plot_labels_of_nearby_points_move_apart_and_lone_ones_stay():
     plt.close(fig)
     assert offsets[1] == (0.0, 0.0) and offsets[2] == (0.0, 0.0)  # the top one and the lone one stay
     assert offsets[0][1] <= -9.0  # the lower of the close pair goes a line down at least
+
+
+def test_main_checks_only_seeds_and_the_readme_markers_before_training(monkeypatch, tmp_path):
+    with pytest.raises(app.UsageError, match=r"--only_seeds: \[5\] outside 0 .. 2"):
+        accuracy_size.main(FLAGS(["prog", "--only_seeds=5", f"--work_dir={tmp_path}"]))
+    FLAGS.unparse_flags()
+    readme = tmp_path / "README.md"
+    readme.write_text("a README without the markers\n")
+    monkeypatch.setattr(accuracy_size, "README", str(readme))
+    with pytest.raises(app.UsageError, match="--update_readme: README.md has no headline markers"):
+        accuracy_size.main(FLAGS(["prog", "--update_readme", f"--work_dir={tmp_path}"]))
+    assert readme.read_text() == "a README without the markers\n"
+
+
+def test_main_with_jobs_trains_the_pieces_then_renders_only_the_cache(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(accuracy_size, "run_pieces", lambda todo, work, jobs: calls.append((todo, work, jobs)))
+    argv = ["prog", "--jobs=2", "--models=small_cnn,ds_cnn", "--only_seeds=1", f"--work_dir={tmp_path}",
+            f"--results_dir={tmp_path / 'results'}"]  # fmt: skip
+    # nothing was cached (run_pieces is a stand-in), so the render that follows finds no float model
+    with pytest.raises(app.UsageError, match=r"--cached_only: no cached float model"):
+        accuracy_size.main(FLAGS(argv))
+    assert calls == [([("ds_cnn", 1), ("small_cnn", 1)], str(tmp_path), 2)]
