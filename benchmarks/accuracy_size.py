@@ -425,6 +425,9 @@ README_MARKERS = ("<!-- headline table: benchmarks/accuracy_size.py --cached_onl
                   "<!-- end of headline table -->")  # fmt: skip
 
 
+_KINDS = {"ds_cnn": "depthwise", "ds_resnet": "residual, depthwise"}  # what the README says of a model
+
+
 def headline(by_model: dict, parameters: dict) -> list[str]:
     """The README's table from the results (``{model: points}``): the rows of :data:`HEADLINE_ROWS` each model
     has, with its bytes, ratio to fp32, TFLM accuracy (mean +- sd) and difference to float."""
@@ -434,7 +437,9 @@ def headline(by_model: dict, parameters: dict) -> list[str]:
         fp32 = next((p for p in points if p["kind"] == "float"), None)
         if fp32 is None:
             continue
-        name = f"`{model}` ({parameters[model] / 1000:.0f}k parameters)" if model in parameters else f"`{model}`"
+        notes = [f"{parameters[model] / 1000:.0f}k parameters"] if model in parameters else []
+        notes += [_KINDS[model]] if model in _KINDS else []
+        name = f"`{model}`" + (f" ({', '.join(notes)})" if notes else "")
         for key, target, label in HEADLINE_ROWS:
             p = by_key.get((key, target))
             if p is None:

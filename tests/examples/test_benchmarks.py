@@ -133,7 +133,7 @@ def test_headline_bolds_ptq_rows_skips_missing_ones_and_needs_the_markers():
         p["key"] = key  # prune0.9 is not a headline row
     table = accuracy_size.headline({"ds_cnn": points}, {"ds_cnn": 22_218})
     assert table[2:] == [
-        "| `ds_cnn` (22k parameters) | float32 .tflite | 80,000 | 1.0x | 89.00 +- 0.10 | +0.00 |",
+        "| `ds_cnn` (22k parameters, depthwise) | float32 .tflite | 80,000 | 1.0x | 89.00 +- 0.10 | +0.00 |",
         "| | **PTQ 0.7, `micro`** | **16,000** | **5.0x** | **88.50 +- 0.30** | **-0.50** |",
     ]
     start, end = accuracy_size.README_MARKERS
