@@ -245,11 +245,46 @@ def paired(point: dict, reference: dict) -> tuple[float, float]:
 
 def vs_float(point: dict, reference: dict) -> str:
     """The "vs float" cell: the paired difference (mean +- sd over seeds), or the difference of the means for
-    results without per-seed ids."""
+    results without per-seed ids; the reference row itself: +0.00."""
+    if point is reference:
+        return "+0.00"
     mean, sd = paired(point, reference)
     if np.isnan(mean):
         return f"{point['accuracy'] - reference['accuracy']:+.2f}"
     return _fmt(mean, sd, signed=True)
+
+
+# The paired comparisons each model's section lists: (row key, key of the row it is compared with), `micro` files.
+# Keys that a run does not have (other --ptq_sparsities, --variant_sparsity) are skipped.
+COMPARISONS = (
+    ("ptq0.7_mixed", "ptq0.7"),
+    ("ptq0.85_mixed", "ptq0.85"),
+    ("ptq0.7_mixed", "prune0.7"),
+    ("ptq0.5", "twn"),
+    ("ptq0.7", "twn"),
+    ("ptq0.9", "prune0.9"),
+    ("ptq0.7_distill", "ptq0.7"),
+    ("ptq0.7_act8", "ptq0.7"),
+)
+
+
+def comparisons(points: list[dict]) -> list[str]:
+    """Markdown lines of the :data:`COMPARISONS` this model's points have: the paired accuracy difference (mean
+    +- sd over the seeds both rows have) and the difference in file bytes."""
+    by_key = {p["key"]: p for p in points if p["target"] == "micro"}
+    lines = []
+    for key, other in COMPARISONS:
+        a, b = by_key.get(key), by_key.get(other)
+        if a is None or b is None:
+            continue
+        mean, sd = paired(a, b)
+        if np.isnan(mean):
+            continue
+        shared = len(set(a.get("seed_ids", [])) & set(b.get("seed_ids", [])))
+        extra = a["bytes"] - b["bytes"]
+        lines.append(f"- {a['label']} against {b['label']}: {_fmt(mean, sd, signed=True)} points over {shared} "
+                     f"seed{'s' if shared > 1 else ''}, {extra:+,.0f} B ({extra / b['bytes']:+.0%} of its file)")
+    return lines
 
 
 def dominated(points: list[dict]) -> list[tuple[dict, dict]]:
@@ -393,6 +428,9 @@ def _markdown(by_model: dict, meta: dict) -> str:
             ]
         else:
             lines.append("No baseline file is both no larger than a PTQ file and more accurate beyond one sd.")
+        paired_lines = comparisons(points)
+        if paired_lines:
+            lines += ["", "Paired on the same seeds (accuracy difference, `micro` files):", "", *paired_lines]
         lines += [f"<!-- --8<-- [end:{model}] -->", ""]
     lines += ["## The README's table", "", "<!-- --8<-- [start:headline] -->", "",
               *headline(by_model, meta.get("parameters", {})), "", "<!-- --8<-- [end:headline] -->", ""]  # fmt: skip

@@ -176,6 +176,7 @@ def test_vs_float_is_the_paired_difference_over_the_seeds_both_rows_have():
     assert accuracy_size.vs_float(row, ref) == "-2.50"  # one seed: no spread
     del row["seed_ids"]  # results from before per-seed ids: the difference of the means
     assert accuracy_size.vs_float(row, ref) == "-0.50"
+    assert accuracy_size.vs_float(ref, ref) == "+0.00"  # the reference row itself: no spread to show
 
 
 def test_plot_labels_of_nearby_points_move_apart_and_lone_ones_stay():
@@ -214,3 +215,15 @@ def test_main_with_jobs_trains_the_pieces_then_renders_only_the_cache(monkeypatc
     with pytest.raises(app.UsageError, match=r"--cached_only: no cached float model"):
         accuracy_size.main(FLAGS(argv))
     assert calls == [([("ds_cnn", 1), ("small_cnn", 1)], str(tmp_path), 2)]
+
+
+def test_comparisons_pair_rows_on_shared_seeds_and_skip_rows_a_run_lacks():
+    plain = _point("ptq", "PTQ 0.7", 10_000, 87.0, 1.0)
+    plain.update(key="ptq0.7", per_seed=[86.0, 88.0, 87.0], seed_ids=[0, 1, 2])
+    mixed = _point("ptq", "PTQ 0.7, mixed", 12_000, 89.0, 1.0)
+    mixed.update(key="ptq0.7_mixed", per_seed=[88.5, 89.5], seed_ids=[0, 2])  # seed 1 not run
+    twn = _point("twn", "TWN", 11_000, 86.0, 1.0, target="int8")  # not a micro file: not compared
+    twn.update(key="twn", per_seed=[86.0, 86.0, 86.0], seed_ids=[0, 1, 2])
+    lines = accuracy_size.comparisons([plain, mixed, twn])
+    assert lines == ["- PTQ 0.7, mixed against PTQ 0.7: +2.50 ± 0.00 points over 2 seeds, +2,000 B (+20% of its file)"]
+    assert accuracy_size.comparisons([plain]) == []
