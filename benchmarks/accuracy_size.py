@@ -529,12 +529,30 @@ def _piece_command(model: str, seed: int, parts_dir: str) -> list[str]:
             f"--results_dir={parts_dir}"]  # fmt: skip
 
 
-def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int) -> None:
+def progress(todo: list[tuple[str, int]], work: str, keys: list[str]) -> str:
+    """How many of the runs (``keys`` of each (model, seed) piece) have a result in the cache."""
+    done = sum(os.path.exists(os.path.join(work, m, f"seed{s}", k, "bench.json")) for m, s in todo for k in keys)
+    return f"{done} of {len(todo) * len(keys)} runs cached"
+
+
+def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int, keys: list[str] | None = None,
+               every: float = 600.0) -> None:  # fmt: skip
     """Train every piece in its own process, ``jobs`` at a time, each pinned to one core (round robin over the
-    cores this process may use) with one TensorFlow thread. Raises if a piece fails (its log names why)."""
+    cores this process may use) with one TensorFlow thread; with ``keys`` (the run keys of a piece), log how many
+    runs are cached every ``every`` seconds. Raises if a piece fails (its log names why)."""
     import concurrent.futures
     import subprocess
     import threading
+
+    finished = threading.Event()
+
+    def report():
+        while not finished.wait(every):
+            common.log(f"--jobs: {progress(todo, work, keys)}, {_elapsed(started)}")
+
+    started = time.time()
+    if keys:
+        threading.Thread(target=report, daemon=True).start()
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     free = list(range(jobs))
@@ -561,8 +579,11 @@ def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int) -> None:
         common.log(f"{model} seed {seed}: " + ("done" if rc == 0 else f"FAILED (exit {rc}; see {log_path})"))
         return piece, rc
 
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        failed = [piece for piece, rc in pool.map(one, todo) if rc != 0]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            failed = [piece for piece, rc in pool.map(one, todo) if rc != 0]
+    finally:
+        finished.set()
     if failed:
         raise RuntimeError(f"--jobs: {len(failed)} piece(s) failed: {failed}; their logs are in {work}/<model>/"
                            "seed<N>/log.txt; a rerun trains only what is not cached.")  # fmt: skip
@@ -618,7 +639,7 @@ def main(argv) -> None:
         specs = [s for s in specs if s[0] in FLAGS.rows]
     work = FLAGS.work_dir + ("_quick" if FLAGS.quick else "")
     if FLAGS.jobs > 1 and not FLAGS.cached_only:
-        run_pieces(pieces(FLAGS.models, seeds), work, FLAGS.jobs)
+        run_pieces(pieces(FLAGS.models, seeds), work, FLAGS.jobs, ["float"] + [s[0] for s in specs])
         FLAGS.cached_only = True  # the table, from what the processes cached
     results_dir = work if FLAGS.quick else FLAGS.results_dir  # smoke results stay out of the record
     os.makedirs(results_dir, exist_ok=True)

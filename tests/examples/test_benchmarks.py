@@ -164,6 +164,19 @@ def test_jobs_run_each_piece_pinned_to_one_core_and_report_failures(monkeypatch,
         accuracy_size.run_pieces([("good", 0), ("bad", 0)], str(tmp_path), 2)
 
 
+def test_jobs_log_how_many_runs_are_cached_while_they_train(monkeypatch, tmp_path, capsys):
+    for key in ("float", "ptq0.7"):  # seed 0 has two of its three runs, seed 1 none
+        os.makedirs(tmp_path / "m" / "seed0" / key)
+        (tmp_path / "m" / "seed0" / key / "bench.json").write_text("{}")
+    keys = ["float", "ptq0.7", "twn"]
+    assert accuracy_size.progress([("m", 0), ("m", 1)], str(tmp_path), keys) == "2 of 6 runs cached"
+    sleep = [sys.executable, "-c", "import time; time.sleep(1)"]  # a piece that trains nothing for a second
+    monkeypatch.setattr(accuracy_size, "_piece_command", lambda m, s, d: sleep)
+    accuracy_size.run_pieces([("m", 0), ("m", 1)], str(tmp_path), 2, keys, every=0.2)
+    captured = capsys.readouterr()
+    assert "--jobs: 2 of 6 runs cached" in captured.out + captured.err
+
+
 def test_vs_float_is_the_paired_difference_over_the_seeds_both_rows_have():
     ref = _point("float", "float32", 80_000, 89.0, 1.0, "fp32")
     ref.update(per_seed=[88.0, 90.0, 89.0], seed_ids=[0, 1, 2])
@@ -208,13 +221,16 @@ def test_main_checks_only_seeds_and_the_readme_markers_before_training(monkeypat
 
 def test_main_with_jobs_trains_the_pieces_then_renders_only_the_cache(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(accuracy_size, "run_pieces", lambda todo, work, jobs: calls.append((todo, work, jobs)))
+    monkeypatch.setattr(accuracy_size, "run_pieces", lambda *args: calls.append(args))
     argv = ["prog", "--jobs=2", "--models=small_cnn,ds_cnn", "--only_seeds=1", f"--work_dir={tmp_path}",
             f"--results_dir={tmp_path / 'results'}"]  # fmt: skip
     # nothing was cached (run_pieces is a stand-in), so the render that follows finds no float model
     with pytest.raises(app.UsageError, match=r"--cached_only: no cached float model"):
         accuracy_size.main(FLAGS(argv))
-    assert calls == [([("ds_cnn", 1), ("small_cnn", 1)], str(tmp_path), 2)]
+    assert [c[:3] for c in calls] == [([("ds_cnn", 1), ("small_cnn", 1)], str(tmp_path), 2)]
+    keys = calls[0][3]  # the runs the progress lines count: the float model and every row of a piece
+    assert keys[0] == "float" and {"ptq0.7", "ptq0.7_mixed", "twn", "qat"} <= set(keys)
+    assert len(keys) == len(set(keys))
 
 
 def test_comparisons_pair_rows_on_shared_seeds_and_skip_rows_a_run_lacks():
