@@ -36,8 +36,9 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")  # --update_readme
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+README = os.path.join(_ROOT, "README.md")  # --update_readme
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -235,11 +236,16 @@ def _points(model: str, runs: dict) -> list[dict]:
     return points
 
 
+def _differences(point: dict, reference: dict) -> list[float]:
+    """``point``'s accuracy minus ``reference``'s, per seed both have (none for points without per-seed ids)."""
+    ref = dict(zip(reference.get("seed_ids", []), reference["per_seed"]))
+    return [a - ref[s] for s, a in zip(point.get("seed_ids", []), point["per_seed"]) if s is not None and s in ref]
+
+
 def paired(point: dict, reference: dict) -> tuple[float, float]:
     """Mean and sd over the seeds both have of ``point``'s accuracy minus ``reference``'s on the same seed (nan
     when they share no seed or the points predate per-seed ids)."""
-    ref = dict(zip(reference.get("seed_ids", []), reference["per_seed"]))
-    diffs = [a - ref[s] for s, a in zip(point.get("seed_ids", []), point["per_seed"]) if s is not None and s in ref]
+    diffs = _differences(point, reference)
     return _mean_sd(diffs) if diffs else (float("nan"), float("nan"))
 
 
@@ -277,13 +283,13 @@ def comparisons(points: list[dict]) -> list[str]:
         a, b = by_key.get(key), by_key.get(other)
         if a is None or b is None:
             continue
-        mean, sd = paired(a, b)
-        if np.isnan(mean):
+        diffs = _differences(a, b)
+        if not diffs:
             continue
-        shared = len(set(a.get("seed_ids", [])) & set(b.get("seed_ids", [])))
         extra = a["bytes"] - b["bytes"]
-        lines.append(f"- {a['label']} against {b['label']}: {_fmt(mean, sd, signed=True)} points over {shared} "
-                     f"seed{'s' if shared > 1 else ''}, {extra:+,.0f} B ({extra / b['bytes']:+.0%} of its file)")
+        lines.append(f"- {a['label']} against {b['label']}: {_fmt(*_mean_sd(diffs), signed=True)} points over "
+                     f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}, {extra:+,.0f} B ({extra / b['bytes']:+.0%} "
+                     "of its file)")  # fmt: skip
     return lines
 
 
