@@ -65,8 +65,8 @@ flags.DEFINE_list("identity_sparsities", [],
 flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfull for the list in the log).")
 flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
                   "how many seeds it has).")
-flags.DEFINE_integer("jobs", 1, "Train in this many processes, each pinned to one CPU core with one TensorFlow "
-                     "thread, one (model, seed) at a time, the slowest first; then render the cache as --cached_only "
+flags.DEFINE_integer("jobs", 1, "Train in this many processes, each with one TensorFlow thread (pinned to one CPU "
+                     "core while N is no more than the cores), one (model, seed) at a time, the slowest first; then render the cache as --cached_only "
                      "does (each process logs to <work_dir>/<model>/seed<N>/log.txt).", lower_bound=1)
 flags.DEFINE_bool("update_readme", False, "Also write the headline table (the part of the results between the README's "
                   "headline markers) into README.md.")
@@ -543,9 +543,11 @@ def progress(todo: list[tuple[str, int]], work: str, keys: list[str]) -> str:
 
 def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int, keys: list[str] | None = None,
                every: float = 600.0) -> None:  # fmt: skip
-    """Train every piece in its own process, ``jobs`` at a time, each pinned to one core (round robin over the
-    cores this process may use) with one TensorFlow thread; with ``keys`` (the run keys of a piece), log how many
-    runs are cached every ``every`` seconds. Raises if a piece fails (its log names why)."""
+    """Train every piece in its own process, ``jobs`` at a time, each with one TensorFlow thread and, while ``jobs``
+    is no more than the cores this process may use, pinned to one of them (more processes than cores run unpinned:
+    pinned round robin, the pieces left on one core would wait while another core idles); with ``keys`` (the run
+    keys of a piece), log how many runs are cached every ``every`` seconds. Raises if a piece fails (its log names
+    why)."""
     import concurrent.futures
     import subprocess
     import threading
@@ -561,6 +563,8 @@ def run_pieces(todo: list[tuple[str, int]], work: str, jobs: int, keys: list[str
         threading.Thread(target=report, daemon=True).start()
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if jobs > len(cores):
+        cores = []
     free = list(range(jobs))
     lock = threading.Lock()
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")

@@ -164,6 +164,14 @@ def test_jobs_run_each_piece_pinned_to_one_core_and_report_failures(monkeypatch,
         accuracy_size.run_pieces([("good", 0), ("bad", 0)], str(tmp_path), 2)
 
 
+def test_jobs_beyond_the_cores_run_unpinned(monkeypatch, tmp_path):
+    script = "import os; print(len(os.sched_getaffinity(0)), flush=True)"
+    monkeypatch.setattr(accuracy_size, "_piece_command", lambda m, s, d: [sys.executable, "-c", script])
+    cores = len(os.sched_getaffinity(0))
+    accuracy_size.run_pieces([("m", 0)], str(tmp_path), cores + 1)
+    assert (tmp_path / "m" / "seed0" / "log.txt").read_text().split() == [str(cores)]
+
+
 def test_jobs_log_how_many_runs_are_cached_while_they_train(monkeypatch, tmp_path, capsys):
     for key in ("float", "ptq0.7"):  # seed 0 has two of its three runs, seed 1 none
         os.makedirs(tmp_path / "m" / "seed0" / key)
