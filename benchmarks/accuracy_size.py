@@ -66,8 +66,9 @@ flags.DEFINE_list("rows", None, "Only these row keys (default: all; see --helpfu
 flags.DEFINE_bool("cached_only", False, "Train nothing: render the table from the runs already cached (a row shows "
                   "how many seeds it has).")
 flags.DEFINE_integer("jobs", 1, "Train in this many processes, each with one TensorFlow thread (pinned to one CPU "
-                     "core while N is no more than the cores), one (model, seed) at a time, the slowest first; then render the cache as --cached_only "
-                     "does (each process logs to <work_dir>/<model>/seed<N>/log.txt).", lower_bound=1)
+                     "core while N is no more than the cores), one (model, seed) at a time, the slowest first; then "
+                     "render the cache as --cached_only does (each process logs to <work_dir>/<model>/seed<N>/"
+                     "log.txt).", lower_bound=1)
 flags.DEFINE_bool("update_readme", False, "Also write the headline table (the part of the results between the README's "
                   "headline markers) into README.md.")
 flags.DEFINE_string("work_dir", "out/bench/accuracy_size", "Cache of the runs (models, .tflite files, results).")
